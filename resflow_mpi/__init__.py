@@ -1,0 +1,2 @@
+"""resflow-mpi."""
+__version__ = "0.1.0"

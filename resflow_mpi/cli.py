@@ -1,0 +1,196 @@
+"""The ``resflow`` command: info, synth, init, run, evaluate, search, vectorize, config-doc."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+from .errors import ResflowError
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+    return load_config(args.config, args.set)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Versions, MPI library, parallel HDF5, and every rank's device binding."""
+    from .runtime.mpi import bind_device, init_runtime, mpi_library
+    comm = init_runtime()
+    import h5py
+    import mpi4py
+    import numpy
+    import sklearn
+    import torch
+    import yaml
+    from osgeo import gdal
+    binding = bind_device(comm, args.device)
+    lines = comm.gather(binding.line(), root=0)
+    if comm.Get_rank() == 0:
+        print(f"resflow-mpi {__import__('resflow_mpi').__version__} on Python {sys.version.split()[0]}")
+        print(f"MPI library: {mpi_library()}  (mpi4py {mpi4py.__version__}, {comm.Get_size()} rank(s))")
+        print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, parallel HDF5: "
+              f"{h5py.get_config().mpi}")
+        print(f"GDAL {gdal.__version__}, numpy {numpy.__version__}, torch {torch.__version__} "
+              f"(CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}), "
+              f"scikit-learn {sklearn.__version__}, pyyaml {yaml.__version__}")
+        try:
+            import pyspark
+            print(f"pyspark {pyspark.__version__}")
+        except ImportError:
+            print("pyspark: not installed (needed only for --engine spark)")
+        for ln in lines:
+            print(f"binding: {ln}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Write a synthetic archive of georeferenced scenes with ground truth."""
+    from .synth import synth_archive
+    path = synth_archive(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype,
+                         size_px=args.size, bands=args.bands)
+    entries = json.loads(open(path).read())
+    print(f"wrote {len(entries)} scene(s) to {args.out} ({path})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Map scenes to masks (MPI engine by default, or Spark)."""
+    cfg = _load(args)
+    if args.engine == "spark":
+        from .runners.spark_runner import run_spark
+        report = run_spark(cfg, restart=args.restart)
+        return 0 if all(s["complete"] for s in report["scenes"]) else 3
+    from .runners.mpi_runner import run_mpi
+    from .runtime.mpi import abort_on_error, init_runtime
+    comm = init_runtime()
+    with abort_on_error(comm):
+        report = run_mpi(cfg, comm, restart=args.restart, quiet=args.quiet)
+    if comm.Get_rank() == 0 and report is not None and args.report_html and cfg.output.quicklooks:
+        try:
+            from .report import write_html_report
+            write_html_report(cfg.output.dir)
+        except ImportError:
+            pass
+    ok = comm.bcast(report is not None and all(s["complete"] for s in report["scenes"])
+                    if comm.Get_rank() == 0 else None, root=0)
+    return 0 if ok else 3
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Train the galleries: CEM, clustering, hashing, per-bucket and Mono models."""
+    cfg = _load(args)
+    from .init.workflow import run_init
+    from .runtime.mpi import abort_on_error, init_runtime
+    comm = init_runtime()
+    with abort_on_error(comm):
+        run_init(cfg, comm)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """IoU/F1 per held-out region for RESFlow (bucketed) vs Mono."""
+    cfg = _load(args)
+    from .init.evaluate import run_evaluate
+    from .runtime.mpi import abort_on_error, init_runtime
+    comm = init_runtime()
+    with abort_on_error(comm):
+        run_evaluate(cfg, comm, out=args.out)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Tiles most similar to a tile (by index) or to an image (by its hash code)."""
+    from .init.search import search_command
+    return search_command(args)
+
+
+def cmd_vectorize(args: argparse.Namespace) -> int:
+    """Building polygons from exported masks (GeoPackage/GeoJSON), scenes spread over ranks."""
+    from .io.vectorize import vectorize_command
+    return vectorize_command(args)
+
+
+def cmd_config_doc(args: argparse.Namespace) -> int:
+    """Print the configuration reference (Markdown) generated from the schema."""
+    from .config import config_reference_markdown
+    print(config_reference_markdown(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resflow", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("config", help="YAML configuration file")
+        sp.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value (YAML syntax), repeatable")
+
+    sp = sub.add_parser("info", help=cmd_info.__doc__)
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.set_defaults(func=cmd_info)
+    sp = sub.add_parser("synth", help=cmd_synth.__doc__)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--preset", default="demo", choices=["tiny", "demo", "large"])
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
+    sp.add_argument("--size", type=int, default=None, help="scene side in pixels (overrides preset)")
+    sp.add_argument("--bands", type=int, default=3)
+    sp.set_defaults(func=cmd_synth)
+    sp = sub.add_parser("run", help=cmd_run.__doc__)
+    with_config(sp)
+    sp.add_argument("--engine", default="mpi", choices=["mpi", "spark"])
+    sp.add_argument("--restart", action="store_true",
+                    help="discard a partial output made with another config/gallery and start over")
+    sp.add_argument("--quiet", action="store_true")
+    sp.add_argument("--no-report-html", dest="report_html", action="store_false")
+    sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("init", help=cmd_init.__doc__)
+    with_config(sp)
+    sp.set_defaults(func=cmd_init)
+    sp = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
+    with_config(sp)
+    sp.add_argument("--out", default=None, help="directory for the table (default: output.dir)")
+    sp.set_defaults(func=cmd_evaluate)
+    sp = sub.add_parser("search", help=cmd_search.__doc__)
+    sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--tile", type=int, help="index of a tile in the gallery")
+    g.add_argument("--image", help="a GeoTIFF (or window of one) to hash and search with")
+    sp.add_argument("--window", type=int, nargs=4, metavar=("COL", "ROW", "W", "H"))
+    sp.add_argument("--models", default=None, help="model gallery (for --image; default: beside)")
+    sp.add_argument("-k", type=int, default=10)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_search)
+    sp = sub.add_parser("vectorize", help=cmd_vectorize.__doc__)
+    sp.add_argument("masks", nargs="+", help="mask GeoTIFFs (or an output directory)")
+    sp.add_argument("--out", default=None, help="output directory (default: beside each mask)")
+    sp.add_argument("--min-area-m2", type=float, default=0.0)
+    sp.add_argument("--simplify-m", type=float, default=0.0)
+    sp.add_argument("--geojson", action="store_true", help="also write GeoJSON")
+    sp.set_defaults(func=cmd_vectorize)
+    sp = sub.add_parser("config-doc", help=cmd_config_doc.__doc__)
+    sp.set_defaults(func=cmd_config_doc)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    # Debian's h5py loads its parallel build only under mpirun unless told so; resflow always wants
+    # it (a one-rank run still writes through mpio). Must precede the first h5py import.
+    os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ResflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Typed configuration: YAML in, validated once, saved as JSON beside the outputs.
+
+Every section is a frozen dataclass whose fields carry a ``help`` text; the loader refuses unknown
+keys, wrong types, bad choices and missing required values *before any work starts*, naming the
+file, the dotted key and what was expected. The README's configuration reference is generated from
+these dataclasses (``resflow config-doc``), so docs and schema cannot drift apart.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a help text (used for validation messages and docs)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class ScenesConfig:
+    """Which scenes to map and what to do with a bad one."""
+
+    inputs: list[str] = _f([], "Scenes: globs, directories, .txt lists of paths, or archive.json "
+                               "manifests written by `resflow synth` (required for run/init).")
+    split: Literal["all", "train", "test"] = _f("all", "Scenes taken from archive.json manifests.")
+    bands: list[int] = _f([1, 2, 3], "1-based band numbers fed to the networks, in order.")
+    expect_dtype: Optional[Literal["uint8", "uint16"]] = _f(None, "Refuse scenes of another data "
+                                                                  "type (null: uint8 or uint16).")
+    on_bad_scene: Literal["fail", "skip"] = _f("fail", "A bad scene fails the job, or is skipped "
+                                                       "and listed in the run report.")
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """The tile grid: owned tile size and halo (context) around it."""
+
+    tile_px: int = _f(256, "Owned tile size in pixels (each output pixel is owned by one tile).")
+    halo_px: int = _f(16, "Context read around each tile and discarded on write.")
+    prescan_nodata: bool = _f(True, "Rank 0 reads each scene's nodata footprint and skips "
+                                    "all-nodata tiles (they are written as nodata, not computed).")
+
+
+@dataclass(frozen=True)
+class NormalizationConfig:
+    """How raw pixel values become network inputs."""
+
+    mode: Literal["range", "configured"] = _f("range", "range: divide by value_max; configured: "
+                                                       "(x - mean) / std per band.")
+    value_max: Optional[float] = _f(None, "Divisor for mode=range (null: 255 for uint8, 2047 "
+                                          "for uint16, an 11-bit sensor range).")
+    mean: list[float] = _f([], "Per-band means for mode=configured.")
+    std: list[float] = _f([], "Per-band standard deviations for mode=configured.")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Model gallery and the architectures `resflow init` trains."""
+
+    gallery: str = _f("gallery", "Model gallery directory (written by init, read by run).")
+    arch: Literal["unet", "fcn_resnet"] = _f("unet", "Segmentation architecture.")
+    preset: Literal["tiny", "small", "paper"] = _f("tiny", "Size preset (paper: ~13.4M-parameter "
+                                                           "U-Net as in RESFlow).")
+    hash_bits: int = _f(32, "Length B of the binary hash codes (8-64).", min=8, max=64)
+    embed_dim: int = _f(32, "Length of the learned CEM embedding.", min=2)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Per-rank execution of the three stages."""
+
+    batch_size: int = _f(8, "Tiles per network batch (memory per rank grows with it).", min=1)
+    threshold: float = _f(0.5, "Building probability threshold.")
+    prefetch_batches: int = _f(2, "Batches read ahead by the reader thread.", min=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:(local_rank % gpus) when GPUs "
+                                                        "exist, else CPU.")
+    threads_per_rank: int = _f(0, "torch threads per rank on CPU (0: cores / ranks per node).",
+                               min=0)
+    mixed_precision: bool = _f(True, "bfloat16/float16 autocast on GPU (ignored on CPU).")
+    channels_last: bool = _f(True, "channels-last memory format for convolutions.")
+    save_probabilities: bool = _f(False, "Also store float16 probabilities in the HDF5 output.")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How tiles are spread over ranks and how masks reach the HDF5 file."""
+
+    policy: Literal["static", "dynamic"] = _f("static", "static: rank 0 scatters descriptor "
+                                                        "lists; dynamic: ranks pull chunks.")
+    layout: Literal["block", "cyclic"] = _f("cyclic", "Static split of the tile list.")
+    chunk_tiles: int = _f(4, "Tiles per request under the dynamic policy.", min=1)
+    writer: Literal["auto", "collective", "independent", "gather"] = _f(
+        "auto", "auto: collective (static) / independent (dynamic) mpio writes; gather: every "
+                "rank sends masks to rank 0, the paper's serial merge.")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = _f("out", "Output directory; every file the run writes stays inside it.")
+    geotiff: bool = _f(True, "Export each scene's mask as a tiled GeoTIFF.")
+    cog: bool = _f(True, "Also export a Cloud-Optimized GeoTIFF.")
+    bucket_map: bool = _f(True, "Export the colour-coded per-tile bucket map.")
+    quicklooks: bool = _f(True, "PNG quicklooks and an HTML report of the run.")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """`resflow init`: embedding, clustering, hashing and per-bucket training."""
+
+    tile_px: int = _f(128, "Training crop size in pixels.", min=16)
+    tiles_per_scene: int = _f(48, "Training crops sampled from each training scene.", min=1)
+    val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
+    k_min: int = _f(2, "Smallest bucket count tried.", min=1)
+    k_max: int = _f(10, "Largest bucket count tried.", min=1)
+    cem_epochs: int = _f(30, "Autoencoder epochs for the feature extractor.", min=1)
+    hash_epochs: int = _f(60, "Hash-network epochs.", min=1)
+    seg_epochs: int = _f(12, "Epochs per segmentation model (Mono gets the same).", min=1)
+    batch_size: int = _f(16, "Training batch size.", min=1)
+    lr: float = _f(0.003, "Adam learning rate.")
+    seed: int = _f(0, "Seed for sampling and initialisation.")
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    """The Spark adapter (`resflow run --engine spark`)."""
+
+    master: str = _f("local[2]", "Spark master URL.")
+    tickets_per_device: int = _f(1, "GPU tickets per device (CPU slots when no GPU).", min=1)
+    ticket_dir: Optional[str] = _f(None, "Ticket folder in the executors' shared workspace "
+                                         "(null: <output.dir>/tickets).")
+    cpu_slots: int = _f(2, "Concurrent compute tasks allowed when there is no GPU.", min=1)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole configuration of a run."""
+
+    scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def checksum(self) -> str:
+        """SHA-256 of everything that changes output pixels (not ranks, policy or batching)."""
+        d = self.to_dict()
+        relevant = {k: d[k] for k in ("scenes", "tiling", "normalization", "models")}
+        relevant["threshold"] = d["inference"]["threshold"]
+        relevant["scenes"].pop("on_bad_scene")
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+    def validate(self, source: str = "<config>") -> "RunConfig":
+        """Cross-field checks a type check cannot express."""
+        t, n = self.tiling, self.normalization
+        if t.tile_px < 16:
+            raise ConfigError(f"{source}: tiling.tile_px must be >= 16, got {t.tile_px}")
+        if t.halo_px < 0 or t.halo_px >= t.tile_px:
+            raise ConfigError(f"{source}: tiling.halo_px must be in [0, tile_px), got {t.halo_px}")
+        if not self.scenes.bands or any(b < 1 for b in self.scenes.bands):
+            raise ConfigError(f"{source}: scenes.bands must list 1-based band numbers")
+        if n.mode == "configured" and (len(n.mean) != len(self.scenes.bands)
+                                       or len(n.std) != len(self.scenes.bands)
+                                       or any(s <= 0 for s in n.std)):
+            raise ConfigError(f"{source}: normalization.mean/std need one value per band in "
+                              f"scenes.bands ({len(self.scenes.bands)}) and std > 0")
+        if not 0.0 < self.inference.threshold < 1.0:
+            raise ConfigError(f"{source}: inference.threshold must be in (0, 1)")
+        if self.training.k_min > self.training.k_max:
+            raise ConfigError(f"{source}: training.k_min must be <= training.k_max")
+        if not 0.0 < self.training.val_fraction < 0.5:
+            raise ConfigError(f"{source}: training.val_fraction must be in (0, 0.5)")
+        if self.parallel.writer == "collective" and self.parallel.policy == "dynamic":
+            raise ConfigError(f"{source}: parallel.writer=collective needs policy=static (collective "
+                              "writes are lock-step); use writer=auto or independent with dynamic")
+        return self
+
+
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(RunConfig))
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp``; return it (ints accepted for floats)."""
+    origin = get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Union:
+        if value is None and type(None) in get_args(tp):
+            return None
+        for arg in get_args(tp):
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise bad
+
+
+def _section(cls: type, raw: Any, source: str, name: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: '{name}' must be a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{name}.{key}' (valid keys: "
+                              f"{', '.join(sorted(known))})")
+    values = {}
+    for key, value in raw.items():
+        where = f"{source}: key '{name}.{key}'"
+        v = _coerce(value, hints[key], where)
+        meta = known[key].metadata
+        if "min" in meta and v is not None and v < meta["min"]:
+            raise ConfigError(f"{where}: expected >= {meta['min']}, got {v!r}")
+        if "max" in meta and v is not None and v > meta["max"]:
+            raise ConfigError(f"{where}: expected <= {meta['max']}, got {v!r}")
+        values[key] = v
+    return cls(**values)
+
+
+def config_from_dict(raw: Any, source: str = "<config>") -> RunConfig:
+    """Build and validate a RunConfig from a parsed YAML/JSON mapping."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections "
+                          f"({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    for key in raw:
+        if key not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{key}' (valid: {', '.join(SECTIONS)})")
+    cfg = RunConfig(**{name: _section(cls, raw.get(name), source, name)
+                       for name, cls in SECTIONS.items()})
+    return cfg.validate(source)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw mapping."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"{source}: override '{item}' must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: override '{item}': value is not valid YAML ({exc})") from None
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{source}: override '{item}': '{section}' is not a mapping")
+        sec[key] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunConfig:
+    """Read a YAML config file, apply overrides, validate; raise ConfigError naming the problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read config file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{at}") from None
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        raw = apply_overrides(raw, overrides or [], str(p))
+    return config_from_dict(raw, str(p))
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference (every key, its type, default and meaning) as Markdown."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            shown = json.dumps(default)
+            lines.append(f"| `{name}.{f.name}` | {_type_name(hints[f.name])} | `{shown}` | "
+                         f"{f.metadata['help']} |")
+    return "\n".join(lines) + "\n"

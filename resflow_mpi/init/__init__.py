@@ -1,0 +1,1 @@
+"""Initialisation: training data, CEM, clustering, deep hashing, galleries, evaluation."""

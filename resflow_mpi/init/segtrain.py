@@ -1,0 +1,81 @@
+"""Segmentation training for the model gallery (pure torch: arrays in, trained module out)."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice over valid pixels (nodata excluded)."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = (bce * valid).sum() / valid.sum().clamp(min=1)
+    p = torch.sigmoid(logits) * valid
+    inter = (p * target).sum()
+    dice = 1 - (2 * inter + 1) / (p.sum() + (target * valid).sum() + 1)
+    return bce + dice
+
+
+def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int,
+                    lr: float, seed: int, augment: bool = True) -> list[float]:
+    """``steps`` Adam steps on random batches (flips/rot90 augmentation); returns the loss curve."""
+    if len(x) == 0 or steps <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
+    model.train()
+    curve = []
+    for _ in range(steps):
+        idx = rng.integers(0, len(x), size=min(batch_size, max(2, len(x))))
+        xb = torch.from_numpy(x[idx])
+        yb = torch.from_numpy(y[idx]).float()[:, None]
+        if augment:
+            k = int(rng.integers(0, 4))
+            xb, yb = torch.rot90(xb, k, (2, 3)), torch.rot90(yb, k, (2, 3))
+            if rng.random() < 0.5:
+                xb, yb = xb.flip(3), yb.flip(3)
+        valid = (yb != 255).float()
+        target = (yb == 1).float()
+        loss = dice_bce_loss(model(xb.contiguous(memory_format=torch.channels_last)), target, valid)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        curve.append(float(loss))
+    model.eval()
+    return curve
+
+
+@torch.inference_mode()
+def confusion(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 16,
+              threshold: float = 0.5) -> dict[str, int]:
+    """TP/FP/FN/TN over valid pixels."""
+    tp = fp = fn = tn = 0
+    model.eval()
+    for i in range(0, len(x), batch_size):
+        p = torch.sigmoid(model(torch.from_numpy(x[i:i + batch_size])))[:, 0].numpy() > threshold
+        t = y[i:i + batch_size]
+        v = t != 255
+        tp += int((p & (t == 1) & v).sum())
+        fp += int((p & (t == 0) & v).sum())
+        fn += int((~p & (t == 1) & v).sum())
+        tn += int((~p & (t == 0) & v).sum())
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def iou_f1(c: dict[str, int]) -> dict[str, Optional[float]]:
+    """IoU and F1 of the building class from confusion counts."""
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    iou = tp / (tp + fp + fn) if tp + fp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"iou": iou, "f1": f1}
+
+
+def metrics(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    c = confusion(model, x, y)
+    return {**c, **iou_f1(c)}

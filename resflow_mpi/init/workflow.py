@@ -1,0 +1,226 @@
+"""`resflow init`: scenes + masks -> image gallery + model gallery, MPI-parallel where it pays.
+
+1. Ranks sample training tiles from their share of the training scenes (GDAL windows); allgather.
+2. Rank 0 trains the CEM (conv autoencoder whose embedding also predicts a 4x4 thumbnail, so the
+   embedding itself is learned), embeds all tiles, clusters them (agglomerative, k by the elbow of
+   the intra-cluster variance curve), trains the hash head on soft cluster labels, derives bucket
+   centroid codes and reports the validation mAP.
+3. A shared base segmenter is trained on all tiles; then bucket b is fine-tuned on its own tiles
+   on rank b % size, and "Mono" continues on all tiles for the same number of steps (same
+   architecture and budget as every bucket model).
+4. Rank 0 writes weights, the manifest (last: a gallery without a manifest is not a gallery), the
+   image gallery, and the k-selection curve (JSON + PNG).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import RunConfig
+from ..errors import InputError
+from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module
+from ..io.raster import resolve_scene_inputs
+from ..models import build_feature_extractor, build_hash_head, build_segmentation
+from ..models.embedding import ConvAutoencoder
+from ..tiling import split_block
+from .clustering import choose_k, soft_labels
+from .data import TileSet, open_scenes, sample_tiles
+from .hashing import (bucket_of, centroid_codes, mean_average_precision, packed_codes,
+                      train_hash_head)
+from .segtrain import metrics, train_segmenter
+
+
+def _log(msg: str) -> None:
+    print(f"[init] {msg}", file=sys.stderr, flush=True)
+
+
+def train_cem(x: np.ndarray, in_ch: int, embed_dim: int, epochs: int, batch_size: int, lr: float,
+              seed: int) -> Any:
+    """Train the feature extractor as an autoencoder (+ thumbnail head on the embedding)."""
+    torch.manual_seed(seed)
+    extractor = build_feature_extractor(in_ch, embed_dim=embed_dim)
+    ae = ConvAutoencoder(extractor)
+    thumb = torch.nn.Linear(embed_dim, in_ch * 16)
+    opt = torch.optim.Adam(list(ae.parameters()) + list(thumb.parameters()), lr=lr)
+    xt = torch.from_numpy(x)
+    g = torch.Generator().manual_seed(seed)
+    ae.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), batch_size):
+            xb = xt[perm[i:i + batch_size]]
+            recon, target = ae(xb)
+            _, emb = extractor.encode_pooled(target)
+            small = F.adaptive_avg_pool2d(target, 4).flatten(1)
+            loss = F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    extractor.eval()
+    return extractor
+
+
+@torch.inference_mode()
+def embed_all(extractor: Any, x: np.ndarray, batch: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    fm, em = [], []
+    for i in range(0, len(x), batch):
+        f, e = extractor(torch.from_numpy(x[i:i + batch]))
+        fm.append(f)
+        em.append(e)
+    return torch.cat(fm), torch.cat(em).numpy()
+
+
+def save_curve_plot(path: Path, ks: list[int], var: list[float], k: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(ks, var, "o-")
+    ax.axvline(k, color="r", ls="--", label=f"chosen k = {k}")
+    ax.set_xlabel("number of clusters k")
+    ax.set_ylabel("mean intra-cluster variance")
+    ax.set_title("Bucket count selection (elbow)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
+    """The whole initialisation; rank 0 returns the summary."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    t0 = time.perf_counter()
+    tr = cfg.training
+    torch.set_num_threads(cfg.inference.threads_per_rank or max(1, (os.cpu_count() or 1) // size))
+    gallery = Path(cfg.models.gallery)
+    err = None
+    if rank == 0:
+        try:
+            gallery.mkdir(parents=True, exist_ok=True)
+            split = "train"  # init always learns from the training split of manifests
+            paths = resolve_scene_inputs(cfg.scenes.inputs, split)
+            if not paths:
+                raise InputError("scenes.inputs: no training scenes found")
+            scenes = open_scenes(paths, cfg.scenes.bands)
+        except Exception as exc:  # noqa: BLE001 - delivered to every rank below
+            err, scenes = exc, []
+    from ..runtime.mpi import bcast_error
+    bcast_error(comm, err)
+    scenes = comm.bcast(scenes if rank == 0 else None, root=0)
+    mine = list(split_block(len(scenes), rank, size))
+    part = sample_tiles(scenes, mine, tr.tile_px, tr.tiles_per_scene, cfg.scenes.bands,
+                        cfg.normalization, tr.seed)
+    tiles = TileSet.concat(comm.allgather(part))
+    n, in_ch = len(tiles.x), tiles.x.shape[1]
+    if rank == 0:
+        _log(f"{n} training tiles of {tr.tile_px}px from {len(scenes)} scene(s) on {size} rank(s)")
+    rng = np.random.default_rng(tr.seed)
+    is_val = np.zeros(n, bool)
+    is_val[rng.permutation(n)[:max(1, int(round(n * tr.val_fraction)))]] = True
+    # -- stage A (rank 0): CEM, clustering, hashing ----------------------------------------------
+    summary: dict[str, Any] = {}
+    if rank == 0:
+        extractor = train_cem(tiles.x, in_ch, cfg.models.embed_dim, tr.cem_epochs, tr.batch_size,
+                              tr.lr, tr.seed)
+        fmaps, emb = embed_all(extractor, tiles.x)
+        z = (emb - emb[~is_val].mean(0)) / (emb[~is_val].std(0) + 1e-6)
+        choice = choose_k(z[~is_val], tr.k_min, tr.k_max)
+        k = choice.k
+        labels = np.empty(n, int)
+        labels[~is_val] = choice.labels
+        cents = np.stack([z[~is_val][choice.labels == c].mean(0) for c in range(k)])
+        labels[is_val] = ((z[is_val][:, None] - cents[None]) ** 2).sum(-1).argmin(1)
+        _log(f"CEM trained; k chosen = {k} from {choice.ks[0]}..{choice.ks[-1]}")
+        soft = soft_labels(z, labels)
+        head = build_hash_head(extractor.feat_ch, cfg.models.hash_bits, k)
+        torch.manual_seed(tr.seed)
+        train_hash_head(head, fmaps[~is_val], soft[~is_val], tr.hash_epochs, tr.batch_size,
+                        tr.lr, tr.seed)
+        codes = packed_codes(head, fmaps)
+        centroids = centroid_codes(codes[~is_val], labels[~is_val], k, cfg.models.hash_bits)
+        buckets = bucket_of(codes, centroids)
+        hash_map = mean_average_precision(codes[is_val], labels[is_val], codes[~is_val],
+                                          labels[~is_val])
+        bucket_acc = float((buckets[is_val] == labels[is_val]).mean())
+        _log(f"hash head: validation mAP {hash_map:.4f}, bucket = cluster on "
+             f"{bucket_acc:.1%} of validation tiles")
+        curve = {"ks": choice.ks, "mean_intra_variance": choice.mean_intra_variance,
+                 "knee_score": choice.knee_score, "chosen_k": k}
+        (gallery / "k_selection.json").write_text(json.dumps(curve, indent=1))
+        save_curve_plot(gallery / "k_selection.png", choice.ks, choice.mean_intra_variance, k)
+        ext_entry = save_module(extractor, gallery / "cem.pt")
+        head_entry = {**save_module(head, gallery / "hash.pt"), "n_bits": cfg.models.hash_bits}
+        summary.update({"k": k, "hash_map": hash_map, "bucket_equals_cluster": bucket_acc,
+                        "n_tiles": n, "n_val": int(is_val.sum())})
+        state = (buckets, centroids, codes)
+    else:
+        state = None
+    buckets, centroids, codes = comm.bcast(state, root=0)
+    k = len(centroids)
+    # -- stage B: base segmenter (rank 0), then buckets + Mono in parallel ---------------------
+    steps_per_epoch = max(1, -(-int((~is_val).sum()) // tr.batch_size))
+    base_steps = max(1, tr.seg_epochs * steps_per_epoch // 2)
+    ft_steps = max(1, tr.seg_epochs * steps_per_epoch - base_steps)
+    xtr, ytr = tiles.x[~is_val], tiles.y[~is_val]
+    base_state = None
+    if rank == 0:
+        torch.manual_seed(tr.seed)
+        base = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
+        train_segmenter(base, xtr, ytr, base_steps, tr.batch_size, tr.lr, tr.seed)
+        base_state = base.state_dict()
+        _log(f"base {cfg.models.arch}/{cfg.models.preset} trained for {base_steps} steps; "
+             f"fine-tuning {k} bucket model(s) + Mono for {ft_steps} steps each on {size} rank(s)")
+    base_state = comm.bcast(base_state, root=0)
+    entries: dict[str, dict[str, Any]] = {}
+    for job in range(k + 1):
+        if job % size != rank:
+            continue
+        name = "mono" if job == k else f"bucket-{bits_to_str(centroids[job], cfg.models.hash_bits)}"
+        sel_tr = np.ones(len(xtr), bool) if job == k else (buckets[~is_val] == job)
+        sel_val = np.ones(int(is_val.sum()), bool) if job == k else (buckets[is_val] == job)
+        model = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
+        model.load_state_dict(base_state)
+        lr = tr.lr * 0.5
+        train_segmenter(model, xtr[sel_tr] if sel_tr.any() else xtr, ytr[sel_tr] if sel_tr.any() else ytr,
+                        ft_steps, tr.batch_size, lr, tr.seed + 1 + job)
+        xv, yv = tiles.x[is_val][sel_val], tiles.y[is_val][sel_val]
+        m = metrics(model, xv, yv) if len(xv) else {}
+        entry = save_module(model, gallery / f"{name}.pt")
+        entry.update({"train_tiles": int(sel_tr.sum()), "val_tiles": int(sel_val.sum()),
+                      "steps": base_steps + ft_steps, "val_metrics": m})
+        if job < k:
+            entry.update({"index": job, "code": bits_to_str(centroids[job], cfg.models.hash_bits)})
+        entries[name] = entry
+    all_entries = comm.gather(entries, root=0)
+    if rank != 0:
+        comm.Barrier()
+        return None
+    merged = {key: v for part in all_entries for key, v in part.items()}  # type: ignore[union-attr]
+    bucket_entries = sorted((v for key, v in merged.items() if key != "mono"),
+                            key=lambda e: e["index"])
+    manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
+                "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
+                "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
+                "preset": cfg.models.preset, "extractor": ext_entry, "hash_head": head_entry,
+                "buckets": bucket_entries, "mono": merged["mono"], "summary": summary,
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    scene_meta = [{"name": Path(s.path).stem, "path": s.path, "epsg": s.epsg,
+                   "acquisition": {kk: v for kk, v in s.metadata.items()}} for s in scenes]
+    ImageGallery.write(gallery / "images.h5", codes, tiles.scene, tiles.window, tiles.extent,
+                       buckets, cfg.models.hash_bits, scene_meta)
+    tmp = gallery / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, gallery / MANIFEST)
+    summary["seconds"] = time.perf_counter() - t0
+    _log(f"gallery written to {gallery}: {k} bucket model(s) + Mono, hash mAP "
+         f"{summary['hash_map']:.4f}, {summary['seconds']:.0f} s")
+    comm.Barrier()
+    return summary

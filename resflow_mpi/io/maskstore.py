@@ -1,0 +1,236 @@
+"""The HDF5 mask store: one file per run, one group per scene, written in parallel with ``mpio``.
+
+Layout (``/scenes/<i>/``): ``mask`` (H, W) uint8 — 0 background, 1 building, 255 nodata — chunked
+by tile; per-tile 1-D datasets indexed by tile index: ``bucket`` int16 (-1: not computed, nodata),
+``code`` (n_tiles, bytes) uint8 packed hash codes, ``writer_rank`` int16 (which rank wrote it),
+``done`` uint8 (the resume bitmap); optional ``prob`` float16. Attributes carry the CRS (WKT),
+geotransform, source path, grid and ``complete``; the root carries config/gallery checksums.
+
+Rules of parallel HDF5 honoured here: creation of groups/datasets/attributes is collective (every
+rank makes the same calls in the same order); in a collective write every rank takes part, with an
+empty selection when it has nothing left; buffers have the dataset's exact dtype; datasets are
+allocated early with fill values never written (every tile, nodata ones included, is written once)
+and are not compressed (filters would force collective I/O everywhere). The mask is written before
+its tile's ``done`` flag, so after a crash ``done`` never claims a tile whose pixels are missing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import h5py
+import numpy as np
+
+from ..errors import OutputError
+from ..tiling import Tile, grid_shape
+from .raster import SceneInfo
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TileResult:
+    """What the pipeline produces for one tile (owned region only)."""
+
+    tile: Tile
+    mask: np.ndarray               # (h, w) uint8: 0/1, 255 nodata
+    bucket: int                    # -1 for all-nodata tiles
+    code: np.ndarray               # (n_bytes,) uint8 packed hash code (zeros when not computed)
+    prob: Optional[np.ndarray] = None  # (h, w) float16 when probabilities are kept
+
+
+def _dxpl(collective: bool) -> Any:
+    dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+    if collective:
+        dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+    return dxpl
+
+
+class MaskStore:
+    """Reconstructs full-scene masks from tile results in one HDF5 file.
+
+    ``comm`` given: the file is opened with the ``mpio`` driver on that communicator (all of its
+    ranks must construct the store together). ``comm`` None: an ordinary single-writer file.
+    """
+
+    def __init__(self, path: str, scenes: Sequence[SceneInfo], tile_px: int, halo_px: int,
+                 code_bytes: int, config_checksum: str, gallery_checksum: str,
+                 comm: Any = None, restart: bool = False, save_probabilities: bool = False,
+                 writer_rank: Optional[int] = None):
+        self.path = path
+        self.scenes = list(scenes)
+        self.tile_px, self.halo_px, self.code_bytes = tile_px, halo_px, code_bytes
+        self.comm = comm
+        self.rank = comm.Get_rank() if comm is not None else (writer_rank or 0)
+        self.save_probabilities = save_probabilities
+        self.bytes_written = 0
+        self.tiles_written = 0
+        exists = os.path.exists(path)
+        if comm is not None:
+            exists = comm.bcast(exists, root=0)
+        kw: dict[str, Any] = {"driver": "mpio", "comm": comm} if comm is not None else {}
+        mode = "a" if (exists and not restart) else "w"
+        try:
+            self.file = h5py.File(path, mode, **kw)
+        except (OSError, ValueError) as exc:
+            raise OutputError(f"{path}: cannot open the HDF5 output ({exc}); if the file is a "
+                              "leftover of another run, rerun with --restart") from None
+        if mode == "w":
+            self._create(config_checksum, gallery_checksum)
+        else:
+            self._check(config_checksum, gallery_checksum)
+        self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
+
+    # -- layout --------------------------------------------------------------------------------
+    def _new_dataset(self, group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                     chunks: Optional[tuple[int, ...]] = None) -> None:
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        if chunks is not None:
+            dcpl.set_chunk(chunks)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        space = h5py.h5s.create_simple(shape)
+        tid = h5py.h5t.py_create(np.dtype(dtype))
+        h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
+
+    def _create(self, config_checksum: str, gallery_checksum: str) -> None:
+        f = self.file
+        f.attrs.update({"format_version": FORMAT_VERSION, "config_checksum": config_checksum,
+                        "gallery_checksum": gallery_checksum, "tile_px": self.tile_px,
+                        "halo_px": self.halo_px, "n_scenes": len(self.scenes),
+                        "driver": f.driver,
+                        "mpi_size": self.comm.Get_size() if self.comm is not None else 1})
+        for i, s in enumerate(self.scenes):
+            g = f.create_group(f"scenes/{i}")
+            rows, cols = grid_shape(s.width, s.height, self.tile_px)
+            n = rows * cols
+            chunk = (min(self.tile_px, s.height), min(self.tile_px, s.width))
+            self._new_dataset(g, "mask", (s.height, s.width), np.uint8, chunk)
+            if self.save_probabilities:
+                self._new_dataset(g, "prob", (s.height, s.width), np.float16, chunk)
+            for name, dt in (("bucket", np.int16), ("writer_rank", np.int16), ("done", np.uint8)):
+                self._new_dataset(g, name, (n,), dt)
+            self._new_dataset(g, "code", (n, self.code_bytes), np.uint8)
+            g.attrs.update({"source_path": s.path, "crs_wkt": s.crs_wkt,
+                            "geotransform": np.asarray(s.geotransform, np.float64),
+                            "width": s.width, "height": s.height, "grid_rows": rows,
+                            "grid_cols": cols, "complete": 0})
+        f.flush()
+        # FILL_TIME_NEVER leaves 'done' undefined; zero it in parallel (each rank its share).
+        for i in range(len(self.scenes)):
+            d = self.file[f"scenes/{i}/done"]
+            n = d.shape[0]
+            size = self.comm.Get_size() if self.comm is not None else 1
+            lo, hi = n * self.rank // size, n * (self.rank + 1) // size
+            self._write_rows(d, lo, np.zeros(hi - lo, np.uint8), collective=self.comm is not None)
+        f.flush()
+
+    def _check(self, config_checksum: str, gallery_checksum: str) -> None:
+        a = self.file.attrs
+        if a.get("format_version") != FORMAT_VERSION:
+            raise OutputError(f"{self.path}: not a resflow mask store of format {FORMAT_VERSION}; "
+                              "rerun with --restart to overwrite it")
+        problems = []
+        if a.get("config_checksum") != config_checksum:
+            problems.append("configuration")
+        if a.get("gallery_checksum") != gallery_checksum:
+            problems.append("model gallery")
+        if int(a.get("n_scenes", -1)) != len(self.scenes) or int(a.get("tile_px", -1)) != self.tile_px:
+            problems.append("scene list/tiling")
+        for i, s in enumerate(self.scenes):
+            g = self.file.get(f"scenes/{i}")
+            if g is None or g.attrs.get("source_path") != s.path:
+                problems.append(f"scene {i}")
+                break
+        if problems:
+            raise OutputError(f"{self.path}: partial output was made with a different "
+                              f"{' and '.join(problems)}; rerun with --restart to start over")
+
+    # -- writes --------------------------------------------------------------------------------
+    def _write_rows(self, dset: h5py.Dataset, start: int, rows: np.ndarray, collective: bool) -> None:
+        fspace = dset.id.get_space()
+        if len(rows):
+            count = (len(rows),) + tuple(dset.shape[1:])
+            fspace.select_hyperslab((start,) + (0,) * (dset.ndim - 1), count)
+            mspace = h5py.h5s.create_simple(count)
+        else:
+            fspace.select_none()
+            mspace = h5py.h5s.create_simple((1,) + tuple(dset.shape[1:]))
+            mspace.select_none()
+            rows = np.zeros((1,) + tuple(dset.shape[1:]), dset.dtype)
+        dset.id.write(mspace, fspace, np.ascontiguousarray(rows, dtype=dset.dtype),
+                      dxpl=_dxpl(collective))
+
+    def _write_block(self, dset: h5py.Dataset, tile: Optional[Tile], block: Optional[np.ndarray],
+                     collective: bool) -> None:
+        fspace = dset.id.get_space()
+        if tile is None or block is None:
+            fspace.select_none()
+            mspace = h5py.h5s.create_simple((1, 1))
+            mspace.select_none()
+            block = np.zeros((1, 1), dset.dtype)
+        else:
+            o = tile.owned
+            fspace.select_hyperslab((o.row, o.col), (o.height, o.width))
+            mspace = h5py.h5s.create_simple((o.height, o.width))
+        dset.id.write(mspace, fspace, np.ascontiguousarray(block, dtype=dset.dtype),
+                      dxpl=_dxpl(collective))
+
+    def write_results(self, results: Sequence[TileResult], collective: bool = False,
+                      n_calls: Optional[int] = None) -> None:
+        """Write tile results; in collective mode every rank passes the same ``n_calls`` (the
+        round's maximum) and pads with empty selections so all ranks make identical calls."""
+        calls = len(results) if n_calls is None else n_calls
+        n_scenes = len(self.scenes)
+        for k in range(calls):
+            r = results[k] if k < len(results) else None
+            # One collective call per scene dataset in the same order on every rank.
+            for i in range(n_scenes) if collective else ([r.tile.scene] if r else []):
+                mine = r is not None and r.tile.scene == i
+                g = self._groups[i]
+                self._write_block(g["mask"], r.tile if mine else None, r.mask if mine else None,
+                                  collective)
+                if self.save_probabilities:
+                    self._write_block(g["prob"], r.tile if mine else None,
+                                      r.prob if mine else None, collective)
+        for r in results:  # small per-tile records, independent I/O, after the pixels
+            g = self._groups[r.tile.scene]
+            idx = r.tile.index
+            self._write_rows(g["bucket"], idx, np.array([r.bucket], np.int16), False)
+            self._write_rows(g["writer_rank"], idx, np.array([self.rank], np.int16), False)
+            self._write_rows(g["code"], idx, r.code[None, :].astype(np.uint8), False)
+            self.bytes_written += r.mask.nbytes + (r.prob.nbytes if r.prob is not None else 0)
+            self.tiles_written += 1
+        for r in results:
+            self._write_rows(self._groups[r.tile.scene]["done"], r.tile.index,
+                             np.array([1], np.uint8), False)
+
+    # -- state ---------------------------------------------------------------------------------
+    def done_mask(self, scene: int) -> np.ndarray:
+        """The resume bitmap of a scene, (n_tiles,) bool."""
+        return self._groups[scene]["done"][...].astype(bool)
+
+    def mark_complete(self, scene: int) -> None:
+        """Collective: flag a scene whose every tile is done (checked by every rank)."""
+        done = bool(self.done_mask(scene).all())
+        self._groups[scene].attrs["complete"] = int(done)
+
+    def is_complete(self, scene: int) -> bool:
+        return bool(self._groups[scene].attrs["complete"])
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+            self.file = None  # type: ignore[assignment]
+
+
+def read_scene_arrays(path: str, scene: int) -> dict[str, Any]:
+    """Small per-scene records and attributes (not the mask) for export and reports."""
+    with h5py.File(path, "r") as f:
+        g = f[f"scenes/{scene}"]
+        return {"attrs": dict(g.attrs), "bucket": g["bucket"][...], "done": g["done"][...],
+                "writer_rank": g["writer_rank"][...], "code": g["code"][...]}

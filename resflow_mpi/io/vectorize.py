@@ -1,0 +1,306 @@
+"""Building polygons from exported masks: GeoPackage (scene CRS) and optional GeoJSON (WGS84).
+
+``gdal.Polygonize`` reads the mask block by block, so a huge scene never sits in memory. Files
+appear only complete: each is written under a ``.partial`` name and renamed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+from xml.sax.saxutils import escape
+
+from osgeo import gdal, ogr, osr
+
+from ..errors import InputError, OutputError, ResflowError
+
+gdal.UseExceptions()
+ogr.UseExceptions()
+osr.UseExceptions()
+
+LAYER_NAME = "buildings"
+BUILDING_VALUE = 1
+# Environment variables a launcher (Open MPI, MPICH/Hydra, Slurm) sets on every rank.
+LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+# Metres per degree of latitude: converts simplify_m to a tolerance for geographic masks.
+METRES_PER_DEGREE = 111_320.0
+
+
+def _partial(path: Path) -> Path:
+    """Temporary sibling name that keeps the suffix (drivers check it) but never looks final."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+def _open_mask(mask_tif: Path) -> gdal.Dataset:
+    """Open a mask GeoTIFF and check it is a one-band Byte raster with a CRS."""
+    if not mask_tif.is_file():
+        raise InputError(f"{mask_tif}: mask file not found")
+    try:
+        ds = gdal.Open(str(mask_tif), gdal.GA_ReadOnly)
+    except RuntimeError as exc:
+        raise InputError(f"{mask_tif}: not a readable raster "
+                         f"({str(exc).strip().splitlines()[0]})") from None
+    band = ds.GetRasterBand(1)
+    if ds.RasterCount != 1 or band.DataType != gdal.GDT_Byte:
+        raise InputError(f"{mask_tif}: expected a one-band Byte mask (0/1/255) as written by "
+                         f"`resflow run`, got {ds.RasterCount} band(s) of "
+                         f"{gdal.GetDataTypeName(band.DataType)}")
+    if not ds.GetProjection():
+        raise InputError(f"{mask_tif}: mask has no CRS; polygons would have no location "
+                         "(assign one with gdal_edit.py -a_srs)")
+    return ds
+
+
+def _building_selector(mask_tif: Path, width_px: int, height_px: int) -> gdal.Dataset:
+    """A virtual band that is 1 where the mask is a building and 0 elsewhere (streams, no copy)."""
+    # The LUT maps 0 -> 0, 1 -> 1 and every other value (2..255, nodata included) -> 0.
+    xml = (f'<VRTDataset rasterXSize="{width_px}" rasterYSize="{height_px}">'
+           '<VRTRasterBand dataType="Byte" band="1"><ComplexSource>'
+           f'<SourceFilename relativeToVRT="0">{escape(str(mask_tif.resolve()))}</SourceFilename>'
+           '<SourceBand>1</SourceBand>'
+           f'<SrcRect xOff="0" yOff="0" xSize="{width_px}" ySize="{height_px}"/>'
+           f'<DstRect xOff="0" yOff="0" xSize="{width_px}" ySize="{height_px}"/>'
+           '<LUT>0:0,1:1,2:0,255:0</LUT>'
+           '</ComplexSource></VRTRasterBand></VRTDataset>')
+    return gdal.Open(xml)
+
+
+class _AreaMeter:
+    """Areas in m2 and simplification tolerances in layer units, for projected or geographic CRSs."""
+
+    def __init__(self, srs: osr.SpatialReference, extent: tuple[float, float, float, float]):
+        self.to_equal_area: Optional[osr.CoordinateTransformation] = None
+        if srs.IsGeographic():
+            # A Lambert equal-area projection centred on the mask keeps areas exact enough.
+            lon0 = (extent[0] + extent[1]) / 2
+            lat0 = (extent[2] + extent[3]) / 2
+            laea = osr.SpatialReference()
+            laea.ImportFromProj4(f"+proj=laea +lat_0={lat0} +lon_0={lon0} +datum=WGS84 +units=m")
+            laea.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            self.to_equal_area = osr.CoordinateTransformation(srs, laea)
+            self.metres_per_unit = METRES_PER_DEGREE * math.cos(math.radians(lat0))
+            self.square_metres_per_unit2 = 1.0
+        else:
+            self.metres_per_unit = srs.GetLinearUnits() or 1.0
+            self.square_metres_per_unit2 = self.metres_per_unit ** 2
+
+    def area_m2(self, geom: ogr.Geometry) -> float:
+        """The geometry's area in square metres."""
+        if self.to_equal_area is None:
+            return geom.GetArea() * self.square_metres_per_unit2
+        g = geom.Clone()
+        g.Transform(self.to_equal_area)
+        return g.GetArea()
+
+    def tolerance(self, simplify_m: float) -> float:
+        """A distance in metres expressed in the layer's units."""
+        return simplify_m / self.metres_per_unit
+
+
+def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: float = 0.0,
+                   simplify_m: float = 0.0, geojson_path: Optional[str | Path] = None
+                   ) -> dict[str, Any]:
+    """Polygonize a mask's building pixels into a GeoPackage layer "buildings" (id, area_m2).
+
+    Polygons smaller than ``min_area_m2`` (pixel area, before simplification) are dropped;
+    ``simplify_m`` > 0 simplifies with topology preserved. Returns the paths written, the polygon
+    count and the total area in m2 (of the written geometries).
+    """
+    mask_tif, out_gpkg = Path(mask_tif), Path(out_gpkg)
+    if min_area_m2 < 0 or simplify_m < 0:
+        raise InputError(f"{mask_tif}: min_area_m2 and simplify_m must be >= 0 "
+                         f"(got {min_area_m2:g}, {simplify_m:g})")
+    ds = _open_mask(mask_tif)
+    srs = osr.SpatialReference(wkt=ds.GetProjection())
+    srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    selector = _building_selector(mask_tif, ds.RasterXSize, ds.RasterYSize)
+
+    try:
+        out_gpkg.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_gpkg.parent}: cannot create output directory "
+                          f"({exc.strerror})") from None
+    gpkg_tmp = _partial(out_gpkg)
+    raw_tmp = out_gpkg.with_name(f"{out_gpkg.stem}.raw.partial.gpkg")
+    polygons, dropped, total_area_m2 = 0, 0, 0.0
+    try:
+        for p in (gpkg_tmp, raw_tmp):
+            p.unlink(missing_ok=True)
+        gpkg_driver = ogr.GetDriverByName("GPKG")
+        # Raw pixel-edge polygons go to a scratch file, not memory: a scene can hold millions.
+        raw_ds = gpkg_driver.CreateDataSource(str(raw_tmp))
+        raw_layer = raw_ds.CreateLayer("raw", srs=srs, geom_type=ogr.wkbPolygon)
+        raw_layer.StartTransaction()
+        gdal.Polygonize(ds.GetRasterBand(1), selector.GetRasterBand(1), raw_layer, -1, [])
+        raw_layer.CommitTransaction()
+
+        meter = _AreaMeter(srs, raw_layer.GetExtent()) if raw_layer.GetFeatureCount() else None
+        out_ds = gpkg_driver.CreateDataSource(str(gpkg_tmp))
+        layer = out_ds.CreateLayer(LAYER_NAME, srs=srs, geom_type=ogr.wkbPolygon,
+                                   options=["FID=fid"])
+        layer.CreateField(ogr.FieldDefn("id", ogr.OFTInteger64))
+        layer.CreateField(ogr.FieldDefn("area_m2", ogr.OFTReal))
+        defn = layer.GetLayerDefn()
+        layer.StartTransaction()
+        for raw in raw_layer:
+            geom = raw.GetGeometryRef()
+            assert meter is not None  # features exist, so the meter was made
+            if min_area_m2 > 0 and meter.area_m2(geom) < min_area_m2:
+                dropped += 1
+                continue
+            if simplify_m > 0:
+                geom = geom.SimplifyPreserveTopology(meter.tolerance(simplify_m))
+                if geom is None or geom.IsEmpty():
+                    dropped += 1
+                    continue
+            area_m2 = meter.area_m2(geom)
+            polygons += 1
+            total_area_m2 += area_m2
+            feat = ogr.Feature(defn)
+            feat.SetField("id", polygons)
+            feat.SetField("area_m2", area_m2)
+            feat.SetGeometry(geom)
+            layer.CreateFeature(feat)
+        layer.CommitTransaction()
+        layer = None
+        out_ds = None
+        raw_layer = None
+        raw_ds = None
+        os.replace(gpkg_tmp, out_gpkg)
+
+        if geojson_path is not None:
+            geojson_path = Path(geojson_path)
+            json_tmp = _partial(geojson_path)
+            json_tmp.unlink(missing_ok=True)
+            # RFC 7946 GeoJSON is WGS84 longitude/latitude only.
+            gdal.VectorTranslate(str(json_tmp), str(out_gpkg), format="GeoJSON",
+                                 dstSRS="EPSG:4326", layers=[LAYER_NAME],
+                                 layerCreationOptions=["RFC7946=YES"])
+            os.replace(json_tmp, geojson_path)
+    except RuntimeError as exc:
+        raise OutputError(f"{out_gpkg}: vectorizing {mask_tif} failed "
+                          f"({str(exc).strip().splitlines()[0]}); is the disk full?") from None
+    finally:
+        selector = None
+        ds = None
+        leftovers = [gpkg_tmp, raw_tmp]
+        if geojson_path is not None:
+            leftovers.append(_partial(Path(geojson_path)))
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+    return {"mask": str(mask_tif), "gpkg": str(out_gpkg),
+            "geojson": str(geojson_path) if geojson_path is not None else None,
+            "polygons": polygons, "area_m2": total_area_m2, "dropped": dropped}
+
+
+def expand_mask_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Mask GeoTIFFs from files and output directories (their ``*_mask.tif``, COGs excluded)."""
+    masks: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.glob("*_mask.tif") if q.is_file())
+            if not found:
+                raise InputError(f"{p}: no *_mask.tif in this directory; pass a `resflow run` "
+                                 "output directory or mask files")
+            masks.extend(found)
+        elif p.is_file():
+            masks.append(p)
+        else:
+            raise InputError(f"{p}: mask file or directory not found")
+    unique: dict[Path, None] = dict.fromkeys(m.resolve() for m in masks)
+    return list(unique)
+
+
+def output_paths(mask_tif: Path, out_dir: Optional[str | Path]) -> tuple[Path, Path]:
+    """Where a mask's GeoPackage and GeoJSON go: ``<stem>_buildings.gpkg/.geojson``."""
+    stem = mask_tif.name[:-len("_mask.tif")] if mask_tif.name.endswith("_mask.tif") else mask_tif.stem
+    folder = Path(out_dir) if out_dir is not None else mask_tif.parent
+    return folder / f"{stem}_buildings.gpkg", folder / f"{stem}_buildings.geojson"
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process as one of several ranks."""
+    for var in LAUNCHER_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+def _vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One mask, with a user-caused failure turned into an error entry instead of an exception."""
+    gpkg, geojson = output_paths(mask, args.out)
+    try:
+        return vectorize_mask(mask, gpkg, args.min_area_m2, args.simplify_m,
+                              geojson if args.geojson else None)
+    except ResflowError as exc:
+        return {"mask": str(mask), "error": str(exc), "exit_code": exc.exit_code}
+
+
+def _result_line(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"{result['mask']}: error: {result['error']}"
+    extra = f", {result['geojson']}" if result["geojson"] else ""
+    return (f"{result['mask']}: {result['polygons']} polygon(s), {result['area_m2']:.1f} m2 "
+            f"-> {result['gpkg']}{extra}")
+
+
+def vectorize_command(args: argparse.Namespace) -> int:
+    """`resflow vectorize`: masks spread over MPI ranks (mask i on rank i % size), or serial."""
+    if args.out is not None:
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{args.out}: cannot create output directory ({exc.strerror})") from None
+    if not launched_by_mpi():
+        masks = expand_mask_inputs(args.masks)
+        results = []
+        for mask in masks:
+            results.append(_vectorize_one(mask, args))
+            print(_result_line(results[-1]), flush=True)
+        return _summarise(results)
+
+    from ..runtime.mpi import abort_on_error, init_runtime
+    comm = init_runtime()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    masks_or_error: Any = None
+    if rank == 0:
+        try:
+            masks_or_error = expand_mask_inputs(args.masks)
+        except ResflowError as exc:
+            masks_or_error = exc
+    masks_or_error = comm.bcast(masks_or_error, root=0)
+    if isinstance(masks_or_error, ResflowError):
+        if rank == 0:
+            raise masks_or_error
+        return masks_or_error.exit_code
+    masks: list[Path] = masks_or_error
+    with abort_on_error(comm, "resflow vectorize"):
+        mine = [(i, _vectorize_one(m, args)) for i, m in enumerate(masks) if i % size == rank]
+    gathered = comm.gather(mine, root=0)
+    code = 0
+    if rank == 0:
+        results = [r for _, r in sorted((pair for part in gathered for pair in part),
+                                        key=lambda pair: pair[0])]
+        for r in results:
+            print(_result_line(r), flush=True)
+        code = _summarise(results, size)
+    return int(comm.bcast(code, root=0))
+
+
+def _summarise(results: Sequence[dict[str, Any]], ranks: int = 1) -> int:
+    """Print the totals line; exit code 0 when every mask succeeded."""
+    ok = [r for r in results if "error" not in r]
+    failed = len(results) - len(ok)
+    print(f"vectorized {len(ok)}/{len(results)} mask(s) on {ranks} rank(s): "
+          f"{sum(r['polygons'] for r in ok)} polygon(s), "
+          f"{sum(r['area_m2'] for r in ok):.1f} m2" + (f", {failed} failed" if failed else ""),
+          flush=True)
+    if failed:
+        return max(int(r.get("exit_code", 2)) for r in results if "error" in r)
+    return 0

@@ -1,0 +1,87 @@
+"""Per-rank device binding: node-local rank -> cuda:(local_rank % gpus), else CPU threads.
+
+Replaces RESFlow's GPU ticket folder for the MPI engine: binding is decided once from the node-local
+rank, so no two ranks ever race for a device and several ranks per GPU are explicit and reported.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+LAUNCHER_LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMI_LOCAL_RANK",
+                            "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK", "PALS_LOCAL_RANKID")
+
+
+@dataclass(frozen=True)
+class DeviceBinding:
+    """Where one rank computes."""
+
+    rank: int
+    size: int
+    host: str
+    local_rank: int
+    local_size: int
+    device: str            # "cuda:N" or "cpu"
+    threads: int           # torch intra-op threads
+    ranks_sharing_device: int
+    launcher_local_rank: Optional[int]
+    note: str = ""
+
+    def line(self) -> str:
+        share = f", shared by {self.ranks_sharing_device} ranks" if self.ranks_sharing_device > 1 else ""
+        return (f"rank {self.rank}/{self.size} on {self.host}: local rank {self.local_rank}/"
+                f"{self.local_size} -> {self.device}{share}, {self.threads} torch thread(s)"
+                + (f" [{self.note}]" if self.note else ""))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def launcher_local_rank() -> Optional[int]:
+    """The node-local rank the launcher advertises (Open MPI, Slurm, PMI, MPICH, ...), if any."""
+    for var in LAUNCHER_LOCAL_RANK_VARS:
+        v = os.environ.get(var)
+        if v is not None and v.strip().isdigit():
+            return int(v)
+    return None
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (cgroup/affinity aware)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def choose_binding(rank: int, size: int, host: str, local_rank: int, local_size: int,
+                   gpu_count: int, want: str = "auto", threads_per_rank: int = 0,
+                   node_cores: Optional[int] = None) -> DeviceBinding:
+    """Pure decision: which device and how many threads this rank gets."""
+    launcher = launcher_local_rank()
+    note = ""
+    if launcher is not None and launcher != local_rank:
+        note = f"launcher says local rank {launcher}, shared-memory split says {local_rank}"
+    cores = node_cores if node_cores is not None else usable_cores()
+    if want == "cuda" and gpu_count == 0:
+        raise RuntimeError(f"rank {rank}: inference.device=cuda but no GPU is visible")
+    if gpu_count > 0 and want in ("auto", "cuda"):
+        dev = local_rank % gpu_count
+        sharing = len(range(dev, local_size, gpu_count))
+        threads = threads_per_rank or max(1, cores // max(1, local_size))
+        return DeviceBinding(rank, size, host, local_rank, local_size, f"cuda:{dev}", threads,
+                             sharing, launcher, note)
+    # Cores of the node, evenly over its ranks; affinity may already restrict us to our share.
+    per_rank = max(1, cores // max(1, local_size)) if node_cores is not None or cores >= local_size else 1
+    threads = threads_per_rank or per_rank
+    return DeviceBinding(rank, size, host, local_rank, local_size, "cpu", threads, 1, launcher, note)
+
+
+def apply_binding(binding: DeviceBinding) -> "object":
+    """Set torch's threads and current CUDA device; return the torch.device."""
+    import torch
+    torch.set_num_threads(binding.threads)
+    if binding.device.startswith("cuda"):
+        torch.cuda.set_device(binding.device)
+    return torch.device(binding.device)

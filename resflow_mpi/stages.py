@@ -1,0 +1,159 @@
+"""The three deep-learning stages on tensors: embed -> hash -> bucket -> segment.
+
+Pure compute (numpy + torch). Every network call sees a batch of exactly ``batch_size`` tiles
+(short batches are zero-padded) so one tile's result never depends on its batch-mates, the rank
+that computes it or the engine (MPI, Spark, in-process): kernels are chosen by shape, and the shape
+is always the same. Tiles are queued per bucket and segmented when a bucket's queue is full.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .models.hashing import assign_buckets, codes_to_bits, pack_bits
+
+DTYPE_RANGE = {"uint8": 255.0, "uint16": 2047.0, "float32": 1.0}
+
+
+def normalize(raw: np.ndarray, dtype: str, mode: str = "range", value_max: Optional[float] = None,
+              mean: Sequence[float] = (), std: Sequence[float] = ()) -> np.ndarray:
+    """Raw (C, H, W) pixels -> float32 network input."""
+    x = raw.astype(np.float32)
+    if mode == "configured":
+        m = np.asarray(mean, np.float32)[:, None, None]
+        s = np.asarray(std, np.float32)[:, None, None]
+        return (x - m) / s
+    scale = value_max if value_max else DTYPE_RANGE[dtype]
+    return np.clip(x / np.float32(scale), 0.0, 4.0)
+
+
+@dataclass
+class StageModels:
+    """The networks of a model gallery, ready for inference."""
+
+    extractor: nn.Module
+    hash_head: nn.Module
+    centroids: np.ndarray                          # (n_buckets, code_bytes) packed bits
+    load_segmenter: Callable[[int], nn.Module]     # bucket index -> model (called lazily, once)
+    _cache: dict[int, nn.Module] = field(default_factory=dict)
+
+    def segmenter(self, bucket: int) -> nn.Module:
+        if bucket not in self._cache:
+            self._cache[bucket] = self.load_segmenter(bucket)
+        return self._cache[bucket]
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage (summed over batches)."""
+
+    embed: float = 0.0
+    hash: float = 0.0
+    segment: float = 0.0
+
+
+class TileStages:
+    """Runs the three stages on fixed-shape batches on one device."""
+
+    def __init__(self, models: StageModels, device: torch.device, batch_size: int,
+                 threshold: float = 0.5, channels_last: bool = True, mixed_precision: bool = True):
+        self.models = models
+        self.device = device
+        self.batch_size = batch_size
+        self.threshold = threshold
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.autocast = mixed_precision and device.type == "cuda"
+        self.times = StageTimes()
+        self.centroids = torch.from_numpy(models.centroids)
+        for m in (models.extractor, models.hash_head):
+            m.eval().to(device)
+            if channels_last:
+                m.to(memory_format=torch.channels_last)
+
+    def _prepare(self, x: np.ndarray) -> torch.Tensor:
+        """(n, C, S, S) float32 -> padded (batch_size, C, S, S) tensor on the device."""
+        n = x.shape[0]
+        if n > self.batch_size:
+            raise ValueError(f"batch of {n} tiles exceeds batch_size {self.batch_size}")
+        if n < self.batch_size:
+            x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], x.dtype)])
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+        return t.contiguous(memory_format=self.memory_format)
+
+    def _autocast(self) -> Any:
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
+
+    @torch.inference_mode()
+    def embed_and_hash(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stages 1-2: embeddings (n, D), packed codes (n, K) uint8 and bucket indices (n,)."""
+        import time
+        n = x.shape[0]
+        t0 = time.perf_counter()
+        with self._autocast():
+            fmap, emb = self.models.extractor(self._prepare(x))
+        t1 = time.perf_counter()
+        with self._autocast():
+            relaxed = self.models.hash_head(fmap.float())
+        packed = pack_bits(codes_to_bits(relaxed.float()).cpu())[:n]
+        buckets = assign_buckets(packed, self.centroids)
+        t2 = time.perf_counter()
+        self.times.embed += t1 - t0
+        self.times.hash += t2 - t1
+        return emb[:n].float().cpu().numpy(), packed.numpy(), buckets.numpy()
+
+    @torch.inference_mode()
+    def segment(self, bucket: int, x: np.ndarray) -> np.ndarray:
+        """Stage 3: building probabilities (n, S, S) float32 with bucket ``bucket``'s model."""
+        import time
+        n = x.shape[0]
+        t0 = time.perf_counter()
+        model = self.models.segmenter(bucket)
+        with self._autocast():
+            logits = model(self._prepare(x))
+        prob = torch.sigmoid(logits.float())[:n, 0].cpu().numpy()
+        self.times.segment += time.perf_counter() - t0
+        return prob
+
+
+@dataclass
+class PendingTile:
+    """A tile waiting in its bucket's queue: its input and what stages 1-2 said about it."""
+
+    item: Any
+    x: np.ndarray
+    code: np.ndarray
+    bucket: int
+
+
+class BucketQueues:
+    """Per-bucket queues: tiles are segmented ``batch_size`` at a time per bucket model."""
+
+    def __init__(self, stages: TileStages):
+        self.stages = stages
+        self.queues: dict[int, list[PendingTile]] = {}
+
+    def push(self, tiles: Sequence[PendingTile]) -> Iterator[tuple[PendingTile, np.ndarray]]:
+        """Queue tiles; yield (tile, probability) for every bucket queue that became full."""
+        for t in tiles:
+            q = self.queues.setdefault(t.bucket, [])
+            q.append(t)
+            if len(q) == self.stages.batch_size:
+                yield from self._run(t.bucket)
+
+    def flush(self) -> Iterator[tuple[PendingTile, np.ndarray]]:
+        """Segment what is left in every queue (padded batches), buckets in ascending order."""
+        for b in sorted(self.queues):
+            if self.queues[b]:
+                yield from self._run(b)
+
+    def _run(self, bucket: int) -> Iterator[tuple[PendingTile, np.ndarray]]:
+        q, self.queues[bucket] = self.queues[bucket], []
+        prob = self.stages.segment(bucket, np.stack([t.x for t in q]))
+        yield from zip(q, prob)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())

@@ -1,0 +1,102 @@
+"""Pure tiling maths: the tile grid over a scene, owned windows, halo reads, work splitting.
+
+A scene of ``width x height`` pixels is covered by a grid of tiles of ``tile_px`` owned pixels
+(the last row/column of tiles is smaller). Every output pixel is owned by exactly one tile. The
+network sees the owned window grown by ``halo_px`` on each side (context only), clipped to the
+scene; the clipped part is padded by the pipeline so every network input has the same shape.
+No I/O, no MPI: everything here is a function of integers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Sequence
+
+
+class Window(NamedTuple):
+    """A pixel window: column/row offset and size (GDAL's xoff, yoff, xsize, ysize order)."""
+
+    col: int
+    row: int
+    width: int
+    height: int
+
+    def intersects(self, other: "Window") -> bool:
+        return not (other.col >= self.col + self.width or other.col + other.width <= self.col
+                    or other.row >= self.row + self.height or other.row + other.height <= self.row)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One unit of work: where its owned pixels are and which (larger) window to read.
+
+    ``pad`` = (top, bottom, left, right) pixels the reader must add to ``read`` so the network input
+    is ``(tile_px + 2*halo_px)`` square; ``crop`` is the owned window inside that padded input.
+    """
+
+    scene: int          # index of the scene in the run's scene list
+    index: int          # tile index within the scene, row-major over the grid
+    grid_row: int
+    grid_col: int
+    owned: Window
+    read: Window
+    pad: tuple[int, int, int, int]
+    crop: Window
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.scene, self.index)
+
+
+def grid_shape(width: int, height: int, tile_px: int) -> tuple[int, int]:
+    """Rows and columns of tiles needed to cover ``width x height`` with ``tile_px`` tiles."""
+    if tile_px <= 0:
+        raise ValueError(f"tile_px must be positive, got {tile_px}")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"scene size must be positive, got {width}x{height}")
+    return (height + tile_px - 1) // tile_px, (width + tile_px - 1) // tile_px
+
+
+def make_tile(scene: int, grid_row: int, grid_col: int, width: int, height: int,
+              tile_px: int, halo_px: int) -> Tile:
+    """The tile at (grid_row, grid_col): owned window, clipped halo read window, padding, crop."""
+    rows, cols = grid_shape(width, height, tile_px)
+    if not (0 <= grid_row < rows and 0 <= grid_col < cols):
+        raise IndexError(f"tile ({grid_row}, {grid_col}) outside grid {rows}x{cols}")
+    c0, r0 = grid_col * tile_px, grid_row * tile_px
+    ow, oh = min(tile_px, width - c0), min(tile_px, height - r0)
+    rc0, rr0 = max(0, c0 - halo_px), max(0, r0 - halo_px)
+    rc1, rr1 = min(width, c0 + ow + halo_px), min(height, r0 + oh + halo_px)
+    full = tile_px + 2 * halo_px
+    left, top = halo_px - (c0 - rc0), halo_px - (r0 - rr0)
+    right, bottom = full - left - (rc1 - rc0), full - top - (rr1 - rr0)
+    return Tile(scene=scene, index=grid_row * cols + grid_col, grid_row=grid_row, grid_col=grid_col,
+                owned=Window(c0, r0, ow, oh), read=Window(rc0, rr0, rc1 - rc0, rr1 - rr0),
+                pad=(top, bottom, left, right), crop=Window(halo_px, halo_px, ow, oh))
+
+
+def tile_grid(scene: int, width: int, height: int, tile_px: int, halo_px: int) -> Iterator[Tile]:
+    """All tiles of a scene in row-major order; together their owned windows cover it exactly once."""
+    if halo_px < 0:
+        raise ValueError(f"halo_px must be >= 0, got {halo_px}")
+    rows, cols = grid_shape(width, height, tile_px)
+    for r in range(rows):
+        for c in range(cols):
+            yield make_tile(scene, r, c, width, height, tile_px, halo_px)
+
+
+def split_block(n: int, rank: int, size: int) -> range:
+    """Contiguous share of ``n`` items for ``rank`` of ``size``; sizes differ by at most one."""
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def split_cyclic(n: int, rank: int, size: int) -> range:
+    """Round-robin share of ``n`` items for ``rank`` of ``size``."""
+    return range(rank, n, size)
+
+
+def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
+    """Consecutive slices of at most ``batch_size`` items."""
+    for i in range(0, len(items), batch_size):
+        yield items[i:i + batch_size]
