@@ -59,7 +59,9 @@ constraint = $VENV/constraints.txt
 CONF
 export PIP_CONSTRAINT="$VENV/constraints.txt"
 log "pip install ${PIP_PACKAGES[*]}"
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
+# (the filter drops pip's notes about local wheel folders that have no index pages)
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}" \
+  2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e "$ROOT"
 
 # Fail now, not in the middle of a run, if the stack is not the real one.

@@ -344,6 +344,8 @@ def _sin_cos_small(angle: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class _Road:
+    """A straight rural road: centre line in Hesse normal form, in pixel units."""
+
     normal_x: float
     normal_y: float
     distance_px: float          # signed distance of the road centre line from the pixel origin
@@ -352,9 +354,11 @@ class _Road:
 
 @dataclass(frozen=True)
 class _SceneModel:
+    """Per-scene scalars every block needs; derived once from the spec."""
+
     spec: SceneSpec
     regime: Regime
-    keys: dict
+    keys: dict[str, int]                # hash key per independent random stream
     sun_azimuth_deg: float
     sun_elevation_deg: float
     shadow_dir: tuple[float, float]     # unit vector (x east, y down) along which shadows fall
@@ -827,6 +831,9 @@ def _scene_seed(seed: int, index: int) -> int:
     return _splitmix_int((seed & _M64) * 1_000_003 + index) >> 1   # >> 1: fits a signed int64
 
 
+ARCHIVE_EPSG = 32637
+
+
 def _origin(epsg: int, seed: int, index: int) -> tuple[float, float]:
     """A plausible UTM origin on a 1 m grid: eastings 200-780 km, northings by hemisphere."""
     rng = np.random.default_rng(_scene_seed(seed, index + 7919))
@@ -837,8 +844,11 @@ def _origin(epsg: int, seed: int, index: int) -> tuple[float, float]:
 
 
 def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
-                  size_px: int | None = None) -> list[SceneSpec]:
-    """Scene specs of a preset archive: "tiny" (tests), "demo", or "large" (one benchmark scene)."""
+                  size_px: int | None = None, epsg: int | None = ARCHIVE_EPSG) -> list[SceneSpec]:
+    """Scene specs of a preset archive: "tiny" (tests), "demo", or "large" (one benchmark scene).
+
+    Like a national archive mapped in one projection, every scene shares ``epsg`` (default UTM
+    37N); ``epsg=None`` gives each regime its own zone (a mixed-CRS archive, for tests)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown archive preset {preset!r}; use one of {PRESETS}")
     if size_px is not None and size_px <= 0:
@@ -846,9 +856,12 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
     specs: list[SceneSpec] = []
     index = 0
 
+    archive_epsg = epsg
+
     def add(name: str, regime: str, region: str, split: str, epsg: int, size: int, collar: bool,
             perturb: float = 0.0) -> None:
         nonlocal index
+        epsg = archive_epsg or epsg
         side = size_px or size
         specs.append(SceneSpec(name=name, width=side, height=side, regime=regime, region=region,
                                split=split, seed=_scene_seed(seed, index), dtype=dtype, epsg=epsg,
@@ -876,8 +889,8 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
 def synth_archive(out_dir: str | Path, preset: str = "demo", seed: int = 0, dtype: str = "uint8",
                   size_px: int | None = None, bands: int = 3) -> Path:
     """Write all scenes and out_dir/archive.json (list of {name, image, mask, regime, region,
-    split, width, height, dtype, bands, epsg}); returns the archive.json path. Scenes already
-    written from the same spec are kept."""
+    split, width, height, dtype, bands, epsg}; image/mask relative to out_dir); returns the
+    archive.json path. Scenes already written from the same spec are kept."""
     specs = [dataclasses.replace(s, bands=bands) for s in archive_specs(preset, seed, dtype, size_px)]
     out_dir = Path(out_dir).resolve()
     entries = []
@@ -886,7 +899,8 @@ def synth_archive(out_dir: str | Path, preset: str = "demo", seed: int = 0, dtyp
             image_path, mask_path = scene_paths(spec, out_dir)
         else:
             image_path, mask_path = write_scene(spec, out_dir)
-        entries.append({"name": spec.name, "image": str(image_path), "mask": str(mask_path),
+        # File names relative to archive.json keep the archive movable as one directory.
+        entries.append({"name": spec.name, "image": image_path.name, "mask": mask_path.name,
                         "regime": spec.regime, "region": spec.region, "split": spec.split,
                         "width": spec.width, "height": spec.height, "dtype": spec.dtype,
                         "bands": spec.bands, "epsg": spec.epsg})

@@ -153,20 +153,26 @@ def test_tiny_archive_lists_train_and_test(tmp_path: Path) -> None:
     assert not {e["region"] for e in test} & {e["region"] for e in train}
     keys = {"name", "image", "mask", "regime", "region", "split", "width", "height", "dtype",
             "bands", "epsg"}
+    origins = set()
     for e in entries:
         assert keys <= set(e)
-        ds = gdal.Open(e["image"])
+        ds = gdal.Open(str(archive_path.parent / e["image"]))
         assert (ds.RasterXSize, ds.RasterYSize, ds.RasterCount) == (e["width"], e["height"], e["bands"])
-        assert gdal.Open(e["mask"]).RasterXSize == e["width"]
-    assert len({e["epsg"] for e in entries}) >= 3
-    assert len({gdal.Open(e["image"]).GetGeoTransform()[:4:3] for e in entries}) == len(entries)
+        assert ds.GetMetadataItem("RESFLOW_REGION") == e["region"]
+        origins.add(ds.GetGeoTransform()[:4:3])
+        assert gdal.Open(str(archive_path.parent / e["mask"])).RasterXSize == e["width"]
+    # One archive, one projection (mixed CRS is refused by the engine); origins all differ.
+    assert {e["epsg"] for e in entries} == {synth.ARCHIVE_EPSG}
+    assert len(origins) == len(entries)
+    mixed = synth.archive_specs("tiny", epsg=None)
+    assert len({s.epsg for s in mixed}) >= 3
 
 
 def test_archive_rerun_keeps_finished_scenes_and_redoes_partial_ones(tmp_path: Path) -> None:
     out = tmp_path / "arch"
     archive_path = synth.synth_archive(out, preset="tiny", seed=0)
     entries = json.loads(archive_path.read_text())
-    kept, broken = Path(entries[0]["image"]), Path(entries[1]["image"])
+    kept, broken = out / entries[0]["image"], out / entries[1]["image"]
     kept_mtime = kept.stat().st_mtime_ns
     broken.unlink()                        # as if a crash hit between the two renames
     synth.synth_archive(out, preset="tiny", seed=0)

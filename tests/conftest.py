@@ -1,0 +1,97 @@
+"""Shared fixtures: a tiny synthetic archive and a trained tiny gallery, made once per session
+with the project's own generator and `resflow init` (real GDAL, real HDF5, real MPI)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RESFLOW = str(VENV_BIN / "resflow")
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1", "H5PY_ALWAYS_USE_MPI": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+TINY_CONFIG = {
+    "scenes": {"inputs": [], "split": "train"},
+    "tiling": {"tile_px": 64, "halo_px": 8},
+    "models": {"gallery": "", "arch": "unet", "preset": "tiny", "hash_bits": 16},
+    "inference": {"batch_size": 4, "threads_per_rank": 1},
+    "output": {"dir": "", "quicklooks": False},
+    "training": {"tile_px": 64, "tiles_per_scene": 16, "cem_epochs": 8, "hash_epochs": 30,
+                 "seg_epochs": 6, "k_min": 2, "k_max": 6, "batch_size": 16},
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(MPI_ENV)
+    e["PATH"] = f"{VENV_BIN}:{e.get('PATH', '')}"
+    return e
+
+
+def resflow(args: Sequence[str], ranks: Optional[int] = None, cwd: Optional[Path] = None,
+            timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the resflow CLI, under `mpirun -n ranks` when ranks is given."""
+    cmd = [RESFLOW, *args]
+    if ranks is not None:
+        cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", *cmd]
+    p = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def write_config(path: Path, **sections: dict) -> Path:
+    """TINY_CONFIG updated section by section, written as YAML."""
+    cfg = {k: dict(v) for k, v in TINY_CONFIG.items()}
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """archive.json of the generator's 'tiny' preset (seed 0)."""
+    from resflow_mpi.synth import synth_archive
+    out = tmp_path_factory.mktemp("archive")
+    return Path(synth_archive(out, preset="tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_gallery(tiny_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model gallery trained by `resflow init` under `mpirun -n 2` on the tiny archive."""
+    work = tmp_path_factory.mktemp("gallery")
+    cfg = write_config(work / "init.yaml", scenes={"inputs": [str(tiny_archive)], "split": "train"},
+                       models={"gallery": str(work / "gallery")}, output={"dir": str(work / "out")})
+    resflow(["init", str(cfg)], ranks=2, timeout=600)
+    return work / "gallery"
+
+
+@pytest.fixture()
+def run_config(tmp_path: Path, tiny_archive: Path, tiny_gallery: Path):
+    """Factory: a run config over the tiny archive's test split with the trained gallery."""
+    def make(name: str = "run.yaml", **sections: dict) -> Path:
+        base = {"scenes": {"inputs": [str(tiny_archive)], "split": "test"},
+                "models": {"gallery": str(tiny_gallery)},
+                "output": {"dir": str(tmp_path / "out")}}
+        for k, v in sections.items():
+            base.setdefault(k, {}).update(v)
+        return write_config(tmp_path / name, **base)
+    return make
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for m in ("mpi: runs under mpirun", "spark: needs pyspark + Java",
+              "gpu: needs a CUDA device", "slow: takes more than ~30 s"):
+        config.addinivalue_line("markers", m)
+    os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
+    shutil.which("mpirun")

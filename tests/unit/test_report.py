@@ -1,0 +1,171 @@
+"""HTML run report and quicklooks from a small but real output directory (GDAL-written files)."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from osgeo import gdal
+
+from resflow_mpi.errors import InputError
+from resflow_mpi.io.export import BUCKET_COLOURS
+from resflow_mpi.report import (LEGEND_WIDTH_PX, NODATA_GREY, thumbnail_size, write_html_report,
+                                write_quicklooks)
+
+gdal.UseExceptions()
+
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT_SCRIPT = REPO / "perf" / "screenshot_report.py"
+CHROMIUM = Path("/usr/bin/chromium")
+SCENE_W, SCENE_H = 1000, 600
+TILE_PX = 100
+GT = (500_000.0, 0.5, 0.0, 1_000_000.0, 0.0, -0.5)
+BUILDING = (slice(200, 300), slice(300, 500))  # rows, cols of the one building block
+NODATA_COLS = slice(0, 100)                    # left strip is nodata in scene and mask
+
+
+def _geotiff(path: Path, data: np.ndarray, nodata: float | None) -> Path:
+    bands, h, w = data.shape
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), w, h, bands, gdal.GDT_Byte,
+                                              ["TILED=YES"])
+    ds.SetGeoTransform(GT if w == SCENE_W else (GT[0], GT[1] * TILE_PX, 0.0, GT[3], 0.0,
+                                                 GT[5] * TILE_PX))
+    ds.SetProjection("EPSG:32637")
+    for b in range(bands):
+        if nodata is not None:
+            ds.GetRasterBand(b + 1).SetNoDataValue(nodata)
+        ds.GetRasterBand(b + 1).WriteArray(data[b])
+    ds = None
+    return path
+
+
+def make_output_dir(root: Path) -> tuple[Path, dict[str, Any]]:
+    """One complete scene (scene, mask, bucket map), one incomplete, one skipped; and the report."""
+    rng = np.random.default_rng(0)
+    scene = rng.integers(20, 230, (3, SCENE_H, SCENE_W), dtype=np.uint8)
+    scene[:, :, NODATA_COLS] = 0
+    scene_path = _geotiff(root / "scene_a.tif", scene, nodata=0)
+    out = root / "out"
+    out.mkdir()
+    mask = np.zeros((1, SCENE_H, SCENE_W), np.uint8)
+    mask[0][BUILDING] = 1
+    mask[0, :, NODATA_COLS] = 255
+    mask_path = _geotiff(out / "0000_scene_a_mask.tif", mask, nodata=255)
+    cog_path = out / "0000_scene_a_mask_cog.tif"
+    gdal.Translate(str(cog_path), str(mask_path), format="COG", creationOptions=["BLOCKSIZE=256"])
+    rows, cols = SCENE_H // TILE_PX, SCENE_W // TILE_PX
+    buckets = (np.arange(rows * cols).reshape(rows, cols) % 3)
+    buckets[:, 0] = -1
+    rgb = np.zeros((3, rows, cols), np.uint8)
+    rgb[:, buckets >= 0] = BUCKET_COLOURS[buckets[buckets >= 0]].T
+    bucket_path = _geotiff(out / "0000_scene_a_buckets.tif", rgb, nodata=None)
+    per_rank = [{"rank": r, "tiles": t, "tiles_computed": t - 2, "pixels": t * TILE_PX ** 2,
+                 "bytes_read": t * 30_000, "bytes_written": t * 10_000, "read_s": 1.0,
+                 "read_wait_s": 0.1, "embed_s": 2.0 + r, "hash_s": 0.2, "segment_s": 4.0,
+                 "write_s": 0.3, "wall_s": 12.345, "buckets": {}, "binding": {"device": "cpu"}}
+                for r, t in enumerate((33, 27))]
+    report = {
+        "engine": "mpi", "ranks": 2, "wall_s": 12.345,
+        "scenes": [{"index": 0, "path": str(scene_path), "width": SCENE_W, "height": SCENE_H,
+                    "area_km2": 0.15, "complete": True,
+                    "outputs": [str(mask_path), str(cog_path), str(bucket_path)]},
+                   {"index": 1, "path": str(root / "scene_b.tif"), "width": 500, "height": 500,
+                    "area_km2": 0.0625, "complete": False, "outputs": []}],
+        "skipped_scenes": [{"path": str(root / "broken<1>.tif"), "reason": "not a raster & empty"}],
+        "tiles": 60, "tiles_computed": 56, "megapixels": 0.6, "area_km2": 0.15,
+        "bytes_read": 1_800_000, "bytes_written": 600_000,
+        "throughput": {"tiles_per_s": 4.86, "mpixel_per_s": 0.0486, "km2_per_s": 0.01215,
+                       "gb_read_per_s": 0.000146},
+        "stage_s_total": {"read_s": 2.0, "read_wait_s": 0.2, "embed_s": 5.0, "hash_s": 0.4,
+                          "segment_s": 8.0, "write_s": 0.6},
+        "load_balance": {"tiles_per_rank": [33, 27], "busy_s_per_rank": [6.6, 7.6],
+                         "imbalance": 1.07},
+        "bucket_histogram": {"0": 20, "1": 18, "2": 16, "-1": 6},
+        "per_rank": per_rank,
+        "config": {"scenes": {"bands": [1, 2, 3]}},
+    }
+    (out / "run_report.json").write_text(json.dumps(report))
+    return out, report
+
+
+@pytest.fixture()
+def out_dir(tmp_path: Path) -> Path:
+    return make_output_dir(tmp_path)[0]
+
+
+def test_quicklooks_have_thumbnail_sizes_and_overlay_colours(out_dir: Path) -> None:
+    paths = write_quicklooks(out_dir)
+    names = sorted(p.name for p in paths)
+    assert names == ["0000_scene_a_buckets.png", "0000_scene_a_overlay.png", "rank_load.png",
+                     "stage_times.png"]
+    assert all(p.parent == out_dir / "quicklooks" for p in paths)
+    tw, th = thumbnail_size(SCENE_W, SCENE_H)
+    assert (tw, th) == (800, 480)
+    overlay = imread(out_dir / "quicklooks" / "0000_scene_a_overlay.png")
+    assert overlay.shape[:2] == (th, tw)
+    scale = tw / SCENE_W
+    building_px = overlay[int(250 * scale), int(400 * scale), :3]
+    assert building_px[0] > building_px[1] + 0.2 and building_px[0] > building_px[2] + 0.2
+    assert overlay[th // 2, 5, :3] == pytest.approx([NODATA_GREY] * 3, abs=0.01)
+    buckets = imread(out_dir / "quicklooks" / "0000_scene_a_buckets.png")
+    assert buckets.shape[1] == 800 + LEGEND_WIDTH_PX and buckets.shape[0] >= 480
+    # Nearest-neighbour upscaling by 80: tile (row 0, col 1) is bucket 1, drawn in its colour.
+    assert np.round(buckets[40, 120, :3] * 255) == pytest.approx(BUCKET_COLOURS[1], abs=1)
+    assert not list((out_dir / "quicklooks").glob("*.partial*"))
+
+
+def test_html_report_is_self_contained_with_the_summary(out_dir: Path) -> None:
+    path = write_html_report(out_dir)
+    assert path == out_dir / "report.html"
+    page = path.read_text(encoding="utf-8")
+    for text in ("mpi", "12.35 s", "60 (56 computed)", "0.60 Mpx", "0.150 km2", "4.86 tiles/s",
+                 "segment_s", "8.000", "1 / 2", "scene_a.tif", "incomplete"):
+        assert text in page, text
+    assert "broken&lt;1&gt;.tif" in page and "not a raster &amp; empty" in page
+    assert "broken<1>" not in page
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 4
+    decoded = {base64.b64decode(i) for i in images}
+    on_disk = {p.read_bytes() for p in (out_dir / "quicklooks").glob("*.png")}
+    assert decoded == on_disk
+    assert not re.search(r'src="(?!data:)', page)  # nothing fetched from disk or network
+    assert not list(out_dir.glob("*.partial"))
+
+
+def test_report_survives_a_moved_output_dir(tmp_path: Path) -> None:
+    out, _ = make_output_dir(tmp_path)
+    moved = tmp_path / "elsewhere"
+    out.rename(moved)
+    page = write_html_report(moved).read_text()
+    assert page.count("data:image/png;base64,") == 4
+
+
+def test_missing_run_report_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="run_report.json"):
+        write_html_report(tmp_path)
+
+
+def test_screenshot_refuses_a_dir_without_report(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(SCREENSHOT_SCRIPT), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "report.html" in proc.stderr
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium "
+                    "(apt-get install -y chromium, or launch/install.sh --with-chromium)")
+def test_screenshot_of_the_report_is_not_blank(out_dir: Path, tmp_path: Path) -> None:
+    write_html_report(out_dir)
+    png = tmp_path / "shot.png"
+    proc = subprocess.run([sys.executable, str(SCREENSHOT_SCRIPT), str(out_dir), "--png", str(png)],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(png.resolve())
+    pixels = imread(png)
+    assert pixels.shape[:2] == (2400, 1280) and float(pixels.var()) > 0
