@@ -43,16 +43,19 @@ export PYSPARK_PYTHON="$PYTHON" PYSPARK_DRIVER_PYTHON="$PYTHON"
 command -v "$SPARK_SUBMIT" >/dev/null 2>&1 || die "'$SPARK_SUBMIT' not found (set SPARK_HOME or SPARK_SUBMIT)"
 
 # spark-submit runs Python applications only from a .py file, and the package's cli.py uses
-# relative imports; a two-line driver in a private temporary folder bridges the two.
+# relative imports; a three-line driver in a private temporary folder bridges the two.
 DRIVER_DIR="$(mktemp -d)"
 trap 'rm -rf "$DRIVER_DIR"' EXIT
 printf '%s\n' 'import sys' 'from resflow_mpi.cli import main' 'sys.exit(main())' \
   > "$DRIVER_DIR/resflow_driver.py"
 
-conf=(--conf "spark.pyspark.python=$PYTHON" --conf "spark.pyspark.driver.python=$PYTHON"
-      --conf "spark.executorEnv.H5PY_ALWAYS_USE_MPI=1")
-if [[ -n "${SPARK_EXECUTOR_CORES:-}" ]]; then conf+=(--conf "spark.executor.cores=$SPARK_EXECUTOR_CORES"); fi
-if [[ -n "${SPARK_EXECUTOR_MEMORY:-}" ]]; then conf+=(--conf "spark.executor.memory=$SPARK_EXECUTOR_MEMORY"); fi
+conf=(--conf "spark.pyspark.python=$PYTHON" --conf "spark.pyspark.driver.python=$PYTHON")
+if [[ -n "${SPARK_EXECUTOR_CORES:-}" ]]; then
+  conf+=(--conf "spark.executor.cores=$SPARK_EXECUTOR_CORES")
+fi
+if [[ -n "${SPARK_EXECUTOR_MEMORY:-}" ]]; then
+  conf+=(--conf "spark.executor.memory=$SPARK_EXECUTOR_MEMORY")
+fi
 if [[ -n "${SPARK_EXECUTOR_GPUS:-}" ]]; then
   [[ -n "${SPARK_GPU_DISCOVERY_SCRIPT:-}" ]] || die "SPARK_EXECUTOR_GPUS needs SPARK_GPU_DISCOVERY_SCRIPT"
   conf+=(--conf "spark.executor.resource.gpu.amount=$SPARK_EXECUTOR_GPUS"

@@ -134,7 +134,10 @@ def scene_overlay(scene_tif: Path, mask_tif: Path, bands: Sequence[int] = (1, 2,
     valid = labels != 255
     if nodata is not None:
         valid &= ~np.all([r == nodata for r in raw], axis=0)
-    rgb = np.stack([_stretch(r, valid) for r in raw], axis=-1)
+    for r in raw:  # float scenes may mark nodata with NaN
+        if r.dtype.kind == "f":
+            valid &= np.isfinite(r)
+    rgb = np.nan_to_num(np.stack([_stretch(r, valid) for r in raw], axis=-1), nan=NODATA_GREY)
     building = labels == 1
     rgb[building] = (1 - BUILDING_ALPHA) * rgb[building] + BUILDING_ALPHA * BUILDING_RGB
     rgb[~valid] = NODATA_GREY

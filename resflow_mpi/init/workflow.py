@@ -30,6 +30,8 @@ from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, sav
 from ..io.raster import resolve_scene_inputs
 from ..models import build_feature_extractor, build_hash_head, build_segmentation
 from ..models.embedding import ConvAutoencoder
+from ..runtime.device import usable_cores
+from ..runtime.mpi import bcast_error, quiet_barrier
 from ..tiling import split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, open_scenes, sample_tiles
@@ -112,7 +114,6 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
             scenes = open_scenes(paths, cfg.scenes.bands)
         except Exception as exc:  # noqa: BLE001 - delivered to every rank below
             err, scenes = exc, []
-    from ..runtime.mpi import bcast_error
     bcast_error(comm, err)
     scenes = comm.bcast(scenes if rank == 0 else None, root=0)
     mine = list(split_block(len(scenes), rank, size))
@@ -127,7 +128,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     is_val[rng.permutation(n)[:max(1, int(round(n * tr.val_fraction)))]] = True
     # -- stage A (rank 0): CEM, clustering, hashing ----------------------------------------------
     summary: dict[str, Any] = {}
+    per_rank_threads = torch.get_num_threads()
     if rank == 0:
+        # The other ranks sleep (quiet_barrier) during this serial stage: use the node's cores.
+        torch.set_num_threads(max(per_rank_threads, usable_cores()))
         extractor = train_cem(tiles.x, in_ch, cfg.models.embed_dim, tr.cem_epochs, tr.batch_size,
                               tr.lr, tr.seed)
         fmaps, emb = embed_all(extractor, tiles.x)
@@ -161,8 +165,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         summary.update({"k": k, "hash_map": hash_map, "bucket_equals_cluster": bucket_acc,
                         "n_tiles": n, "n_val": int(is_val.sum())})
         state = (buckets, centroids, codes)
+        torch.set_num_threads(per_rank_threads)
     else:
         state = None
+    quiet_barrier(comm)
     buckets, centroids, codes = comm.bcast(state, root=0)
     k = len(centroids)
     # -- stage B: base segmenter (rank 0), then buckets + Mono in parallel ---------------------
@@ -172,12 +178,15 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     xtr, ytr = tiles.x[~is_val], tiles.y[~is_val]
     base_state = None
     if rank == 0:
+        torch.set_num_threads(max(per_rank_threads, usable_cores()))
         torch.manual_seed(tr.seed)
         base = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
         train_segmenter(base, xtr, ytr, base_steps, tr.batch_size, tr.lr, tr.seed)
         base_state = base.state_dict()
+        torch.set_num_threads(per_rank_threads)
         _log(f"base {cfg.models.arch}/{cfg.models.preset} trained for {base_steps} steps; "
              f"fine-tuning {k} bucket model(s) + Mono for {ft_steps} steps each on {size} rank(s)")
+    quiet_barrier(comm)
     base_state = comm.bcast(base_state, root=0)
     entries: dict[str, dict[str, Any]] = {}
     for job in range(k + 1):
@@ -199,6 +208,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         if job < k:
             entry.update({"index": job, "code": bits_to_str(centroids[job], cfg.models.hash_bits)})
         entries[name] = entry
+    quiet_barrier(comm)
     all_entries = comm.gather(entries, root=0)
     if rank != 0:
         comm.Barrier()

@@ -76,10 +76,14 @@ class MaskStore:
         except (OSError, ValueError) as exc:
             raise OutputError(f"{path}: cannot open the HDF5 output ({exc}); if the file is a "
                               "leftover of another run, rerun with --restart") from None
-        if mode == "w":
-            self._create(config_checksum, gallery_checksum)
-        else:
-            self._check(config_checksum, gallery_checksum)
+        try:
+            if mode == "w":
+                self._create(config_checksum, gallery_checksum)
+            else:
+                self._check(config_checksum, gallery_checksum)
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot lay out the HDF5 output ({exc}); is the disk full or "
+                              "a file-size limit reached?") from None
         self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
 
     # -- layout --------------------------------------------------------------------------------
@@ -181,6 +185,15 @@ class MaskStore:
                       n_calls: Optional[int] = None) -> None:
         """Write tile results; in collective mode every rank passes the same ``n_calls`` (the
         round's maximum) and pads with empty selections so all ranks make identical calls."""
+        try:
+            self._write_results(results, collective, n_calls)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: writing masks failed on rank {self.rank} ({exc}); "
+                              "is the disk full or a file-size limit reached? Free space and "
+                              "rerun: finished tiles are kept") from None
+
+    def _write_results(self, results: Sequence[TileResult], collective: bool,
+                       n_calls: Optional[int]) -> None:
         calls = len(results) if n_calls is None else n_calls
         n_scenes = len(self.scenes)
         for k in range(calls):

@@ -75,7 +75,31 @@ def _open(path: str) -> gdal.Dataset:
 def open_scene(path: str | Path, bands: Sequence[int] = (1, 2, 3),
                expect_dtype: Optional[str] = None) -> SceneInfo:
     """Read and check a scene's header; raise InputError naming the file and the problem."""
-    path = str(path)
+    try:
+        return _open_scene(str(path), bands, expect_dtype)
+    except RuntimeError as exc:  # any other GDAL complaint about a damaged header
+        first = (str(exc).strip().splitlines() or ["unreadable"])[0]
+        raise InputError(f"{path}: damaged raster ({first})") from None
+
+
+def _check_not_truncated(path: str, ds: gdal.Dataset, bands: Sequence[int]) -> None:
+    """A TIFF whose last block lies beyond the end of the file was cut short (copy interrupted)."""
+    if ds.GetDriver().ShortName != "GTiff":
+        return
+    size = os.path.getsize(path)
+    for b in bands:
+        band = ds.GetRasterBand(b)
+        bx, by = band.GetBlockSize()
+        nx, ny = (ds.RasterXSize + bx - 1) // bx, (ds.RasterYSize + by - 1) // by
+        for x, y in ((nx - 1, ny - 1), (0, 0)):
+            off = band.GetMetadataItem(f"BLOCK_OFFSET_{x}_{y}", "TIFF")
+            n = band.GetMetadataItem(f"BLOCK_SIZE_{x}_{y}", "TIFF")
+            if off and n and int(off) + int(n) > size:
+                raise InputError(f"{path}: file is truncated ({size} bytes, band {b} needs "
+                                 f"{int(off) + int(n)}); copy it again")
+
+
+def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str]) -> SceneInfo:
     ds = _open(path)
     if ds.RasterCount < max(bands):
         raise InputError(f"{path}: has {ds.RasterCount} band(s), the config needs band(s) "
@@ -93,9 +117,10 @@ def open_scene(path: str | Path, bands: Sequence[int] = (1, 2, 3),
                          "(scenes.expect_dtype)")
     wkt = ds.GetProjection() or ""
     gt = ds.GetGeoTransform(can_return_null=True)
-    if not wkt or gt is None:
+    if not wkt or gt is None or tuple(gt) == (0.0, 1.0, 0.0, 0.0, 0.0, 1.0):
         raise InputError(f"{path}: has no georeferencing (CRS and geotransform are required to "
                          "write georeferenced masks)")
+    _check_not_truncated(path, ds, bands)
     srs = osr.SpatialReference(wkt=wkt)
     epsg = srs.GetAuthorityCode(None)
     nodata = b1.GetNoDataValue()

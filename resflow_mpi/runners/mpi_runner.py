@@ -22,7 +22,7 @@ from ..galleries import ModelGallery
 from ..io.maskstore import MaskStore, TileResult
 from ..pipeline import TaskSource, TileProcessor, TileTask, list_source
 from ..runtime.device import apply_binding
-from ..runtime.mpi import bcast_error, bind_device
+from ..runtime.mpi import bcast_error, bind_device, inject_fault
 from ..stages import TileStages
 from ..tiling import split_block, split_cyclic
 from .common import (H5_NAME, ScenePlan, build_tasks, check_output_dir, export_outputs,
@@ -147,56 +147,62 @@ def run_mpi(cfg: RunConfig, comm: Any, restart: bool = False, quiet: bool = Fals
                         bs, cfg.inference.threshold, cfg.inference.channels_last,
                         cfg.inference.mixed_precision)
     proc = TileProcessor(scenes, cfg, stages)
-    results = proc.process(source)
-    km2_per_tile = (sum(s.area_km2 for s in scenes) / max(1, sum(
-        ((s.width + cfg.tiling.tile_px - 1) // cfg.tiling.tile_px)
-        * ((s.height + cfg.tiling.tile_px - 1) // cfg.tiling.tile_px) for s in scenes)))
-    progress = ProgressPrinter(total, km2_per_tile) if rank == 0 and not quiet else None
-    write_s = 0.0
-    exhausted = False
-    while True:
-        buf: list[TileResult] = []
-        while not exhausted and len(buf) < bs:
-            r = next(results, None)
-            if r is None:
-                exhausted = True
+    try:
+        results = proc.process(source)
+        km2_per_tile = (sum(s.area_km2 for s in scenes) / max(1, sum(
+            ((s.width + cfg.tiling.tile_px - 1) // cfg.tiling.tile_px)
+            * ((s.height + cfg.tiling.tile_px - 1) // cfg.tiling.tile_px) for s in scenes)))
+        progress = ProgressPrinter(total, km2_per_tile) if rank == 0 and not quiet else None
+        write_s = 0.0
+        exhausted = False
+        while True:
+            buf: list[TileResult] = []
+            while not exhausted and len(buf) < bs:
+                r = next(results, None)
+                if r is None:
+                    exhausted = True
+                else:
+                    buf.append(r)
+            t0 = time.perf_counter()
+            if writer == "independent":
+                store.write_results(buf, collective=False)
+                more = not exhausted
             else:
-                buf.append(r)
-        t0 = time.perf_counter()
-        if writer == "independent":
-            store.write_results(buf, collective=False)
-            more = not exhausted
-        else:
-            from mpi4py import MPI
-            n = comm.allreduce(len(buf), op=MPI.MAX)
-            if n == 0:
+                from mpi4py import MPI
+                n = comm.allreduce(len(buf), op=MPI.MAX)
+                if n == 0:
+                    break
+                if writer == "collective":
+                    store.write_results(buf, collective=True, n_calls=n)
+                else:  # gather: the paper's single merge writer
+                    gathered = comm.gather(buf, root=0)
+                    if rank == 0:
+                        flat = [x for part in gathered for x in part]  # type: ignore[union-attr]
+                        store.write_results(flat, collective=False)
+                more = True
+            write_s += time.perf_counter() - t0
+            if buf:
+                done_counter.add(len(buf))
+                inject_fault(rank, store.tiles_written)
+            if progress is not None:
+                progress.maybe_print(done_counter.read())
+            if not more:
                 break
-            if writer == "collective":
-                store.write_results(buf, collective=True, n_calls=n)
-            else:  # gather: the paper's single merge writer
-                gathered = comm.gather(buf, root=0)
-                if rank == 0:
-                    flat = [x for part in gathered for x in part]  # type: ignore[union-attr]
-                    store.write_results(flat, collective=False)
-            more = True
-        write_s += time.perf_counter() - t0
-        if buf:
-            done_counter.add(len(buf))
+        comm.Barrier()
         if progress is not None:
-            progress.maybe_print(done_counter.read())
-        if not more:
-            break
-    comm.Barrier()
-    if progress is not None:
-        progress.maybe_print(done_counter.read(), force=True)
-    if counter is not None:
-        counter.free()
-    done_counter.free()
-    store.flush()
-    for i in range(len(scenes)):
-        store.mark_complete(i)
-    complete = [i for i in range(len(scenes)) if store.is_complete(i)]
-    bytes_written = store.bytes_written
+            progress.maybe_print(done_counter.read(), force=True)
+        if counter is not None:
+            counter.free()
+        done_counter.free()
+        store.flush()
+        for i in range(len(scenes)):
+            store.mark_complete(i)
+        complete = [i for i in range(len(scenes)) if store.is_complete(i)]
+        bytes_written = store.bytes_written
+    except BaseException:
+        if size == 1:  # closing is collective: with more ranks, MPI_Abort follows instead
+            store.close()
+        raise
     store.close()
     # -- export in parallel over ranks: scene i on rank i % size ----------------------------
     t0 = time.perf_counter()

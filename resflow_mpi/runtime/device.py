@@ -55,6 +55,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_threads(cores: int, local_size: int, from_affinity: bool) -> int:
+    """Torch threads per rank: the node's cores shared evenly by its ranks, unless the launcher
+    already pinned this rank to its own subset of cores (srun --cpus-per-task, --map-by PE=n)."""
+    total = os.cpu_count() or cores
+    if from_affinity and cores < total:
+        return max(1, cores)  # our affinity mask is already our share
+    return max(1, cores // max(1, local_size))
+
+
 def choose_binding(rank: int, size: int, host: str, local_rank: int, local_size: int,
                    gpu_count: int, want: str = "auto", threads_per_rank: int = 0,
                    node_cores: Optional[int] = None) -> DeviceBinding:
@@ -72,9 +81,8 @@ def choose_binding(rank: int, size: int, host: str, local_rank: int, local_size:
         threads = threads_per_rank or max(1, cores // max(1, local_size))
         return DeviceBinding(rank, size, host, local_rank, local_size, f"cuda:{dev}", threads,
                              sharing, launcher, note)
-    # Cores of the node, evenly over its ranks; affinity may already restrict us to our share.
-    per_rank = max(1, cores // max(1, local_size)) if node_cores is not None or cores >= local_size else 1
-    threads = threads_per_rank or per_rank
+    threads = threads_per_rank or cpu_threads(cores, local_size, node_cores is None)
+    return DeviceBinding(rank, size, host, local_rank, local_size, "cpu", threads, 1, launcher, note)
     return DeviceBinding(rank, size, host, local_rank, local_size, "cpu", threads, 1, launcher, note)
 
 

@@ -31,7 +31,17 @@ def bind_device(comm: Any, want: str = "auto", threads_per_rank: int = 0) -> Dev
     gpus = torch.cuda.device_count() if want != "cpu" else 0
     binding = choose_binding(comm.Get_rank(), comm.Get_size(), socket.gethostname(),
                              lc.Get_rank(), lc.Get_size(), gpus, want, threads_per_rank)
+    # Count ranks on the same physical GPU by UUID: with per-rank CUDA_VISIBLE_DEVICES
+    # (srun --gpu-bind=single:1) every rank sees "cuda:0", yet they are different devices.
+    key = None
+    if binding.device.startswith("cuda"):
+        idx = int(binding.device.split(":")[1])
+        key = str(getattr(torch.cuda.get_device_properties(idx), "uuid", binding.device))
+    keys = lc.allgather(key)
     lc.Free()
+    if key is not None:
+        import dataclasses
+        binding = dataclasses.replace(binding, ranks_sharing_device=keys.count(key))
     return binding
 
 
@@ -72,3 +82,27 @@ def bcast_error(comm: Any, error: Optional[BaseException]) -> None:
     err = comm.bcast(error, root=0)
     if err is not None:
         raise err
+
+
+def inject_fault(rank: int, tiles_written: int) -> None:
+    """Fault injection for resilience tests: RESFLOW_FAULT="kill|raise:RANK:AFTER_TILES" makes that
+    rank SIGKILL itself (or raise) once it has written AFTER_TILES tiles. Unset in production."""
+    spec = os.environ.get("RESFLOW_FAULT")
+    if not spec:
+        return
+    kind, r, after = spec.split(":")
+    if int(r) != rank or tiles_written < int(after):
+        return
+    if kind == "kill":
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected fault after {tiles_written} tiles")
+
+
+def quiet_barrier(comm: Any, poll_s: float = 0.05) -> None:
+    """A barrier that sleeps instead of busy-polling, for ranks waiting on long serial work on
+    another rank (Open MPI's blocking calls spin and would steal that rank's core)."""
+    import time
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(poll_s)

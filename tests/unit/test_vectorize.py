@@ -158,3 +158,21 @@ def test_command_writes_beside_or_into_out(mask_tif: Path, tmp_path: Path,
     assert vectorize_command(bad) == 2
     assert (tmp_path / "0000_scene_buildings.gpkg").is_file()
     assert "1 failed" in capsys.readouterr().out
+
+
+def test_geographic_masks_get_areas_in_square_metres(tmp_path: Path) -> None:
+    labels = np.zeros((50, 50), np.uint8)
+    labels[10:30, 10:20] = 1
+    deg = 1e-5  # about 1.11 m at the equator
+    path = tmp_path / "geo_mask.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), 50, 50, 1, gdal.GDT_Byte)
+    ds.SetGeoTransform((39.0, deg, 0.0, 0.0005, 0.0, -deg))
+    ds.SetProjection("EPSG:4326")
+    ds.WriteArray(labels)
+    ds = None
+    result = vectorize_mask(path, tmp_path / "geo.gpkg")
+    metres_per_degree = 111_320.0
+    expected_m2 = 200 * (deg * metres_per_degree) ** 2
+    assert result["polygons"] == 1
+    assert result["area_m2"] == pytest.approx(expected_m2, rel=0.01)
+    assert read_layer(tmp_path / "geo.gpkg", "buildings")[1] == "4326"
