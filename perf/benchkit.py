@@ -22,7 +22,8 @@ from typing import Any, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 PERF_DIR = REPO / "perf"
 RESULTS_DIR = PERF_DIR / "results"
-CACHE_DIR = RESULTS_DIR / "cache"
+# Workloads and the trained benchmark gallery are kept here between studies (tests point it elsewhere).
+CACHE_DIR = Path(os.environ.get("RESFLOW_PERF_CACHE", RESULTS_DIR / "cache")).resolve()
 VENV_BIN = Path(sys.executable).parent
 PYTHON = sys.executable
 
@@ -126,7 +127,9 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {"host": socket.gethostname(), "cpu": cpu, "arch": platform.machine(),
                             "cores": os.cpu_count(), "memory_gb": mem_gb, "os": os_name,
                             "kernel": platform.release(), "python": platform.python_version(),
-                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                            # Other work on the machine skews timings: keep the load beside them.
+                            "load_average_1_5_15min": list(os.getloadavg())}
     try:
         import torch
         info["torch"] = torch.__version__

@@ -94,9 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--threshold", type=float, default=0.5)
     args = p.parse_args(argv)
-    t_start = time.perf_counter()
     import torch
     from resflow_mpi.galleries import ModelGallery
+    t_start = time.perf_counter()  # like the engines' reports: after imports, gallery load included
     torch.set_num_threads(args.threads)
     models = ModelGallery(args.gallery).stage_models(torch.device("cpu"))
     models.extractor.eval()

@@ -61,22 +61,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.engine == "spark":
         from .runners.spark_runner import run_spark
-        report = run_spark(cfg, restart=args.restart)
+        report = run_spark(cfg, restart=args.restart, quiet=args.quiet)
+        _html_report(cfg, args)
         return 0 if all(s["complete"] for s in report["scenes"]) else 3
     from .runners.mpi_runner import run_mpi
     from .runtime.mpi import abort_on_error, init_runtime
     comm = init_runtime()
     with abort_on_error(comm):
         report = run_mpi(cfg, comm, restart=args.restart, quiet=args.quiet)
-    if comm.Get_rank() == 0 and report is not None and args.report_html and cfg.output.quicklooks:
-        try:
-            from .report import write_html_report
-            write_html_report(cfg.output.dir)
-        except ImportError:
-            pass
+        if comm.Get_rank() == 0 and report is not None:
+            _html_report(cfg, args)
     ok = comm.bcast(report is not None and all(s["complete"] for s in report["scenes"])
                     if comm.Get_rank() == 0 else None, root=0)
     return 0 if ok else 3
+
+
+def _html_report(cfg: Any, args: argparse.Namespace) -> None:
+    """Quicklooks + report.html beside the run's outputs (output.quicklooks)."""
+    if not (args.report_html and cfg.output.quicklooks):
+        return
+    from .report import write_html_report
+    path = write_html_report(cfg.output.dir)
+    if not args.quiet:
+        print(f"report: {path}", flush=True)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

@@ -15,7 +15,7 @@ class ClusterChoice:
     labels: np.ndarray                  # (N,) int
     ks: list[int]
     mean_intra_variance: list[float]    # average within-cluster variance per k
-    knee_score: list[float]             # distance of each point below the chord (the elbow)
+    knee_score: list[float]             # drop ratio V(k-1)/V(k): the elbow is its maximum
 
 
 def mean_intra_cluster_variance(x: np.ndarray, labels: np.ndarray) -> float:
@@ -30,29 +30,25 @@ def mean_intra_cluster_variance(x: np.ndarray, labels: np.ndarray) -> float:
 def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward") -> ClusterChoice:
     """Cluster ``x`` for every k in [k_min, k_max]; pick the elbow of the variance curve.
 
-    Intra-cluster variance always falls as k grows; the paper's choice corresponds to the k where
-    it stops falling steeply. We take the point of the normalised curve farthest below the chord
-    joining its ends (the "knee"), which is stable and needs no tuning.
+    Intra-cluster variance always falls as k grows; the bucket count is where it stops falling
+    steeply: the k with the largest drop ratio V(k-1) / V(k) (V(k_min - 1) is computed too, so
+    k_min can win). Well-separated groups give a sharp peak at their true number.
     """
     k_max = min(k_max, len(x) - 1)
-    ks = list(range(max(1, k_min), k_max + 1))
-    if not ks:
+    k_lo = max(2, k_min)
+    if k_lo > k_max:
         raise ValueError(f"cannot cluster {len(x)} embeddings into {k_min}..{k_max} clusters")
-    labels_by_k, var = {}, []
-    for k in ks:
+    labels_by_k: dict[int, np.ndarray] = {}
+    var: dict[int, float] = {}
+    for k in range(k_lo - 1, k_max + 1):
         lab = (np.zeros(len(x), int) if k == 1
                else AgglomerativeClustering(n_clusters=k, linkage=linkage).fit_predict(x))
         labels_by_k[k] = lab
-        var.append(mean_intra_cluster_variance(x, lab))
-    v = np.asarray(var)
-    if len(ks) < 3 or v[0] == v[-1]:
-        best, score = ks[0], np.zeros(len(ks))
-    else:
-        kn = (np.asarray(ks) - ks[0]) / (ks[-1] - ks[0])
-        vn = (v - v[-1]) / (v[0] - v[-1])
-        score = (1 - kn) - vn   # chord from (0,1) to (1,0) minus curve: how far below the chord
-        best = ks[int(np.argmax(score))]
-    return ClusterChoice(best, labels_by_k[best], ks, var, [float(s) for s in score])
+        var[k] = mean_intra_cluster_variance(x, lab)
+    ks = list(range(k_lo, k_max + 1))
+    ratio = [var[k - 1] / max(var[k], 1e-12) for k in ks]
+    best = ks[int(np.argmax(ratio))]
+    return ClusterChoice(best, labels_by_k[best], ks, [var[k] for k in ks], ratio)
 
 
 def soft_labels(x: np.ndarray, labels: np.ndarray, temperature: float = 0.5) -> np.ndarray:

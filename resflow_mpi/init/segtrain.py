@@ -46,7 +46,7 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
         loss.backward()
         opt.step()
         sched.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
     model.eval()
     return curve
 

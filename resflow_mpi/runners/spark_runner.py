@@ -18,7 +18,8 @@ Data flow (as in the paper):
 
 The serial merge on one process is the paper's main limit on speed-up, kept here on purpose: it
 is what the MPI engine's parallel HDF5 writers replace. Errors a user can cause (``ResflowError``)
-inside executors come back as one line, not as a JVM stack trace.
+in the compute and export tasks travel back as records and are raised on the driver as one line;
+any other task failure is still recognised in Spark's error text when a ResflowError caused it.
 """
 from __future__ import annotations
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Run the ``resflow`` command line in this process and record the process's peak RSS at exit.
+
+Usage (one JSON per rank): mpirun -n N python perf/rss_wrapper.py --rss-dir DIR -- run CFG [...]
+Each rank writes DIR/rss-rank<R>.json with VmHWM (peak resident set) and VmRSS from
+/proc/self/status, in kB, and the command's exit status; the exit status is passed on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # resflow_mpi without installing
+
+RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def memory_kb() -> dict[str, int]:
+    """VmHWM and VmRSS of this process in kB (Linux /proc)."""
+    out: dict[str, int] = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in ("VmHWM", "VmRSS"):
+            out[key.lower() + "_kb"] = int(line.split()[1])
+    return out
+
+
+def launcher_rank() -> int:
+    """This process's rank as the launcher advertises it (0 outside a launcher)."""
+    for var in RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Split off --rss-dir, run the CLI, write this rank's memory record."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 3 or args[0] != "--rss-dir" or "--" not in args:
+        print("usage: rss_wrapper.py --rss-dir DIR -- RESFLOW-ARGS...", file=sys.stderr)
+        return 2
+    rss_dir = Path(args[1])
+    cli_args = args[args.index("--") + 1:]
+    from resflow_mpi.cli import main as resflow_main
+    status = 1
+    try:
+        status = resflow_main(cli_args)
+    finally:
+        rank = launcher_rank()
+        record = {"rank": rank, "exit_status": status, **memory_kb()}
+        rss_dir.mkdir(parents=True, exist_ok=True)
+        (rss_dir / f"rss-rank{rank}.json").write_text(json.dumps(record))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

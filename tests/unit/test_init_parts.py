@@ -1,0 +1,129 @@
+"""Initialisation pieces on small data: k selection, centroid codes, mAP, galleries, search."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from resflow_mpi.errors import GalleryError
+from resflow_mpi.galleries import ImageGallery, ModelGallery
+from resflow_mpi.init.clustering import choose_k, soft_labels
+from resflow_mpi.init.hashing import bucket_of, centroid_codes, mean_average_precision
+from tests.conftest import RESFLOW, env
+
+
+@pytest.mark.parametrize("true_k", [3, 4, 6])
+def test_k_selection_finds_known_cluster_count(true_k: int) -> None:
+    rng = np.random.default_rng(true_k)
+    centres = rng.normal(0, 10, (true_k, 8))
+    x = np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+    choice = choose_k(x, 2, 10)
+    assert choice.k == true_k
+    assert choice.ks == list(range(2, 11))
+    assert all(a >= b for a, b in zip(choice.mean_intra_variance, choice.mean_intra_variance[1:]))
+    assert len(np.unique(choice.labels)) == true_k
+
+
+def test_soft_labels_are_distributions_peaked_on_own_cluster() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 0.1, (10, 2)), rng.normal(5, 0.1, (10, 2))])
+    lab = np.array([0] * 10 + [1] * 10)
+    p = soft_labels(x, lab)
+    assert np.allclose(p.sum(1), 1) and (p.argmax(1) == lab).all()
+
+
+def test_centroid_codes_majority_and_distinct() -> None:
+    bits = np.array([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 1], [1, 1, 0, 0, 0, 0, 0, 0],
+                     [0, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0, 0, 0]], np.uint8)
+    packed = np.packbits(bits, axis=1)
+    labels = np.array([0, 0, 0, 1, 1])
+    cents = centroid_codes(packed, labels, 2, 8)
+    assert np.unpackbits(cents, axis=1)[0].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert np.unpackbits(cents, axis=1)[1].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    same = centroid_codes(np.packbits(bits[:3], axis=1), np.array([0, 1, 1]), 2, 8)
+    assert not np.array_equal(same[0], same[1]), "buckets need distinct codes"
+
+
+def test_bucket_assignment_hamming_with_ties_to_lowest() -> None:
+    cents = np.packbits(np.array([[0] * 8, [1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]], np.uint8), axis=1)
+    codes = np.packbits(np.array([[0, 0, 0, 0, 0, 0, 0, 1],    # nearest 0
+                                  [1, 1, 1, 1, 1, 1, 1, 0],    # nearest 1
+                                  [1, 1, 0, 0, 0, 0, 0, 0],    # d=2 to 0 and 2 to 2 -> 0
+                                  [1, 1, 1, 1, 1, 1, 0, 0]],   # d=2 to 1 and 2 to 2 -> 1
+                                 np.uint8), axis=1)
+    assert bucket_of(codes, cents).tolist() == [0, 1, 0, 1]
+
+
+def test_map_perfect_and_random() -> None:
+    codes = np.packbits(np.array([[0] * 8] * 5 + [[1] * 8] * 5, np.uint8), axis=1)
+    labels = np.array([0] * 5 + [1] * 5)
+    assert mean_average_precision(codes, labels, codes, labels) == 1.0
+    rng = np.random.default_rng(1)
+    rand = np.packbits(rng.integers(0, 2, (200, 16)).astype(np.uint8), axis=1)
+    lab = rng.integers(0, 4, 200)
+    assert mean_average_precision(rand[:50], lab[:50], rand[50:], lab[50:]) < 0.5
+
+
+def test_search_returns_planted_neighbours(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2, (500, 32)).astype(np.uint8)
+    query = bits[123].copy()
+    for i, flips in ((7, 1), (300, 2), (450, 3)):   # planted near copies of tile 123
+        b = query.copy()
+        b[:flips] ^= 1
+        bits[i] = b
+    codes = np.packbits(bits, axis=1)
+    ImageGallery.write(tmp_path / "images.h5", codes, np.zeros(500, int),
+                       np.tile([0, 0, 64, 64], (500, 1)), np.zeros((500, 4)),
+                       np.zeros(500, int), 32, [{"name": "s0"}])
+    hits = ImageGallery(tmp_path / "images.h5").search(codes[123], k=4)
+    assert [h["tile"] for h in hits] == [123, 7, 300, 450]
+    assert [h["distance"] for h in hits] == [0, 1, 2, 3]
+    p = subprocess.run([RESFLOW, "search", str(tmp_path / "images.h5"), "--tile", "123", "-k", "4",
+                        "--json"], capture_output=True, text=True, env=env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert [h["tile"] for h in json.loads(p.stdout)["hits"]] == [123, 7, 300, 450]
+
+
+def test_model_gallery_round_trip(tiny_gallery: Path) -> None:
+    g = ModelGallery(tiny_gallery)
+    g.verify()
+    manifest = json.loads((tiny_gallery / "manifest.json").read_text())
+    assert len(g.buckets) == manifest["summary"]["k"] >= 2
+    assert 0.0 <= manifest["summary"]["hash_map"] <= 1.0
+    models = g.stage_models(torch.device("cpu"))
+    seg = models.segmenter(0)
+    assert sum(p.numel() for p in seg.parameters()) == g.buckets[0]["parameters"]
+    with torch.inference_mode():
+        assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    for b in g.buckets:
+        assert set(b["code"]) <= {"0", "1"} and len(b["code"]) == g.n_bits
+        assert (tiny_gallery / f"bucket-{b['code']}.pt").is_file()
+    assert manifest["mono"]["train_tiles"] >= max(b["train_tiles"] for b in g.buckets)
+    gal = ImageGallery(tiny_gallery / "images.h5")
+    assert len(gal.codes) == manifest["summary"]["n_tiles"]
+
+
+def test_gallery_refusals(tiny_gallery: Path, tmp_path: Path) -> None:
+    with pytest.raises(GalleryError, match="not a model gallery"):
+        ModelGallery(tmp_path)
+    bad = tmp_path / "g1"
+    shutil.copytree(tiny_gallery, bad)
+    (bad / "manifest.json").write_text("{ not json")
+    with pytest.raises(GalleryError, match="corrupted manifest"):
+        ModelGallery(bad)
+    other = tmp_path / "g2"
+    shutil.copytree(tiny_gallery, other)
+    with pytest.raises(GalleryError, match="the config asks for 'fcn_resnet'"):
+        ModelGallery(other).stage_models(torch.device("cpu"), arch="fcn_resnet").segmenter(0)
+    # Weights of another architecture under a valid checksum are refused at load time.
+    m = json.loads((other / "manifest.json").read_text())
+    m["buckets"][0]["spec"]["base_width"] = m["buckets"][0]["spec"].get("base_width", 8) * 2
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(GalleryError, match="cannot load weights"):
+        ModelGallery(other).stage_models(torch.device("cpu")).segmenter(0)
