@@ -216,6 +216,16 @@ def tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.nda
     rows, cols = grid_shape(info.width, info.height, tile_px)
     if info.nodata is None:
         return np.ones((rows, cols), np.float32)
+    try:
+        return _tile_coverage(info, tile_px, bands, rows, cols)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["read failed"])[0]
+        raise InputError(f"{info.path}: cannot read the nodata footprint ({first}); the file is "
+                         "damaged") from None
+
+
+def _tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int], rows: int,
+                   cols: int) -> np.ndarray:
     ds = _open(info.path)
     cov = np.zeros((rows, cols), np.float32)
     # Read one tile-row strip at a time so the (rows*tile_px) grid's ragged last row/col is exact.

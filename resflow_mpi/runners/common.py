@@ -118,12 +118,23 @@ def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence
     return done
 
 
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident set size (VmHWM) in MB, where /proc has it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def stats_dict(stats: PipelineStats, rank: int, wall_s: float, write_s: float,
                bytes_written: int, binding: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """One rank's figures for the run report."""
     d = asdict(stats)
     d.update({"rank": rank, "wall_s": wall_s, "write_s": write_s, "bytes_written": bytes_written,
-              "binding": binding})
+              "binding": binding, "peak_rss_mb": peak_rss_mb()})
     return d
 
 
@@ -164,6 +175,7 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
                          "busy_s_per_rank": busy,
                          "imbalance": (max(busy) / (sum(busy) / len(busy))) if busy and sum(busy) else 1.0},
         "bucket_histogram": buckets,
+        "peak_rss_mb_per_rank": [r.get("peak_rss_mb") for r in per_rank],
         "per_rank": list(per_rank),
         "config": cfg.to_dict(),
         "config_checksum": cfg.checksum(),
