@@ -6,7 +6,9 @@ processes stay light and start ranks with ``mpirun`` themselves.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import platform
@@ -17,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 PERF_DIR = REPO / "perf"
@@ -66,9 +68,13 @@ def bench_env(threads: int = 1) -> dict[str, str]:
 
 
 def mpirun(ranks: int) -> list[str]:
-    """The launcher prefix for ``ranks`` processes on this node."""
+    """The launcher prefix for ``ranks`` processes on this node.
+
+    Ranks float over the cores (``--bind-to none``, as launch/mpirun.sh does by default) unless
+    RESFLOW_PERF_BIND=core: on a shared machine a pinned rank cannot escape a busy core."""
     launcher = shutil.which("mpirun") or "mpirun"
-    return [launcher, "-n", str(ranks), "--oversubscribe"]
+    bind = os.environ.get("RESFLOW_PERF_BIND", "none")
+    return [launcher, "-n", str(ranks), "--oversubscribe", "--bind-to", bind]
 
 
 def run_command(cmd: Sequence[str], env: Optional[dict[str, str]] = None, timeout_s: float = 3600,
@@ -139,6 +145,19 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+@contextlib.contextmanager
+def cache_lock() -> Iterator[None]:
+    """Hold the cache's lock: concurrent studies (a Slurm array) must not write the same scene or
+    train the same gallery at once; the second waits and then reuses the first one's files."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 # -- workloads ----------------------------------------------------------------------------------
 @dataclass
 class Workload:
@@ -177,9 +196,14 @@ def make_workload(n_scenes: int, size_px: int, height_px: Optional[int] = None, 
                   collar: bool = False, root: Optional[Path] = None) -> Workload:
     """``n_scenes`` scenes of ``size_px`` (x ``height_px``) in one CRS, regimes taken in turn so
     tiles land in several buckets; cached under perf/results/cache/workloads (kept when valid)."""
+    with cache_lock():
+        return _make_workload(n_scenes, size_px, height_px or size_px, seed, collar, root)
+
+
+def _make_workload(n_scenes: int, size_px: int, height_px: int, seed: int, collar: bool,
+                   root: Optional[Path]) -> Workload:
     from resflow_mpi.synth import REGIME_ORDER, REGIMES, SceneSpec, scene_is_complete, \
         scene_paths, write_scene
-    height_px = height_px or size_px
     name = f"w{n_scenes}x{size_px}x{height_px}-s{seed}" + ("-collar" if collar else "")
     out = (root or CACHE_DIR / "workloads") / name
     entries, scenes = [], []
@@ -220,7 +244,11 @@ def ensure_gallery(gallery: Optional[str | Path] = None, log: bool = True) -> Pa
     if gallery:
         gallery_manifest(Path(gallery))
         return Path(gallery).resolve()
-    cached = CACHE_DIR / "gallery"
+    with cache_lock():
+        return _train_gallery(CACHE_DIR / "gallery", log)
+
+
+def _train_gallery(cached: Path, log: bool) -> Path:
     if (cached / "manifest.json").is_file():
         return cached
     from resflow_mpi.synth import synth_archive

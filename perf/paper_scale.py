@@ -123,6 +123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scene-dir", type=Path, default=bk.CACHE_DIR / "paper_scale")
     p.add_argument("--delete-scene", action="store_true", help="remove the scene afterwards")
     p.add_argument("--keep-output", action="store_true", help="keep masks.h5 and the mask GeoTIFF")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for the run (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny scene (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = bk.run_config(args.out / "run.yaml", [str(image)], gallery, args.out / "run",
                         args.tile_px, args.halo_px, args.batch_size)
     wrapper = [bk.PYTHON, str(bk.PERF_DIR / "rss_wrapper.py"), "--rss-dir", str(rss_dir), "--"]
-    run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks, wrapper=wrapper, timeout_s=6 * 3600)
+    run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks, wrapper=wrapper, sets=args.set,
+                        timeout_s=6 * 3600)
     result["run"] = run.summary()
     rep = run.report
     result["per_rank_export_s"] = [r.get("export_s") for r in rep["per_rank"]]

@@ -134,6 +134,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=1, help="runs per cell; the fastest is kept")
     p.add_argument("--gallery", default=None, help="model gallery (default: cached benchmark one)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every run, e.g. parallel.policy=dynamic (repeatable)")
     p.add_argument("--out", type=Path, default=bk.default_out("scaling"))
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="join scaling-<mode>.json files of earlier runs instead of measuring")
@@ -163,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 args.out / "run", args.tile_px, args.halo_px, args.batch_size)
             best: Optional[bk.EngineRun] = None
             for _ in range(args.repeats):
-                run = bk.run_engine(cfg, args.out / "run", ranks=n)
+                run = bk.run_engine(cfg, args.out / "run", ranks=n, sets=args.set)
                 if best is None or run.wall_s < best.wall_s:
                     best = run
             assert best is not None

@@ -129,6 +129,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--collar", action="store_true", help="scenes with a nodata collar")
     p.add_argument("--no-spark", action="store_true", help="leave the Spark engine out")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for both engines, e.g. parallel.policy=dynamic")
     p.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -141,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result.update({"workload": wl.to_dict(), "cores": args.cores})
     cfg = bk.run_config(args.out / "run.yaml", wl.scenes, gallery, args.out / "mpi",
                         args.tile_px, args.halo_px, args.batch_size)
-    mpi = bk.run_engine(cfg, args.out / "mpi", ranks=args.cores)
+    mpi = bk.run_engine(cfg, args.out / "mpi", ranks=args.cores, sets=args.set)
     result["mpi"] = {**mpi.summary(), "processes": args.cores, "threads": 1}
     print(f"[side_by_side] mpi: {mpi.command_wall_s:.1f} s ({mpi.wall_s:.1f} s in process)", flush=True)
     spark: dict[str, Any]
@@ -150,7 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         spark = {"error": why}
     else:
         try:
-            run = bk.run_engine(cfg, args.out / "spark", ranks=args.cores, engine="spark")
+            run = bk.run_engine(cfg, args.out / "spark", ranks=args.cores, engine="spark",
+                                sets=args.set)
             spark = {**run.summary(), "processes": f"local[{args.cores}]", "threads": 1}
         except bk.BenchError as exc:
             spark = {"error": str(exc)[-3000:]}

@@ -99,11 +99,11 @@ def plot(result: dict[str, Any], png: Path) -> None:
 
 
 def measure(gallery: Path, workload: bk.Workload, out: Path, ranks: int, tile_px: int, halo_px: int,
-            batch_size: int) -> bk.EngineRun:
-    """Run the workload once with the MPI engine (1 thread per rank)."""
+            batch_size: int, sets: Sequence[str] = ()) -> bk.EngineRun:
+    """Run the workload once with the MPI engine (1 thread per rank, config overrides ``sets``)."""
     cfg = bk.run_config(out / "run.yaml", workload.scenes, gallery, out / "run", tile_px, halo_px,
                         batch_size)
-    return bk.run_engine(cfg, out / "run", ranks=ranks)
+    return bk.run_engine(cfg, out / "run", ranks=ranks, sets=sets)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -118,6 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--halo-px", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--report", type=Path, default=None, help="analyse this run_report.json instead")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for the run, e.g. parallel.policy=dynamic (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -130,7 +132,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         gallery = bk.ensure_gallery(args.gallery)
         wl = bk.make_workload(args.scenes, args.size)
-        run = measure(gallery, wl, args.out, args.ranks, args.tile_px, args.halo_px, args.batch_size)
+        run = measure(gallery, wl, args.out, args.ranks, args.tile_px, args.halo_px, args.batch_size,
+                      args.set)
         report = run.report
         result["workload"] = wl.to_dict()
         result["run"] = run.summary()

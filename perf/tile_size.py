@@ -47,6 +47,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--halo-px", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config override for every run (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
@@ -60,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for tile in args.tile_sizes:
         cfg = bk.run_config(args.out / f"run-{tile}.yaml", wl.scenes, gallery, args.out / "run",
                             tile, args.halo_px, args.batch_size)
-        run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks)
+        run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks, sets=args.set)
         t = run.report["throughput"]
         rows.append({"tile_px": tile, "input_px": tile + 2 * args.halo_px, "tiles": run.report["tiles"],
                      "wall_s": run.wall_s, "command_wall_s": run.command_wall_s,

@@ -124,6 +124,8 @@ class TrainingConfig:
     val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
     k_min: int = _f(2, "Smallest bucket count tried.", min=1)
     k_max: int = _f(10, "Largest bucket count tried.", min=1)
+    k_min_drop: float = _f(0.2, "Elbow rule: the largest k whose added cluster cut the average "
+                                "intra-cluster variance by more than this fraction.")
     cem_epochs: int = _f(30, "Autoencoder epochs for the feature extractor.", min=1)
     hash_epochs: int = _f(60, "Hash-network epochs.", min=1)
     seg_epochs: int = _f(12, "Epochs per segmentation model (Mono gets the same).", min=1)

@@ -27,12 +27,14 @@ def mean_intra_cluster_variance(x: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
-def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward") -> ClusterChoice:
+def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward",
+             min_drop: float = 0.2) -> ClusterChoice:
     """Cluster ``x`` for every k in [k_min, k_max]; pick the elbow of the variance curve.
 
-    Intra-cluster variance always falls as k grows; the bucket count is where it stops falling
-    steeply: the k with the largest drop ratio V(k-1) / V(k) (V(k_min - 1) is computed too, so
-    k_min can win). Well-separated groups give a sharp peak at their true number.
+    The curve is the paper's average intra-cluster variance V(k). The bucket count is the largest
+    k whose added cluster still cut V by more than ``min_drop`` (V(k-1) / V(k) > 1 + min_drop);
+    past the elbow, splitting a real group only trims noise (a few percent per step). V(k_min - 1)
+    is computed too, so k_min itself can be chosen; with no significant drop at all, k_min wins.
     """
     k_max = min(k_max, len(x) - 1)
     k_lo = max(2, k_min)
@@ -47,7 +49,8 @@ def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward") -> Cl
         var[k] = mean_intra_cluster_variance(x, lab)
     ks = list(range(k_lo, k_max + 1))
     ratio = [var[k - 1] / max(var[k], 1e-12) for k in ks]
-    best = ks[int(np.argmax(ratio))]
+    significant = [k for k, r in zip(ks, ratio) if r > 1.0 + min_drop]
+    best = max(significant) if significant else k_lo
     return ClusterChoice(best, labels_by_k[best], ks, [var[k] for k in ks], ratio)
 
 

@@ -19,6 +19,18 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
     return bce + dice
 
 
+def photometric_jitter(x: torch.Tensor, rng: np.random.Generator, gain: float = 0.15,
+                       offset: float = 0.06, noise: float = 0.02) -> torch.Tensor:
+    """Per-sample, per-band gain/offset and noise: the acquisition differences (sensor, haze,
+    season) between scenes of one bucket and unseen scenes, so narrow bucket models do not
+    overfit the exact radiometry of their training scenes."""
+    n, c = x.shape[:2]
+    g = torch.from_numpy(rng.uniform(1 - gain, 1 + gain, (n, c, 1, 1)).astype(np.float32))
+    o = torch.from_numpy(rng.uniform(-offset, offset, (n, c, 1, 1)).astype(np.float32))
+    z = torch.from_numpy(rng.normal(0, noise, x.shape).astype(np.float32))
+    return x * g + o + z
+
+
 def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int,
                     lr: float, seed: int, augment: bool = True) -> list[float]:
     """``steps`` Adam steps on random batches (flips/rot90 augmentation); returns the loss curve."""
@@ -39,6 +51,7 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
             xb, yb = torch.rot90(xb, k, (2, 3)), torch.rot90(yb, k, (2, 3))
             if rng.random() < 0.5:
                 xb, yb = xb.flip(3), yb.flip(3)
+            xb = photometric_jitter(xb, rng)
         valid = (yb != 255).float()
         target = (yb == 1).float()
         loss = dice_bce_loss(model(xb.contiguous(memory_format=torch.channels_last)), target, valid)

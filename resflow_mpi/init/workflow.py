@@ -136,7 +136,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                               tr.lr, tr.seed)
         fmaps, emb = embed_all(extractor, tiles.x)
         z = (emb - emb[~is_val].mean(0)) / (emb[~is_val].std(0) + 1e-6)
-        choice = choose_k(z[~is_val], tr.k_min, tr.k_max)
+        choice = choose_k(z[~is_val], tr.k_min, tr.k_max, min_drop=tr.k_min_drop)
         k = choice.k
         labels = np.empty(n, int)
         labels[~is_val] = choice.labels

@@ -34,7 +34,8 @@ def confined(out_dir: str | Path, name: str) -> Path:
 
 def _creation_options(kind: str) -> list[str]:
     if kind == "cog":
-        return ["COMPRESS=DEFLATE", "BLOCKSIZE=512", "OVERVIEWS=AUTO", "NUM_THREADS=1"]
+        return ["COMPRESS=DEFLATE", "BLOCKSIZE=512", "OVERVIEWS=AUTO", "RESAMPLING=NEAREST",
+                "NUM_THREADS=1"]  # labels: overviews must not blend classes
     return ["TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
 
 
