@@ -9,6 +9,8 @@ code, writer rank, done flag). Variants:
   collective   every rank writes its own blocks, collective mpio (the static policy's default)
   independent  every rank writes its own blocks, independent mpio (the dynamic policy's default)
   gather       blocks are sent to rank 0, which writes them all (the paper's serial merge)
+  mask_only    as collective, but only the mask blocks (no per-tile records): splits the cost of
+               the records from that of the pixels
   sequential   rank 0 writes the same number of bytes to a plain file, sequentially
 
 Each variant's time runs from the first write to the file being closed and fsync'ed (so the bytes
@@ -32,7 +34,7 @@ from typing import Any, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # resflow_mpi without installing
 import benchkit as bk  # noqa: E402
 
-VARIANTS = ("collective", "independent", "gather", "sequential")
+VARIANTS = ("collective", "independent", "gather", "mask_only", "sequential")
 
 
 def fsync_path(path: Path) -> None:
@@ -68,6 +70,44 @@ def _store_variant(variant: str, comm: Any, path: Path, info: Any, results: list
                 store.write_results([r for part in parts for r in part], collective=False)
     store.flush()
     store.close()
+    if rank == 0:
+        fsync_path(path)
+    comm.Barrier()
+    return time.perf_counter() - t0
+
+
+def _mask_only(comm: Any, path: Path, info: Any, results: list, args: Any) -> float:
+    """Collective tile-block writes into a tile-chunked uint8 dataset, nothing else."""
+    import h5py
+    import numpy as np
+    from mpi4py import MPI
+    rank = comm.Get_rank()
+    with h5py.File(path, "w", driver="mpio", comm=comm) as f:
+        chunk = (min(args.tile_px, info.height), min(args.tile_px, info.width))
+        dset = f.create_dataset("mask", (info.height, info.width), np.uint8, chunks=chunk,
+                                fillvalue=0)
+        bs = args.batch_size
+        rounds = comm.allreduce(-(-len(results) // bs), op=MPI.MAX)
+        dxpl = h5py.h5p.create(h5py.h5p.DATASET_XFER)
+        dxpl.set_dxpl_mpio(h5py.h5fd.MPIO_COLLECTIVE)
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for k in range(rounds):
+            buf = results[k * bs:(k + 1) * bs]
+            n = comm.allreduce(len(buf), op=MPI.MAX)
+            for i in range(n):
+                fspace = dset.id.get_space()
+                if i < len(buf):
+                    o = buf[i].tile.owned
+                    fspace.select_hyperslab((o.row, o.col), (o.height, o.width))
+                    mspace = h5py.h5s.create_simple((o.height, o.width))
+                    block = np.ascontiguousarray(buf[i].mask)
+                else:
+                    fspace.select_none()
+                    mspace = h5py.h5s.create_simple((1, 1))
+                    mspace.select_none()
+                    block = np.zeros((1, 1), np.uint8)
+                dset.id.write(mspace, fspace, block, dxpl=dxpl)
     if rank == 0:
         fsync_path(path)
     comm.Barrier()
@@ -122,6 +162,8 @@ def worker(args: argparse.Namespace) -> None:
             path = scratch / f"{variant}.{'bin' if variant == 'sequential' else 'h5'}"
             if variant == "sequential":
                 t = _sequential(comm, path, args.width * args.height)
+            elif variant == "mask_only":
+                t = _mask_only(comm, path, info, results, args)
             else:
                 t = _store_variant(variant, comm, path, info, results, args)
             times[variant].append(t)

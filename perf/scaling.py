@@ -178,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "per_rank_km2": wl.area_km2 / (n if args.mode == "weak" else 1),
                          "wall_s": best.wall_s, "command_wall_s": best.command_wall_s,
                          "tiles": r["tiles"], "throughput": r["throughput"],
+                         "stage_s_total": r["stage_s_total"],
                          "load_balance": r["load_balance"], "command": best.command})
             print(f"[scaling-{args.mode}] {column[0]}: {n} rank(s) {best.wall_s:.2f} s "
                   f"({r['throughput']['tiles_per_s']:.1f} tiles/s)", flush=True)

@@ -16,7 +16,7 @@ from ..tiling import Tile, Window, grid_shape
 
 gdal.UseExceptions()
 # Bounded GDAL block cache per process (MB): reading is by window; the cache never needs a scene.
-gdal.SetCacheMax(int(os.environ.get("RESFLOW_GDAL_CACHE_MB", "256")) * 1024 * 1024)
+gdal.SetCacheMax(int(os.environ.get("RESFLOW_GDAL_CACHE_MB", "64")) * 1024 * 1024)
 
 SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 

@@ -145,7 +145,7 @@ def run_mpi(cfg: RunConfig, comm: Any, restart: bool = False, quiet: bool = Fals
     # -- compute and write ------------------------------------------------------------------
     stages = TileStages(gallery.stage_models(device, cfg.models.arch, cfg.models.preset), device,
                         bs, cfg.inference.threshold, cfg.inference.channels_last,
-                        cfg.inference.mixed_precision)
+                        cfg.inference.mixed_precision, cfg.inference.compile)
     proc = TileProcessor(scenes, cfg, stages)
     try:
         results = proc.process(source)
@@ -155,9 +155,12 @@ def run_mpi(cfg: RunConfig, comm: Any, restart: bool = False, quiet: bool = Fals
         progress = ProgressPrinter(total, km2_per_tile) if rank == 0 and not quiet else None
         write_s = 0.0
         exhausted = False
+        # Tiles per write round: collective rounds are lock-step points, so a round spans several
+        # batches (masks are small: memory stays bounded by tile and batch size).
+        round_tiles = bs * cfg.parallel.write_round_batches
         while True:
             buf: list[TileResult] = []
-            while not exhausted and len(buf) < bs:
+            while not exhausted and len(buf) < round_tiles:
                 r = next(results, None)
                 if r is None:
                     exhausted = True

@@ -206,7 +206,8 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
                 stages = TileStages(gallery.stage_models(device, cfg.models.arch,
                                                          cfg.models.preset),
                                     device, cfg.inference.batch_size, cfg.inference.threshold,
-                                    cfg.inference.channels_last, cfg.inference.mixed_precision)
+                                    cfg.inference.channels_last, cfg.inference.mixed_precision,
+                                    cfg.inference.compile)
                 processor = TileProcessor(job.scenes, cfg, stages)
                 stats = processor.stats
                 for result in processor.process(list_source(todo, cfg.inference.batch_size)):
