@@ -351,6 +351,19 @@ def run_engine(config: Path, out_dir: Path, ranks: int = 2, engine: str = "mpi",
     return EngineRun(engine, ranks, report, wall_s, shell_line(cmd), out_dir)
 
 
+def rss_wrapper(rss_dir: Path) -> list[str]:
+    """Prefix that runs each rank under perf/rss_wrapper.py (peak RSS and CPU seconds per rank)."""
+    for old in Path(rss_dir).glob("rss-rank*.json"):
+        old.unlink()
+    return [PYTHON, str(PERF_DIR / "rss_wrapper.py"), "--rss-dir", str(rss_dir), "--"]
+
+
+def read_rss(rss_dir: Path) -> list[dict[str, Any]]:
+    """The per-rank records rss_wrapper.py wrote, by rank."""
+    return sorted((json.loads(p.read_text()) for p in Path(rss_dir).glob("rss-rank*.json")),
+                  key=lambda r: r["rank"])
+
+
 def mask_outputs(out_dir: Path) -> list[Path]:
     """The exported mask GeoTIFFs of a run, in scene order."""
     return sorted(p for p in Path(out_dir).glob("*_mask.tif"))

@@ -40,7 +40,12 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the segmenter")
     p.add_argument("--work", default="/tmp/resflow-gpu-e2e")
     p.add_argument("--out", default="perf/results/gpu_e2e")
+    p.add_argument("--procs", type=int, default=1,
+                   help="processes sharing the GPU (as ranks per GPU would), tiles split cyclically")
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.procs > 1 and a.part is None:
+        return run_parts(a)
 
     import h5py
     import torch
@@ -77,6 +82,8 @@ def main() -> int:
     models = StageModels(ext, head, cents, lambda b: seg)
     stages = TileStages(models, device, a.batch_size, 0.5, True, True, compile_models=a.compile)
     tiles = list(tile_grid(0, w, h, a.tile_px, a.halo_px))
+    me, nparts = (int(v) for v in a.part.split("/")) if a.part else (0, 1)
+    tiles = tiles[me::nparts]
     # -- reader thread ------------------------------------------------------------------------
     q: "queue.Queue" = queue.Queue(maxsize=3)
     read_s = [0.0]
@@ -96,7 +103,7 @@ def main() -> int:
             q.put((tiles[i:i + a.batch_size], np.stack(xs)))
         q.put(None)
 
-    f = h5py.File(work / "masks.h5", "w")
+    f = h5py.File(work / f"masks-{me}.h5", "w")
     dset = f.create_dataset("mask", (h, w), np.uint8, chunks=(min(a.tile_px, h), min(a.tile_px, w)))
     # warm-up (cudnn autotune) on one batch, not timed
     side = a.tile_px + 2 * a.halo_px
@@ -107,7 +114,12 @@ def main() -> int:
     torch.cuda.synchronize() if device.type == "cuda" else None
     stages.times.embed = stages.times.hash = stages.times.segment = 0.0
     write_s = 0.0
+    if nparts > 1:  # file barrier: every process starts timing when all have warmed up
+        (work / f"ready-{me}").touch()
+        while not (work / "go").exists():
+            time.sleep(0.01)
     t_start = time.perf_counter()
+    t_start_epoch = time.time()
     th = threading.Thread(target=reader, daemon=True)
     th.start()
     bq = BucketQueues(stages)
@@ -130,6 +142,7 @@ def main() -> int:
         if item is None:
             break
         batch, x = item
+        x = stages.on_device(x)
         _, codes, buckets = stages.embed_and_hash(x)
         pend = [PendingTile(t, xi, c, int(b)) for t, xi, c, b in zip(batch, x, codes, buckets)]
         done = list(bq.push(pend))
@@ -139,7 +152,7 @@ def main() -> int:
     write_s += write(done)
     f.close()
     wall = time.perf_counter() - t_start
-    mpx = h * w / 1e6
+    mpx = sum(t.owned.width * t.owned.height for t in tiles) / 1e6
     res = {
         "compile": a.compile,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -154,6 +167,48 @@ def main() -> int:
         "not_included": "GDAL DEFLATE decoding and MPI (no GDAL on this machine)",
     }
     res["ratio_vs_paper_per_gpu"] = res["mpixel_per_s"] / 2.9
+    res.update({"start_epoch": t_start_epoch, "end_epoch": time.time(), "mpixels": mpx})
+    name = f"gpu_e2e-part{me}.json" if a.part else "gpu_e2e.json"
+    (out / name).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def run_parts(a: argparse.Namespace) -> int:
+    """Start ``--procs`` copies on one GPU, release them together, aggregate their figures."""
+    import subprocess
+    work, out = Path(a.work), Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in list(work.glob("ready-*")) + [work / "go"]:
+        f.unlink(missing_ok=True)
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--procs")
+    del argv[i:i + 2]
+    # The scene file is made once, before the copies start.
+    subprocess.run([sys.executable, __file__, *argv, "--part", "0/1", "--scene-px", str(a.scene_px),
+                    "--out", str(out / "prep")], check=True, stdout=subprocess.DEVNULL)
+    (work / "go").unlink(missing_ok=True)
+    for f in work.glob("ready-*"):
+        f.unlink()
+    procs = [subprocess.Popen([sys.executable, __file__, *argv, "--part", f"{k}/{a.procs}"],
+                              stdout=subprocess.DEVNULL) for k in range(a.procs)]
+    while len(list(work.glob("ready-*"))) < a.procs:
+        if any(p.poll() not in (None, 0) for p in procs):
+            raise SystemExit("a copy failed")
+        time.sleep(0.05)
+    go = time.time()
+    (work / "go").touch()
+    for p in procs:
+        p.wait()
+    parts = [json.loads((out / f"gpu_e2e-part{k}.json").read_text()) for k in range(a.procs)]
+    wall = max(q["end_epoch"] for q in parts) - go
+    mpx = sum(q["mpixels"] for q in parts)
+    res = {**{k: v for k, v in parts[0].items() if k not in ("stage_s", "wall_s", "tiles")},
+           "procs_per_gpu": a.procs, "wall_s": wall, "mpixels": mpx, "mpixel_per_s": mpx / wall,
+           "tiles_per_s": sum(q["tiles"] for q in parts) / wall,
+           "km2_per_s_at_0.5m": mpx * 0.25 / wall, "ratio_vs_paper_per_gpu": mpx / wall / 2.9,
+           "per_process": [{k: q[k] for k in ("tiles", "wall_s", "stage_s")} for q in parts]}
     (out / "gpu_e2e.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return 0

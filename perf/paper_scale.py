@@ -147,18 +147,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"[paper_scale] scene {args.width}x{args.height}: generated in {gen_s:.0f} s"
           + (" (cached)" if reused else ""), flush=True)
     rss_dir = args.out / "rss"
-    for old in rss_dir.glob("rss-rank*.json"):
-        old.unlink()
     cfg = bk.run_config(args.out / "run.yaml", [str(image)], gallery, args.out / "run",
                         args.tile_px, args.halo_px, args.batch_size)
-    wrapper = [bk.PYTHON, str(bk.PERF_DIR / "rss_wrapper.py"), "--rss-dir", str(rss_dir), "--"]
-    run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks, wrapper=wrapper, sets=args.set,
+    run = bk.run_engine(cfg, args.out / "run", ranks=args.ranks, wrapper=bk.rss_wrapper(rss_dir),
+                        sets=args.set,
                         timeout_s=6 * 3600)
     result["run"] = run.summary()
     rep = run.report
     result["per_rank_export_s"] = [r.get("export_s") for r in rep["per_rank"]]
-    result["peak_rss_per_rank"] = sorted((json.loads(f.read_text()) for f in rss_dir.glob("rss-rank*.json")),
-                                         key=lambda r: r["rank"])
+    result["peak_rss_per_rank"] = bk.read_rss(rss_dir)
     masks = bk.mask_outputs(args.out / "run")
     result["verification"] = window_iou(masks[0], truth, args.windows, args.window_px, args.seed)
     full_px = PAPER_WIDTH_PX * PAPER_HEIGHT_PX

@@ -7,7 +7,10 @@ One torch thread per rank. Times are the run report's wall_s (inside the job: in
 start-up excluded; the command's own wall time is kept too). Speed-up and efficiency are taken
 against the smallest rank count measured (1 unless told otherwise):
 strong speed-up S = T(b)/T(N), efficiency S*b/N; weak efficiency T(b)/T(N), scaled speed-up
-(N/b)*T(b)/T(N).
+(N/b)*T(b)/T(N). Each rank runs under perf/rss_wrapper.py, so every run also records per-rank CPU
+seconds: a CPU share below 1 means a rank waited (for MPI, or for a core that other work held), and
+cpu_work_efficiency (CPU seconds at the baseline / at N) separates the job's own overhead from a
+busy machine.
 
 ``--ranks 1,2,4`` measures several counts; a single ``--ranks N`` measures one (one Slurm array
 task, launch/slurm-scaling-array.sbatch); ``--merge A.json B.json ...`` joins such results into
@@ -57,6 +60,11 @@ def add_speedups(mode: str, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             run["speedup"] = ratio * n
             run["efficiency"] = ratio
         run["speedup_vs_baseline"] = ratio if mode == "strong" else ratio * n / b
+        if "cpu_run_s_total" in run and "cpu_run_s_total" in base:
+            # CPU seconds do not grow when other users' work slows the ranks down, only when the
+            # job itself does more work (start-up, waiting in MPI, contention for memory).
+            work = base["cpu_run_s_total"] * (n / b if mode == "weak" else 1.0)
+            run["cpu_work_efficiency"] = work / run["cpu_run_s_total"]
     return runs
 
 
@@ -76,12 +84,16 @@ def markdown_table(mode: str, runs: list[dict[str, Any]]) -> str:
         cells = [str(n)]
         for col in columns:
             r = by.get((n, col))
+            share = r and r.get("cpu_share_per_rank")
             cells.append("-" if r is None else
-                         f"{r['wall_s']:.1f} s (S {r['speedup']:.2f}, E {r['efficiency']:.2f})")
+                         f"{r['wall_s']:.1f} s (S {r['speedup']:.2f}, E {r['efficiency']:.2f}"
+                         + (f", CPU share {sum(share) / len(share):.2f}" if share else "") + ")")
         lines.append("| " + " | ".join(cells) + " |")
     note = ("S = speed-up T(1)/T(N), E = S/N" if mode == "strong"
             else "S = scaled speed-up N*T(1)/T(N), E = T(1)/T(N)")
-    return "\n".join(lines) + f"\n\n{note}; T = run report wall_s, 1 torch thread per rank.\n"
+    return "\n".join(lines) + (f"\n\n{note}; T = run report wall_s, 1 torch thread per rank; CPU "
+                                "share = a rank's CPU seconds / its wall seconds (below 1: the "
+                                "rank waited, for MPI or for a core other work held).\n")
 
 
 def plot(mode: str, runs: list[dict[str, Any]], png: Path) -> None:
@@ -157,6 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(result["table_markdown"])
         return 0
     gallery = bk.ensure_gallery(args.gallery)
+    rss_dir = args.out / "rss"
     runs = []
     for size in args.sizes:
         for n in args.ranks:
@@ -165,10 +178,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                 args.out / "run", args.tile_px, args.halo_px, args.batch_size)
             best: Optional[bk.EngineRun] = None
             for _ in range(args.repeats):
-                run = bk.run_engine(cfg, args.out / "run", ranks=n, sets=args.set)
+                run = bk.run_engine(cfg, args.out / "run", ranks=n, sets=args.set,
+                                    wrapper=bk.rss_wrapper(rss_dir))
+                run.extra["rank_usage"] = bk.read_rss(rss_dir)
                 if best is None or run.wall_s < best.wall_s:
                     best = run
             assert best is not None
+            usage = best.extra["rank_usage"]
             r = best.report
             column = (f"{args.scenes} x {size}px" + (" per rank" if args.mode == "weak" else ""),
                       size)
@@ -179,6 +195,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          "wall_s": best.wall_s, "command_wall_s": best.command_wall_s,
                          "tiles": r["tiles"], "throughput": r["throughput"],
                          "stage_s_total": r["stage_s_total"],
+                         "cpu_run_s_per_rank": [u["cpu_run_s"] for u in usage],
+                         "cpu_share_per_rank": [u["cpu_run_s"] / u["wall_run_s"] for u in usage],
+                         "cpu_run_s_total": sum(u["cpu_run_s"] for u in usage),
+                         "peak_rss_mib_per_rank": [u["vmhwm_kb"] / 1024 for u in usage],
                          "load_balance": r["load_balance"], "command": best.command})
             print(f"[scaling-{args.mode}] {column[0]}: {n} rank(s) {best.wall_s:.2f} s "
                   f"({r['throughput']['tiles_per_s']:.1f} tiles/s)", flush=True)

@@ -27,7 +27,6 @@ import benchkit as bk
 
 def compare_masks(a: Path, b: Path, rows_per_block: int = 1024) -> dict[str, Any]:
     """Pixel agreement of two mask GeoTIFFs (0/1, 255 nodata), streamed by row blocks."""
-    import numpy as np
     from osgeo import gdal
     gdal.UseExceptions()
     da, db = gdal.Open(str(a)), gdal.Open(str(b))

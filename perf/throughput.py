@@ -5,7 +5,8 @@ Maps a synthetic workload with ``mpirun -n RANKS resflow run`` (1 torch thread p
 its run_report.json into rates: Mpixel/s, tiles/s, km2/s and GB/s end to end, and the rate each
 stage (read, embed, hash, segment, write, export) would sustain if it were the only work (pixels
 handled / seconds spent in that stage); the job's rate for a stage is all pixels / the slowest
-rank's seconds in it, since ranks run side by side. ``--report`` analyses an existing run_report.json instead of running.
+rank's seconds in it, since ranks run side by side. ``--report`` analyses an existing
+run_report.json instead of running.
 
 Outputs (in --out, default perf/results/throughput/): throughput.json, throughput.png.
 """

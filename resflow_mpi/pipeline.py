@@ -150,7 +150,7 @@ class TileProcessor:
             return
         bs = self.stages.batch_size
         for i in range(0, len(work), bs):
-            x = batch.x[i:i + bs]
+            x = self.stages.on_device(batch.x[i:i + bs])  # uploaded once on a GPU
             _, codes, buckets = self.stages.embed_and_hash(x)
             self.stats.tiles_computed += len(x)
             pend = [PendingTile(item, xi, c, int(b))

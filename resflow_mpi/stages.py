@@ -79,21 +79,33 @@ class TileStages:
             if channels_last:
                 m.to(memory_format=torch.channels_last)
 
-    def _prepare(self, x: np.ndarray) -> torch.Tensor:
-        """(n, C, S, S) float32 -> padded (batch_size, C, S, S) tensor on the device."""
+    def _prepare(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(n, C, S, S) float32 (numpy, or a tensor already on the device) -> zero-padded
+        (batch_size, C, S, S) tensor on the device."""
         n = x.shape[0]
         if n > self.batch_size:
             raise ValueError(f"batch of {n} tiles exceeds batch_size {self.batch_size}")
+        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True)
         if n < self.batch_size:
-            x = np.concatenate([x, np.zeros((self.batch_size - n,) + x.shape[1:], x.dtype)])
-        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device, non_blocking=True)
+            t = torch.cat([t, t.new_zeros((self.batch_size - n,) + tuple(t.shape[1:]))])
         return t.contiguous(memory_format=self.memory_format)
+
+    def on_device(self, x: np.ndarray) -> torch.Tensor | np.ndarray:
+        """The batch as the segmentation stage will want it: uploaded once on a GPU (so the
+        per-bucket queues hold device tensors), unchanged on CPU."""
+        if self.device.type != "cuda":
+            return x
+        t = torch.from_numpy(np.ascontiguousarray(x)).pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def _autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
 
     @torch.inference_mode()
-    def embed_and_hash(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def embed_and_hash(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stages 1-2: embeddings (n, D), packed codes (n, K) uint8 and bucket indices (n,)."""
         import time
         n = x.shape[0]
@@ -120,7 +132,7 @@ class TileStages:
         return self._compiled[bucket]
 
     @torch.inference_mode()
-    def segment(self, bucket: int, x: np.ndarray) -> np.ndarray:
+    def segment(self, bucket: int, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Stage 3: building probabilities (n, S, S) float32 with bucket ``bucket``'s model."""
         import time
         n = x.shape[0]
@@ -138,7 +150,7 @@ class PendingTile:
     """A tile waiting in its bucket's queue: its input and what stages 1-2 said about it."""
 
     item: Any
-    x: np.ndarray
+    x: Any                  # (C, S, S) numpy array, or a tensor on the GPU
     code: np.ndarray
     bucket: int
 
@@ -166,7 +178,9 @@ class BucketQueues:
 
     def _run(self, bucket: int) -> Iterator[tuple[PendingTile, np.ndarray]]:
         q, self.queues[bucket] = self.queues[bucket], []
-        prob = self.stages.segment(bucket, np.stack([t.x for t in q]))
+        xs = [t.x for t in q]
+        batch = torch.stack(xs) if isinstance(xs[0], torch.Tensor) else np.stack(xs)
+        prob = self.stages.segment(bucket, batch)
         yield from zip(q, prob)
 
     def __len__(self) -> int:

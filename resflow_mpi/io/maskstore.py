@@ -207,17 +207,35 @@ class MaskStore:
                 if self.save_probabilities:
                     self._write_block(g["prob"], r.tile if mine else None,
                                       r.prob if mine else None, collective)
-        for r in results:  # small per-tile records, independent I/O, after the pixels
-            g = self._groups[r.tile.scene]
-            idx = r.tile.index
-            self._write_rows(g["bucket"], idx, np.array([r.bucket], np.int16), False)
-            self._write_rows(g["writer_rank"], idx, np.array([self.rank], np.int16), False)
-            self._write_rows(g["code"], idx, r.code[None, :].astype(np.uint8), False)
+        # Small per-tile records: one independent write per dataset and scene for the whole
+        # round (a point/row selection), after the pixels; the done flags last.
+        by_scene: dict[int, list[TileResult]] = {}
+        for r in results:
+            by_scene.setdefault(r.tile.scene, []).append(r)
             self.bytes_written += r.mask.nbytes + (r.prob.nbytes if r.prob is not None else 0)
             self.tiles_written += 1
-        for r in results:
-            self._write_rows(self._groups[r.tile.scene]["done"], r.tile.index,
-                             np.array([1], np.uint8), False)
+        for scene, rs in by_scene.items():
+            rs = sorted(rs, key=lambda r: r.tile.index)  # file order = buffer order
+            idx = np.array([r.tile.index for r in rs], np.int64)
+            g = self._groups[scene]
+            self._write_points(g["bucket"], idx, np.array([r.bucket for r in rs], np.int16))
+            self._write_points(g["writer_rank"], idx, np.full(len(rs), self.rank, np.int16))
+            self._write_points(g["code"], idx, np.stack([r.code for r in rs]).astype(np.uint8))
+        for scene, rs in by_scene.items():
+            idx = np.array(sorted(r.tile.index for r in rs), np.int64)
+            self._write_points(self._groups[scene]["done"], idx, np.ones(len(idx), np.uint8))
+
+    def _write_points(self, dset: h5py.Dataset, idx: np.ndarray, rows: np.ndarray) -> None:
+        """Independent write of rows ``idx`` (ascending) of a 1-D or 2-D dataset in one call."""
+        fspace = dset.id.get_space()
+        fspace.select_none()
+        width = tuple(dset.shape[1:])
+        for i in idx:  # union of row hyperslabs; HDF5 walks it in file (ascending) order
+            fspace.select_hyperslab((int(i),) + (0,) * len(width), (1,) + width,
+                                    op=h5py.h5s.SELECT_OR)
+        mspace = h5py.h5s.create_simple((len(idx),) + width)
+        dset.id.write(mspace, fspace, np.ascontiguousarray(rows, dtype=dset.dtype),
+                      dxpl=_dxpl(False))
 
     # -- state ---------------------------------------------------------------------------------
     def done_mask(self, scene: int) -> np.ndarray:
