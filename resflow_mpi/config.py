@@ -55,8 +55,9 @@ class TilingConfig:
 class NormalizationConfig:
     """How raw pixel values become network inputs."""
 
-    mode: Literal["range", "configured"] = _f("range", "range: divide by value_max; configured: "
-                                                       "(x - mean) / std per band.")
+    mode: Literal["range", "configured", "scene"] = _f(
+        "range", "range: divide by value_max; configured: (x - mean) / std per band; scene: "
+                 "(x - mean) / std with each scene's own band statistics (sampled once).")
     value_max: Optional[float] = _f(None, "Divisor for mode=range (null: 255 for uint8, 2047 "
                                           "for uint16, an 11-bit sensor range).")
     mean: list[float] = _f([], "Per-band means for mode=configured.")

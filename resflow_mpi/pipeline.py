@@ -10,7 +10,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -84,7 +84,7 @@ class TileProcessor:
             info = self.scenes[task.tile.scene]
             raw, ok = self._reader(task.tile.scene).read_tile(task.tile)
             nbytes += raw.nbytes
-            xs.append(normalize(raw, info.dtype, n.mode, n.value_max, n.mean, n.std))
+            xs.append(normalize_scene(raw, info, n))
             valid.append(ok)
         x = np.stack(xs) if xs else None
         return _ReadBatch(tasks, x, valid, time.perf_counter() - t0, nbytes)
@@ -162,6 +162,16 @@ class TileProcessor:
     def _sync_times(self) -> None:
         t = self.stages.times
         self.stats.embed_s, self.stats.hash_s, self.stats.segment_s = t.embed, t.hash, t.segment
+
+
+def normalize_scene(raw: np.ndarray, info: SceneInfo, norm: Any) -> np.ndarray:
+    """Network input of a raw window of ``info`` under the NormalizationConfig ``norm``."""
+    if norm.mode == "scene":
+        if info.band_stats is None:
+            raise ValueError(f"{info.path}: scene statistics were not computed")
+        mean, std = info.band_stats
+        return normalize(raw, info.dtype, "configured", None, mean, std)
+    return normalize(raw, info.dtype, norm.mode, norm.value_max, norm.mean, norm.std)
 
 
 def list_source(tasks: Sequence[TileTask], batch_size: int) -> TaskSource:

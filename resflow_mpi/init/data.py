@@ -9,8 +9,8 @@ import numpy as np
 from osgeo import gdal
 
 from ..errors import InputError
-from ..io.raster import SceneInfo, open_scene
-from ..stages import normalize
+from ..io.raster import SceneInfo, open_scene, with_statistics
+from ..pipeline import normalize_scene
 
 gdal.UseExceptions()
 
@@ -69,7 +69,7 @@ def sample_tiles(scenes: Sequence[SceneInfo], scene_ids: Sequence[int], tile_px:
             m = mds.ReadAsArray(c * tile_px, r * tile_px, tile_px, tile_px)
             if (m != 255).mean() < min_valid:
                 continue
-            xs.append(normalize(raw, info.dtype, norm.mode, norm.value_max, norm.mean, norm.std))
+            xs.append(normalize_scene(raw, info, norm))
             ys.append(m.astype(np.uint8))
             sc.append(sid)
             from ..tiling import Window
@@ -85,6 +85,6 @@ def sample_tiles(scenes: Sequence[SceneInfo], scene_ids: Sequence[int], tile_px:
     return TileSet(np.stack(xs), np.stack(ys), np.asarray(sc), np.asarray(wins), np.asarray(exts))
 
 
-def open_scenes(paths: Sequence[str], bands: Sequence[int]) -> list[SceneInfo]:
-    """Header checks for every scene (fail fast, naming the file)."""
-    return [open_scene(p, bands) for p in paths]
+def open_scenes(paths: Sequence[str], bands: Sequence[int], mode: str = "range") -> list[SceneInfo]:
+    """Header checks for every scene (fail fast, naming the file), statistics when needed."""
+    return [with_statistics(open_scene(p, bands), bands, mode) for p in paths]

@@ -16,7 +16,7 @@ from osgeo import gdal
 
 from ..config import RunConfig
 from ..galleries import ModelGallery
-from ..io.raster import open_scene, resolve_scene_inputs
+from ..io.raster import open_scene, resolve_scene_inputs, with_statistics
 from ..pipeline import TileProcessor, TileTask, list_source
 from ..runtime.device import apply_binding
 from ..runtime.mpi import bind_device
@@ -39,7 +39,8 @@ def run_evaluate(cfg: RunConfig, comm: Any, out: Optional[str] = None) -> Option
     device = apply_binding(binding)
     split = "test" if cfg.scenes.split == "all" else cfg.scenes.split
     paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-    scenes = [open_scene(p, cfg.scenes.bands) for p in paths]
+    scenes = [with_statistics(open_scene(p, cfg.scenes.bands), cfg.scenes.bands,
+                              cfg.normalization.mode) for p in paths]
     gallery = ModelGallery(cfg.models.gallery)
     gallery.verify()
     tasks = [TileTask(t) for i, s in enumerate(scenes)

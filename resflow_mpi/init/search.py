@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InputError
 from ..galleries import ImageGallery, ModelGallery, bits_to_str
-from ..io.raster import WindowReader, open_scene
+from ..io.raster import WindowReader, open_scene, scene_statistics
 from ..models.hashing import codes_to_bits, pack_bits
 from ..stages import normalize
 from ..tiling import Tile, Window
@@ -28,7 +28,11 @@ def hash_image(models_dir: str, image: str, window: list[int] | None) -> np.ndar
     tile = Tile(0, 0, 0, 0, win, win, (0, 0, 0, 0), Window(0, 0, w, h))
     raw, _ = WindowReader(info, bands).read_tile(tile)
     n = g.manifest["normalization"]
-    x = normalize(raw, info.dtype, n["mode"], n["value_max"], n["mean"], n["std"])
+    if n["mode"] == "scene":
+        mean, std = scene_statistics(info, bands)
+        x = normalize(raw, info.dtype, "configured", None, mean, std)
+    else:
+        x = normalize(raw, info.dtype, n["mode"], n["value_max"], n["mean"], n["std"])
     ext, head = g.load(g.manifest["extractor"]), g.load(g.manifest["hash_head"])
     with torch.inference_mode():
         fmap, _ = ext(torch.from_numpy(x[None]))

@@ -111,7 +111,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
             paths = resolve_scene_inputs(cfg.scenes.inputs, split)
             if not paths:
                 raise InputError("scenes.inputs: no training scenes found")
-            scenes = open_scenes(paths, cfg.scenes.bands)
+            scenes = open_scenes(paths, cfg.scenes.bands, cfg.normalization.mode)
         except Exception as exc:  # noqa: BLE001 - delivered to every rank below
             err, scenes = exc, []
     bcast_error(comm, err)

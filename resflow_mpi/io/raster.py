@@ -35,6 +35,8 @@ class SceneInfo:
     epsg: Optional[int]
     geotransform: tuple[float, ...]
     metadata: dict[str, str] = field(default_factory=dict)
+    # Per-band (mean, std) of valid pixels, when normalization.mode is "scene".
+    band_stats: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
 
     @property
     def pixel_area_m2(self) -> float:
@@ -130,6 +132,36 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str]) ->
                      metadata=dict(ds.GetMetadata() or {}))
     ds = None
     return info
+
+
+def scene_statistics(info: SceneInfo, bands: Sequence[int], sample_px: int = 1024
+                     ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of valid pixels from a decimated read (at most sample_px^2 values
+    per band; memory independent of the scene size)."""
+    scale = max(1.0, max(info.width, info.height) / sample_px)
+    bw, bh = max(1, int(info.width / scale)), max(1, int(info.height / scale))
+    ds = _open(info.path)
+    try:
+        arr = ds.ReadAsArray(band_list=list(bands), buf_xsize=bw, buf_ysize=bh,
+                             resample_alg=gdal.GRIORA_NearestNeighbour).astype(np.float64)
+    except RuntimeError as exc:
+        raise InputError(f"{info.path}: cannot sample the scene for its statistics "
+                         f"({str(exc).strip().splitlines()[0]})") from None
+    arr = arr.reshape(len(bands), -1)
+    valid = np.ones(arr.shape[1], bool) if info.nodata is None else (arr != info.nodata).any(0)
+    if not valid.any():
+        raise InputError(f"{info.path}: scene is entirely nodata (value {info.nodata:g})")
+    v = arr[:, valid]
+    std = np.maximum(v.std(1), 1e-6)
+    return tuple(float(m) for m in v.mean(1)), tuple(float(x) for x in std)
+
+
+def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneInfo:
+    """The scene with band statistics attached when the normalization mode needs them."""
+    if mode != "scene" or info.band_stats is not None:
+        return info
+    import dataclasses
+    return dataclasses.replace(info, band_stats=scene_statistics(info, bands))
 
 
 def same_crs(a: SceneInfo, b: SceneInfo) -> bool:

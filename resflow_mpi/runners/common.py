@@ -19,7 +19,8 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import InputError, OutputError, ResflowError
 from ..io.export import confined, export_scene
-from ..io.raster import SceneInfo, open_scene, resolve_scene_inputs, same_crs, tile_coverage
+from ..io.raster import (SceneInfo, open_scene, resolve_scene_inputs, same_crs, tile_coverage,
+                         with_statistics)
 from ..pipeline import PipelineStats, TileTask
 from ..tiling import tile_grid
 
@@ -56,7 +57,8 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
     ref: Optional[SceneInfo] = None
     for path in paths:
         try:
-            info = open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype)
+            info = with_statistics(open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype),
+                                   cfg.scenes.bands, cfg.normalization.mode)
             if ref is not None and not same_crs(ref, info):
                 raise InputError(f"{path}: CRS (EPSG:{info.epsg}) differs from the first scene's "
                                  f"(EPSG:{ref.epsg}, {ref.path}); map mixed-CRS archives in "
