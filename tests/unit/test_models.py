@@ -259,13 +259,14 @@ def test_assign_buckets_many_codes_matches_argmin() -> None:
     assert torch.equal(lowest_nearest, buckets)
 
 
-def test_models_import_without_mpi_hdf5_gdal_spark() -> None:
+def test_compute_layer_imports_without_mpi_hdf5_gdal_spark() -> None:
     code = textwrap.dedent("""
         import sys
         for name in ("mpi4py", "h5py", "osgeo", "pyspark"):
             sys.modules[name] = None
         import resflow_mpi.models
         import resflow_mpi.tiling
+        import resflow_mpi.stages  # the three stages: compute only, no I/O or MPI
         model = resflow_mpi.models.build_segmentation("unet", "tiny", 3)
         print("ok", resflow_mpi.models.count_parameters(model))
     """)
