@@ -10,7 +10,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -182,8 +182,3 @@ def list_source(tasks: Sequence[TileTask], batch_size: int) -> TaskSource:
         i = next(it, None)
         return None if i is None else tasks[i:i + batch_size]
     return next_batch
-
-
-def iterate(results: Iterable[TileResult]) -> list[TileResult]:
-    """Materialise results (tests and small runs)."""
-    return list(results)

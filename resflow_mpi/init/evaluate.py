@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from osgeo import gdal
 
 from ..config import RunConfig

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..config import RunConfig
-from ..errors import InputError, OutputError, ResflowError
+from ..errors import InputError, OutputError
 from ..io.export import confined, export_scene
 from ..io.raster import (SceneInfo, open_scene, resolve_scene_inputs, same_crs, tile_coverage,
                          with_statistics)
@@ -200,8 +200,3 @@ def summary_line(report: dict[str, Any]) -> str:
             f"{report['megapixels']:.1f} Mpx = {report['area_km2']:.2f} km2 in {report['wall_s']:.1f} s "
             f"on {report['ranks']} rank(s): {t['tiles_per_s']:.1f} tiles/s, "
             f"{t['mpixel_per_s']:.2f} Mpx/s, {t['km2_per_s']:.3f} km2/s")
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Errors reported as one line (no traceback)."""
-    return (ResflowError,)

@@ -85,7 +85,7 @@ def _setup(cfg: RunConfig, comm: Any, restart: bool) -> tuple[Optional[ScenePlan
     plan, err = None, None
     if rank == 0:
         try:
-            out = check_output_dir(cfg.output.dir)
+            check_output_dir(cfg.output.dir)
             gallery = ModelGallery(cfg.models.gallery)
             gallery.verify()
             plan = plan_scenes(cfg)

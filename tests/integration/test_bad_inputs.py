@@ -3,7 +3,6 @@ and no output that looks complete. The table in README's troubleshooting section
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path

@@ -3,7 +3,6 @@ to output bit-identical to an uninterrupted run, recomputing fewer tiles than th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
