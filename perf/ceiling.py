@@ -64,6 +64,14 @@ def build_stage_models(args: argparse.Namespace, device: Any) -> tuple[Any, dict
     return models, what
 
 
+def segment_all(stages: Any, x: Any) -> None:
+    """Stage 3 on a whole batch the way the engine calls it: ``segment_batch_size`` tiles per
+    call (one tile per call on CPU, the full batch on GPU)."""
+    step = stages.segment_batch_size
+    for i in range(0, x.shape[0], step):
+        stages.segment(0, x[i:i + step])
+
+
 def count_flops(stages: Any, x: Any) -> dict[str, float]:
     """FLOPs of one batch through each stage (FlopCounterMode: convolutions and matmuls)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -71,7 +79,7 @@ def count_flops(stages: Any, x: Any) -> dict[str, float]:
         stages.embed_and_hash(x)
     embed_hash = float(fc.get_total_flops())
     with FlopCounterMode(display=False) as fc:
-        stages.segment(0, x)
+        segment_all(stages, x)
     segment = float(fc.get_total_flops())
     n = x.shape[0]
     return {"embed_hash_per_batch": embed_hash, "segment_per_batch": segment,
@@ -98,7 +106,7 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
         comm = MPI.COMM_WORLD
     for _ in range(args.warmup):
         stages.embed_and_hash(x)
-        stages.segment(0, x)
+        segment_all(stages, x)
     if comm is not None:
         comm.Barrier()  # every rank measures at the same time, as in a run
     batch_s, stage_s = [], []
@@ -107,7 +115,7 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
         before = (stages.times.embed, stages.times.hash, stages.times.segment)
         t0 = time.perf_counter()
         stages.embed_and_hash(x)
-        stages.segment(0, x)  # .cpu() inside waits for the GPU
+        segment_all(stages, x)  # .cpu() inside waits for the GPU
         batch_s.append(time.perf_counter() - t0)
         after = (stages.times.embed, stages.times.hash, stages.times.segment)
         stage_s.append([a - b for a, b in zip(after, before)])

@@ -80,7 +80,10 @@ class ModelsConfig:
 class InferenceConfig:
     """Per-rank execution of the three stages."""
 
-    batch_size: int = _f(8, "Tiles per network batch (memory per rank grows with it).", min=1)
+    batch_size: int = _f(8, "Tiles per read batch and per embedding/hashing call (memory per "
+                            "rank grows with it).", min=1)
+    segment_batch_size: int = _f(0, "Tiles per segmentation call (0: batch_size on GPU, 1 on "
+                                    "CPU, where one tile per call is faster).", min=0)
     threshold: float = _f(0.5, "Building probability threshold.")
     prefetch_batches: int = _f(2, "Batches read ahead by the reader thread.", min=0)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:(local_rank % gpus) when GPUs "

@@ -61,8 +61,12 @@ class TileStages:
 
     def __init__(self, models: StageModels, device: torch.device, batch_size: int,
                  threshold: float = 0.5, channels_last: bool = True, mixed_precision: bool = True,
-                 compile_models: bool = False):
+                 compile_models: bool = False, segment_batch_size: int = 0):
         self.models = models
+        # Segmentation batch: on CPUs one tile per call is faster per tile (activations stay in
+        # cache) and never pads; GPUs want full batches. Fixed either way, so results stay
+        # independent of batch-mates.
+        self.segment_batch_size = segment_batch_size or (batch_size if device.type == "cuda" else 1)
         # torch.compile (inductor, with freezing: eval BatchNorm folded into the convolutions,
         # activations fused) pays off on GPUs; each bucket model is compiled once, lazily.
         self.compile_models = compile_models and device.type == "cuda"
@@ -79,18 +83,19 @@ class TileStages:
             if channels_last:
                 m.to(memory_format=torch.channels_last)
 
-    def _prepare(self, x: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x: np.ndarray | torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
         """(n, C, S, S) float32 (numpy, or a tensor already on the device) -> zero-padded
-        (batch_size, C, S, S) tensor on the device."""
+        (size or batch_size, C, S, S) tensor on the device."""
         n = x.shape[0]
-        if n > self.batch_size:
-            raise ValueError(f"batch of {n} tiles exceeds batch_size {self.batch_size}")
+        size = size or self.batch_size
+        if n > size:
+            raise ValueError(f"batch of {n} tiles exceeds the fixed batch of {size}")
         t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
         if t.device.type == "cpu" and self.device.type == "cuda":
             t = t.pin_memory()
         t = t.to(self.device, non_blocking=True)
-        if n < self.batch_size:
-            t = torch.cat([t, t.new_zeros((self.batch_size - n,) + tuple(t.shape[1:]))])
+        if n < size:
+            t = torch.cat([t, t.new_zeros((size - n,) + tuple(t.shape[1:]))])
         return t.contiguous(memory_format=self.memory_format)
 
     def on_device(self, x: np.ndarray) -> torch.Tensor | np.ndarray:
@@ -139,7 +144,7 @@ class TileStages:
         t0 = time.perf_counter()
         model = self._segmenter(bucket)
         with self._autocast():
-            logits = model(self._prepare(x))
+            logits = model(self._prepare(x, self.segment_batch_size))
         prob = torch.sigmoid(logits.float())[:n, 0].cpu().numpy()
         self.times.segment += time.perf_counter() - t0
         return prob
@@ -156,7 +161,7 @@ class PendingTile:
 
 
 class BucketQueues:
-    """Per-bucket queues: tiles are segmented ``batch_size`` at a time per bucket model."""
+    """Per-bucket queues: tiles are segmented ``segment_batch_size`` at a time per bucket model."""
 
     def __init__(self, stages: TileStages):
         self.stages = stages
@@ -167,7 +172,7 @@ class BucketQueues:
         for t in tiles:
             q = self.queues.setdefault(t.bucket, [])
             q.append(t)
-            if len(q) == self.stages.batch_size:
+            if len(q) == self.stages.segment_batch_size:
                 yield from self._run(t.bucket)
 
     def flush(self) -> Iterator[tuple[PendingTile, np.ndarray]]:

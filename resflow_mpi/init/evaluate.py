@@ -50,7 +50,8 @@ def run_evaluate(cfg: RunConfig, comm: Any, out: Optional[str] = None) -> Option
     for variant in ("resflow", "mono"):
         models = gallery.stage_models(device, bucket_override="mono" if variant == "mono" else None)
         stages = TileStages(models, device, cfg.inference.batch_size, cfg.inference.threshold,
-                            cfg.inference.channels_last, cfg.inference.mixed_precision)
+                            cfg.inference.channels_last, cfg.inference.mixed_precision,
+                            cfg.inference.compile, cfg.inference.segment_batch_size)
         proc = TileProcessor(scenes, cfg, stages)
         gt_ds: dict[int, Any] = {}
         for r in proc.process(list_source(mine, cfg.inference.batch_size)):

@@ -145,7 +145,8 @@ def run_mpi(cfg: RunConfig, comm: Any, restart: bool = False, quiet: bool = Fals
     # -- compute and write ------------------------------------------------------------------
     stages = TileStages(gallery.stage_models(device, cfg.models.arch, cfg.models.preset), device,
                         bs, cfg.inference.threshold, cfg.inference.channels_last,
-                        cfg.inference.mixed_precision, cfg.inference.compile)
+                        cfg.inference.mixed_precision, cfg.inference.compile,
+                        cfg.inference.segment_batch_size)
     proc = TileProcessor(scenes, cfg, stages)
     try:
         results = proc.process(source)

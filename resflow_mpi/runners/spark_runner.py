@@ -207,7 +207,7 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
                                                          cfg.models.preset),
                                     device, cfg.inference.batch_size, cfg.inference.threshold,
                                     cfg.inference.channels_last, cfg.inference.mixed_precision,
-                                    cfg.inference.compile)
+                                    cfg.inference.compile, cfg.inference.segment_batch_size)
                 processor = TileProcessor(job.scenes, cfg, stages)
                 stats = processor.stats
                 for result in processor.process(list_source(todo, cfg.inference.batch_size)):
