@@ -7,6 +7,7 @@ is always the same. Tiles are queued per bucket and segmented when a bucket's qu
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -112,7 +113,6 @@ class TileStages:
     @torch.inference_mode()
     def embed_and_hash(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stages 1-2: embeddings (n, D), packed codes (n, K) uint8 and bucket indices (n,)."""
-        import time
         n = x.shape[0]
         t0 = time.perf_counter()
         with self._autocast():
@@ -139,7 +139,6 @@ class TileStages:
     @torch.inference_mode()
     def segment(self, bucket: int, x: np.ndarray | torch.Tensor) -> np.ndarray:
         """Stage 3: building probabilities (n, S, S) float32 with bucket ``bucket``'s model."""
-        import time
         n = x.shape[0]
         t0 = time.perf_counter()
         model = self._segmenter(bucket)

@@ -79,7 +79,7 @@ class ProgressPrinter:
               f"{rate * self.km2_per_tile:.3f} km2/s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
 
-def _setup(cfg: RunConfig, comm: Any, restart: bool) -> tuple[Optional[ScenePlan], Optional[ModelGallery], Path]:
+def _setup(cfg: RunConfig, comm: Any) -> tuple[Optional[ScenePlan], Optional[ModelGallery], Path]:
     """Rank 0 checks scenes, gallery and output dir; errors reach every rank (clean exit)."""
     rank = comm.Get_rank()
     plan, err = None, None
@@ -109,7 +109,7 @@ def run_mpi(cfg: RunConfig, comm: Any, restart: bool = False, quiet: bool = Fals
         for ln in lines:
             print(f"[binding] {ln}", file=sys.stderr, flush=True)
     device = apply_binding(binding)
-    plan, gallery, out_dir = _setup(cfg, comm, restart)
+    plan, gallery, out_dir = _setup(cfg, comm)
     assert plan is not None and gallery is not None
     scenes = plan.scenes
     code_bytes = gallery.centroids.shape[1]
