@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any, Optional, Sequence
 
@@ -17,10 +18,9 @@ def _load(args: argparse.Namespace) -> Any:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Versions, MPI library, parallel HDF5, and every rank's device binding."""
-    from .runtime.mpi import bind_device, init_runtime, mpi_library
+    from .runtime.mpi import bind_device, init_runtime, mpi4py_version, mpi_library
     comm = init_runtime()
     import h5py
-    import mpi4py
     import numpy
     import sklearn
     import torch
@@ -28,9 +28,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from osgeo import gdal
     binding = bind_device(comm, args.device)
     lines = comm.gather(binding.line(), root=0)
-    if comm.Get_rank() == 0:
+    if comm.is_root:
         print(f"resflow-mpi {__import__('resflow_mpi').__version__} on Python {sys.version.split()[0]}")
-        print(f"MPI library: {mpi_library()}  (mpi4py {mpi4py.__version__}, {comm.Get_size()} rank(s))")
+        print(f"MPI library: {mpi_library()}  (mpi4py {mpi4py_version()}, {comm.size} rank(s))")
         print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, parallel HDF5: "
               f"{h5py.get_config().mpi}")
         print(f"GDAL {gdal.__version__}, numpy {numpy.__version__}, torch {torch.__version__} "
@@ -57,23 +57,39 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Map scenes to masks (MPI engine by default, or Spark)."""
+    """Map scenes to masks (MPI engine by default; Spark, or one process with --engine local)."""
+    if args.model:
+        args.set.append(f"inference.model={args.model}")
     cfg = _load(args)
-    if args.engine == "spark":
-        from .runners.spark_runner import run_spark
-        report = run_spark(cfg, restart=args.restart, quiet=args.quiet)
-        _html_report(cfg, args)
-        return 0 if all(s["complete"] for s in report["scenes"]) else 3
-    from .runners.mpi_runner import run_mpi
+    from .pipeline import run_job
+    report = run_engine(args.engine, lambda runner: run_job(cfg, runner, restart=args.restart,
+                                                            quiet=args.quiet))
+    if report is None:  # ranks other than 0
+        return 0
+    _html_report(cfg, args)
+    return 0 if all(s["complete"] for s in report["scenes"]) else 3
+
+
+def run_engine(engine: str, work: Any) -> Any:
+    """Build the runner for ``engine`` and call ``work(runner)``; under MPI every rank takes part
+    and a failure on any rank ends the whole job with one line (never a hang)."""
+    if engine == "spark":
+        from .runners.spark_runner import SparkRunner
+        runner = SparkRunner()
+        try:
+            return work(runner)
+        finally:
+            runner.close()
+    if engine == "local":
+        from .runners.local import LocalRunner
+        return work(LocalRunner())
+    from .runners.mpi_runner import MPIRunner
     from .runtime.mpi import abort_on_error, init_runtime
     comm = init_runtime()
+    result = None
     with abort_on_error(comm):
-        report = run_mpi(cfg, comm, restart=args.restart, quiet=args.quiet)
-        if comm.Get_rank() == 0 and report is not None:
-            _html_report(cfg, args)
-    ok = comm.bcast(report is not None and all(s["complete"] for s in report["scenes"])
-                    if comm.Get_rank() == 0 else None, root=0)
-    return 0 if ok else 3
+        result = work(MPIRunner(comm))
+    return result
 
 
 def _html_report(cfg: Any, args: argparse.Namespace) -> None:
@@ -98,13 +114,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """IoU/F1 per held-out region for RESFlow (bucketed) vs Mono."""
+    """IoU/F1 per held-out region for RESFlow (bucketed) vs Mono, with trivial baselines."""
     cfg = _load(args)
     from .init.evaluate import run_evaluate
-    from .runtime.mpi import abort_on_error, init_runtime
-    comm = init_runtime()
-    with abort_on_error(comm):
-        run_evaluate(cfg, comm, out=args.out)
+    run_engine(args.engine, lambda runner: run_evaluate(cfg, runner, out=args.out))
     return 0
 
 
@@ -115,9 +128,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_vectorize(args: argparse.Namespace) -> int:
-    """Building polygons from exported masks (GeoPackage/GeoJSON), scenes spread over ranks."""
-    from .io.vectorize import vectorize_command
-    return vectorize_command(args)
+    """Building polygons from exported masks (GeoPackage/GeoJSON), masks spread over ranks."""
+    from .io import vectorize as vec
+    from .runtime.device import launched_by_mpi
+    vec.prepare_out_dir(args.out)
+
+    def work(runner: Any) -> Optional[int]:
+        comm = runner.comm
+        masks = comm.root_call(lambda: vec.expand_mask_inputs(args.masks))
+        results = comm.map_split(masks, lambda m: vec.vectorize_one(m, args))
+        if results is None:
+            return None
+        for r in results:
+            print(vec.result_line(r), flush=True)
+        code = vec.summarise(results, comm.size)
+        if args.merged and code == 0:
+            merged = vec.merge_layers([r["gpkg"] for r in results], args.merged, args.merged_crs)
+            print(f"merged {merged['polygons']} polygon(s) of {len(results)} scene(s) in "
+                  f"{merged['crs']} -> {merged['path']}", flush=True)
+        return code
+    return int(run_engine("mpi" if launched_by_mpi() else "local", work) or 0)
 
 
 def cmd_config_doc(args: argparse.Namespace) -> int:
@@ -129,6 +159,8 @@ def cmd_config_doc(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resflow", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="show full tracebacks (also RESFLOW_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> None:
@@ -149,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_synth)
     sp = sub.add_parser("run", help=cmd_run.__doc__)
     with_config(sp)
-    sp.add_argument("--engine", default="mpi", choices=["mpi", "spark"])
+    sp.add_argument("--engine", default="mpi", choices=["mpi", "spark", "local"],
+                    help="mpi (default; also a plain one-process start), spark (the paper's "
+                         "cluster mode), local (one process, no MPI: for debugging)")
+    sp.add_argument("--model", choices=["buckets", "mono"], default=None,
+                    help="buckets: RESFlow's per-bucket models (default); mono: map every tile "
+                         "with the Mono model (same as --set inference.model=mono)")
     sp.add_argument("--restart", action="store_true",
                     help="discard a partial output made with another config/gallery and start over")
     sp.add_argument("--quiet", action="store_true")
@@ -161,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help=cmd_evaluate.__doc__)
     with_config(sp)
     sp.add_argument("--out", default=None, help="directory for the table (default: output.dir)")
+    sp.add_argument("--engine", default="mpi", choices=["mpi", "local"])
     sp.set_defaults(func=cmd_evaluate)
     sp = sub.add_parser("search", help=cmd_search.__doc__)
     sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")
@@ -178,10 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--min-area-m2", type=float, default=0.0)
     sp.add_argument("--simplify-m", type=float, default=0.0)
     sp.add_argument("--geojson", action="store_true", help="also write GeoJSON")
+    sp.add_argument("--merged", default=None, metavar="PATH",
+                    help="also write every scene's polygons into one layer (.gpkg or .geojson) "
+                         "in --merged-crs, for archives that span several CRSs")
+    sp.add_argument("--merged-crs", default="EPSG:4326")
     sp.set_defaults(func=cmd_vectorize)
     sp = sub.add_parser("config-doc", help=cmd_config_doc.__doc__)
     sp.set_defaults(func=cmd_config_doc)
     return p
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    from .errors import Interrupted
+    name = signal.Signals(signum).name
+    raise Interrupted(f"stopped by {name}; rerun the same command to resume (finished work "
+                      "is kept)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -189,14 +238,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # it (a one-rank run still writes through mpio). Must precede the first h5py import.
     os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
     args = build_parser().parse_args(argv)
+    if args.debug:
+        os.environ["RESFLOW_DEBUG"] = "1"
+    # Slurm's time limit and mpirun's forwarding send SIGTERM: end like Ctrl-C, with a line.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         return int(args.func(args) or 0)
     except ResflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted (SIGINT); rerun the same command to resume: finished tiles "
+              "are kept", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line unless --debug
+        from .runtime.mpi import BUG_HINT, debug_enabled
+        if debug_enabled():
+            raise
+        print(f"error: {type(exc).__name__}: {str(exc)[:300]}; {BUG_HINT}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ class InferenceConfig:
     compile: bool = _f(False, "torch.compile the segmentation models on GPU (slower start, "
                               "faster steady state; ignored on CPU).")
     save_probabilities: bool = _f(False, "Also store float16 probabilities in the HDF5 output.")
+    model: Literal["buckets", "mono"] = _f("buckets", "buckets: each tile by its hash bucket's "
+                                                      "model (RESFlow); mono: every tile by the "
+                                                      "single Mono model (comparison, fallback).")
 
 
 @dataclass(frozen=True)
@@ -175,6 +178,8 @@ class RunConfig:
         d = self.to_dict()
         relevant = {k: d[k] for k in ("scenes", "tiling", "normalization", "models")}
         relevant["threshold"] = d["inference"]["threshold"]
+        if d["inference"]["model"] != "buckets":  # unchanged checksum for existing outputs
+            relevant["model"] = d["inference"]["model"]
         relevant["scenes"].pop("on_bad_scene")
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

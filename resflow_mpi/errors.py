@@ -22,3 +22,24 @@ class GalleryError(ResflowError):
 
 class OutputError(ResflowError):
     """The output location cannot be written (permissions, full disk, path outside out_dir)."""
+
+
+class Interrupted(ResflowError):
+    """The job was stopped by a signal (Ctrl-C, Slurm's time limit); a rerun resumes."""
+
+    exit_code = 130
+
+
+def os_error_cause(exc: BaseException) -> str:
+    """An honest cause for an I/O failure: disk full / quota for ENOSPC / EDQUOT, else the
+    operating system's (or library's) own words."""
+    import errno
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code == errno.ENOSPC or "No space left" in text:
+        return "disk full: no space left on device; free space and rerun"
+    if code == errno.EDQUOT or "Disk quota exceeded" in text:
+        return "disk quota exceeded; free space or raise the quota and rerun"
+    strerror = getattr(exc, "strerror", None)
+    detail = (strerror or text or type(exc).__name__).strip().splitlines()[0][:300]
+    return detail

@@ -1,184 +1,453 @@
-"""Joins I/O and the stages for a stream of tiles; runners (in-process, MPI, Spark) call it.
+"""The one pipeline every engine runs: plan scenes -> open the mask store -> build the stages ->
+process tiles -> finish -> export -> report.
 
-Reading GDAL windows happens in a background thread (``prefetch_batches`` ahead) while the main
-thread runs the networks; task sources (static lists, an MPI work counter) are only ever called
-from the main thread, so MPI never needs to be thread-safe.
+A ``Runner`` supplies only what differs between engines: how this process binds a device, where
+tiles come from and how results are written (``map_tiles``), how finished scenes are exported, and
+what it adds to the report. Runners: ``runners.local.LocalRunner`` (one process, no MPI),
+``runners.mpi_runner.MPIRunner`` (scatter or one-sided counter; collective, independent or gather
+writes), ``runners.spark_runner.SparkRunner`` (RDD partitions, ticket folder, driver merge).
 """
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
+import tempfile
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
 from .config import RunConfig
-from .io.maskstore import TileResult
-from .io.raster import SceneInfo, WindowReader
-from .stages import BucketQueues, PendingTile, TileStages, normalize
-from .tiling import Tile
+from .errors import InputError, OutputError, os_error_cause
+from .galleries import ModelGallery
+from .io.export import confined, export_scene
+from .io.maskstore import MaskStore, TileResult
+from .io.raster import SceneInfo, open_scene, resolve_scene_inputs, tile_coverage, with_statistics
+from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
+                        list_source, normalize_scene)
+from .runtime.comm import Communicator
+from .stages import TileStages
+from .tiling import tile_grid
 
-TaskSource = Callable[[], Optional[Sequence["TileTask"]]]
+__all__ = ["Job", "Runner", "run_job", "build_stages", "drive", "TileTask", "TaskSource",
+           "TileProcessor", "PipelineStats", "list_source", "counter_source", "normalize_scene"]
+
+H5_NAME = "masks.h5"
 
 
-@dataclass(frozen=True)
-class TileTask:
-    """A tile descriptor as scattered by rank 0: where to read, and whether it is all nodata."""
-
-    tile: Tile
-    empty: bool = False
-
-
+# -- planning (rank 0 / driver) -----------------------------------------------------------------
 @dataclass
-class PipelineStats:
-    """Counters and per-stage seconds of one worker."""
+class ScenePlan:
+    """Scenes that passed the checks, and those skipped (policy on_bad_scene=skip)."""
 
-    tiles: int = 0
-    tiles_computed: int = 0
-    pixels: int = 0
-    bytes_read: int = 0
-    read_s: float = 0.0       # reader-thread busy time (overlaps compute)
-    read_wait_s: float = 0.0  # time the compute thread waited for data
-    embed_s: float = 0.0
-    hash_s: float = 0.0
-    segment_s: float = 0.0
-    buckets: dict[int, int] = field(default_factory=dict)
+    scenes: list[SceneInfo]
+    coverage: list[Optional[np.ndarray]] = field(default_factory=list)  # valid fraction per tile
+    skipped: list[dict[str, str]] = field(default_factory=list)
 
 
+def check_output_dir(out_dir: str) -> Path:
+    """Create the output directory and prove it is writable (before any work starts)."""
+    p = Path(out_dir)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: output directory is not writable "
+                          f"({os_error_cause(exc)})") from None
+    return p.resolve()
+
+
+def plan_scenes(cfg: RunConfig) -> ScenePlan:
+    """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene."""
+    paths = resolve_scene_inputs(cfg.scenes.inputs, cfg.scenes.split)
+    if not paths:
+        raise InputError("scenes.inputs: no scenes given (set scenes.inputs in the config)")
+    plan = ScenePlan([])
+    # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
+    for path in paths:
+        try:
+            info = with_statistics(open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype),
+                                   cfg.scenes.bands, cfg.normalization.mode)
+            cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
+                   if cfg.tiling.prescan_nodata else None)
+            if cov is not None and float(cov.max()) == 0.0:
+                raise InputError(f"{path}: scene is entirely nodata (value {info.nodata:g})")
+            plan.scenes.append(info)
+            plan.coverage.append(cov)
+        except InputError as exc:
+            if cfg.scenes.on_bad_scene == "fail":
+                raise
+            plan.skipped.append({"path": path, "reason": str(exc)})
+    if not plan.scenes:
+        raise InputError(f"no usable scene among {len(paths)} (all skipped: "
+                         f"{plan.skipped[0]['reason']} ...)")
+    return plan
+
+
+def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
+                coverage: Optional[np.ndarray] = None,
+                done: Optional[np.ndarray] = None) -> list[TileTask]:
+    """The unfinished tiles of one scene, flagged empty where the scene is all nodata."""
+    cov = coverage.ravel() if coverage is not None else None
+    return [TileTask(tile, bool(cov is not None and cov[tile.index] == 0.0))
+            for tile in tile_grid(index, info.width, info.height, tile_px, halo_px)
+            if done is None or not done[tile.index]]
+
+
+def build_tasks(plan: ScenePlan, cfg: RunConfig,
+                done: Optional[Sequence[np.ndarray]] = None) -> list[TileTask]:
+    """Every unfinished tile of every scene of the plan."""
+    t = cfg.tiling
+    return [task for i, s in enumerate(plan.scenes)
+            for task in scene_tasks(i, s, t.tile_px, t.halo_px, plan.coverage[i],
+                                    done[i] if done is not None else None)]
+
+
+# -- the job ------------------------------------------------------------------------------------
 @dataclass
-class _ReadBatch:
-    tasks: list[TileTask]
-    x: Optional[np.ndarray]
-    valid: list[np.ndarray]
-    seconds: float
-    nbytes: int
+class Job:
+    """What every process of a run knows after planning (small: no pixels, no weights)."""
+
+    cfg: RunConfig
+    plan: ScenePlan
+    gallery: ModelGallery
+    out_dir: Path
+    quiet: bool = False
+
+    @property
+    def scenes(self) -> list[SceneInfo]:
+        return self.plan.scenes
+
+    @property
+    def h5_path(self) -> str:
+        return str(self.out_dir / H5_NAME)
+
+    @property
+    def code_bytes(self) -> int:
+        return int(self.gallery.centroids.shape[1])
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=sys.stderr, flush=True)
 
 
-class TileProcessor:
-    """Turns tile tasks into tile results with the three stages."""
+def build_stages(cfg: RunConfig, gallery: ModelGallery, device: Any,
+                 bucket_override: Optional[str] = None) -> TileStages:
+    """The three stages on ``device`` with the gallery's models, as the config asks."""
+    models = gallery.stage_models(device, cfg.models.arch, cfg.models.preset,
+                                  bucket_override=bucket_override)
+    return TileStages.from_config(models, device, cfg.inference)
 
-    def __init__(self, scenes: Sequence[SceneInfo], cfg: RunConfig, stages: TileStages):
-        self.scenes = list(scenes)
-        self.cfg = cfg
-        self.stages = stages
-        self.code_bytes = stages.centroids.shape[1]
-        self.stats = PipelineStats()
-        self._readers: dict[int, WindowReader] = {}
 
-    # -- reading (background thread) -----------------------------------------------------------
-    def _reader(self, scene: int) -> WindowReader:
-        if scene not in self._readers:
-            self._readers[scene] = WindowReader(self.scenes[scene], self.cfg.scenes.bands)
-        return self._readers[scene]
+class ResultSink(Protocol):
+    """Where tile results go: the HDF5 mask store (``kind`` "store": written as the runner's
+    writer policy says) or a per-process sink such as an evaluation's counts (``kind`` "local")."""
 
-    def _read(self, tasks: list[TileTask]) -> _ReadBatch:
-        t0 = time.perf_counter()
-        xs, valid, nbytes = [], [], 0
-        n = self.cfg.normalization
-        for task in tasks:
-            if task.empty:
-                valid.append(np.zeros((task.tile.owned.height, task.tile.owned.width), bool))
-                continue
-            info = self.scenes[task.tile.scene]
-            raw, ok = self._reader(task.tile.scene).read_tile(task.tile)
-            nbytes += raw.nbytes
-            xs.append(normalize_scene(raw, info, n))
-            valid.append(ok)
-        x = np.stack(xs) if xs else None
-        return _ReadBatch(tasks, x, valid, time.perf_counter() - t0, nbytes)
+    kind: str
 
-    # -- results -------------------------------------------------------------------------------
-    def _result(self, p: PendingTile, prob: np.ndarray) -> TileResult:
-        task, valid = p.item
-        c = task.tile.crop
-        owned = prob[c.row:c.row + c.height, c.col:c.col + c.width]
-        mask = (owned > self.stages.threshold).astype(np.uint8)
-        mask[~valid] = 255
-        keep = owned.astype(np.float16) if self.cfg.inference.save_probabilities else None
-        self.stats.buckets[p.bucket] = self.stats.buckets.get(p.bucket, 0) + 1
-        return TileResult(task.tile, mask, p.bucket, p.code, keep)
+    def write_results(self, results: Sequence[TileResult], collective: bool = False,
+                      n_calls: Optional[int] = None) -> None: ...
 
-    def _empty_result(self, task: TileTask) -> TileResult:
-        o = task.tile.owned
-        prob = (np.zeros((o.height, o.width), np.float16)
-                if self.cfg.inference.save_probabilities else None)
-        return TileResult(task.tile, np.full((o.height, o.width), 255, np.uint8), -1,
-                          np.zeros(self.code_bytes, np.uint8), prob)
 
-    # -- the loop ------------------------------------------------------------------------------
-    def process(self, source: TaskSource) -> Iterator[TileResult]:
-        """Pull task batches from ``source`` until it returns None; yield results as they finish."""
-        queues = BucketQueues(self.stages)
-        depth = self.cfg.inference.prefetch_batches + 1
-        pending: deque[Future[_ReadBatch]] = deque()
-        exhausted = False
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="resflow-read") as pool:
-            while True:
-                while not exhausted and len(pending) < depth:
-                    tasks = source()
-                    if tasks is None:
-                        exhausted = True
-                    elif tasks:
-                        pending.append(pool.submit(self._read, list(tasks)))
-                if not pending:
-                    break
-                t0 = time.perf_counter()
-                batch = pending.popleft().result()
-                self.stats.read_wait_s += time.perf_counter() - t0
-                self.stats.read_s += batch.seconds
-                self.stats.bytes_read += batch.nbytes
-                yield from self._compute(batch, queues)
-            for p, prob in queues.flush():
-                yield self._result(p, prob)
-        self._sync_times()
-        for r in self._readers.values():
-            r.close()
-        self._readers.clear()
+class Runner(Protocol):
+    """What differs between engines; everything else is ``run_job``."""
 
-    def _compute(self, batch: _ReadBatch, queues: BucketQueues) -> Iterator[TileResult]:
-        work: list[tuple[TileTask, np.ndarray]] = []
-        for task, valid in zip(batch.tasks, batch.valid):
-            self.stats.tiles += 1
-            self.stats.pixels += task.tile.owned.width * task.tile.owned.height
-            if task.empty:
-                yield self._empty_result(task)
-            else:
-                work.append((task, valid))
-        if batch.x is None:
+    name: str
+    comm: Communicator
+
+    def bind(self, cfg: RunConfig) -> Optional[dict[str, Any]]:
+        """Bind this process to a device (None where tasks bind their own, as Spark's do)."""
+
+    def open_store(self, job: Job, restart: bool) -> Optional[MaskStore]:
+        """The mask store on the processes that write it (None elsewhere)."""
+
+    def map_tiles(self, job: Job, tasks: Sequence[TileTask], sink: ResultSink,
+                  bucket_override: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
+        """Compute every task (``tasks`` is given on rank 0 / the driver) into ``sink``; rank 0
+        returns each worker's figures."""
+
+    def export(self, job: Job, complete: Sequence[int]) -> dict[int, list[str]]:
+        """Export finished scenes; rank 0 returns scene -> output paths."""
+
+    def report_extra(self) -> dict[str, Any]:
+        """Engine-specific entries for the run report."""
+
+
+def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool) -> Job:
+    """Rank 0 checks the output dir, the gallery and the scenes; errors reach every rank."""
+    def check() -> tuple[ScenePlan, Path]:
+        out_dir = check_output_dir(cfg.output.dir)
+        ModelGallery(cfg.models.gallery).verify()
+        return plan_scenes(cfg), out_dir
+    plan, out_dir = comm.root_call(check)
+    return Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
+
+
+def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
+            quiet: bool = False) -> Optional[dict[str, Any]]:
+    """Map every scene of the config to masks with ``runner``; rank 0 returns the run report."""
+    t_start = time.perf_counter()
+    comm = runner.comm
+    binding = runner.bind(cfg)
+    lines = comm.gather(binding["line"] if binding else None)
+    if comm.is_root and not quiet and lines:
+        for ln in lines:
+            if ln:
+                print(f"[binding] {ln}", file=sys.stderr, flush=True)
+    job = setup_job(cfg, comm, quiet)
+    store = runner.open_store(job, restart)
+    tasks: list[TileTask] = []
+    if comm.is_root:
+        assert store is not None
+        done = [store.done_mask(i) for i in range(len(job.scenes))]
+        tasks = build_tasks(job.plan, cfg, done)
+    total = comm.bcast(len(tasks))
+    try:
+        override = "mono" if cfg.inference.model == "mono" else None
+        per_worker = runner.map_tiles(job, tasks, store, override)  # type: ignore[arg-type]
+    except BaseException:
+        if store is not None and comm.size == 1:  # closing is collective: with more ranks,
+            store.close()                         # MPI_Abort follows instead
+        raise
+    complete = finish_store(store, len(job.scenes), comm)
+    t0 = time.perf_counter()
+    exported = runner.export(job, complete)
+    export_s = time.perf_counter() - t0
+    if not comm.is_root:
+        return None
+    assert per_worker is not None
+    extra = {"h5_path": job.h5_path, "gallery_checksum": job.gallery.checksum,
+             "tiles_total_planned": total, "export_s": export_s,
+             "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
+             **runner.report_extra()}
+    report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,
+                          time.perf_counter() - t_start, complete, exported, job.plan.skipped,
+                          extra)
+    if not quiet:
+        print(summary_line(report), flush=True)
+    return report
+
+
+def finish_store(store: Optional[MaskStore], n_scenes: int, comm: Communicator) -> list[int]:
+    """Flush, flag complete scenes and close the store; every rank learns which are complete."""
+    complete: Optional[list[int]] = None
+    if store is not None:
+        store.flush()
+        for i in range(n_scenes):
+            store.mark_complete(i)
+        complete = [i for i in range(n_scenes) if store.is_complete(i)]
+        store.close()
+    return comm.bcast(complete)  # type: ignore[return-value]
+
+
+# -- the tile loop shared by the in-process and MPI runners -------------------------------------
+class ProgressPrinter:
+    """Rank 0's job-wide progress line: done/total, tiles/s, km2/s, ETA (from a shared counter)."""
+
+    def __init__(self, total: int, km2_per_tile: float, every_s: float = 2.0):
+        self.total, self.km2_per_tile, self.every_s = total, km2_per_tile, every_s
+        self.t0 = self.last = time.perf_counter()
+
+    def maybe_print(self, done: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not force and now - self.last < self.every_s:
             return
-        bs = self.stages.batch_size
-        for i in range(0, len(work), bs):
-            x = self.stages.on_device(batch.x[i:i + bs])  # uploaded once on a GPU
-            _, codes, buckets = self.stages.embed_and_hash(x)
-            self.stats.tiles_computed += len(x)
-            pend = [PendingTile(item, xi, c, int(b))
-                    for item, xi, c, b in zip(work[i:i + bs], x, codes, buckets)]
-            for p, prob in queues.push(pend):
-                yield self._result(p, prob)
-        self._sync_times()
-
-    def _sync_times(self) -> None:
-        t = self.stages.times
-        self.stats.embed_s, self.stats.hash_s, self.stats.segment_s = t.embed, t.hash, t.segment
+        self.last = now
+        el = max(now - self.t0, 1e-9)
+        rate = done / el
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        print(f"[progress] {done}/{self.total} tiles, {rate:.1f} tiles/s, "
+              f"{rate * self.km2_per_tile:.3f} km2/s, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
 
-def normalize_scene(raw: np.ndarray, info: SceneInfo, norm: Any) -> np.ndarray:
-    """Network input of a raw window of ``info`` under the NormalizationConfig ``norm``."""
-    if norm.mode == "scene":
-        if info.band_stats is None:
-            raise ValueError(f"{info.path}: scene statistics were not computed")
-        mean, std = info.band_stats
-        return normalize(raw, info.dtype, "configured", None, mean, std)
-    return normalize(raw, info.dtype, norm.mode, norm.value_max, norm.mean, norm.std)
+def km2_per_tile(scenes: Sequence[SceneInfo], tile_px: int) -> float:
+    """Mean ground area of a grid tile over the job (for rates in km2/s)."""
+    n = sum(((s.width + tile_px - 1) // tile_px) * ((s.height + tile_px - 1) // tile_px)
+            for s in scenes)
+    return sum(s.area_km2 for s in scenes) / max(1, n)
 
 
-def list_source(tasks: Sequence[TileTask], batch_size: int) -> TaskSource:
-    """A task source over a fixed list, ``batch_size`` tasks per call."""
-    it = iter(range(0, len(tasks), batch_size))
+def drive(job: Job, comm: Communicator, source: TaskSource, total: int, sink: ResultSink,
+          writer: str, device: Any, binding: Optional[dict[str, Any]],
+          bucket_override: Optional[str] = None, on_round: Any = None) -> dict[str, Any]:
+    """Process tiles from ``source`` on this rank and write them in rounds; this rank's figures.
 
-    def next_batch() -> Optional[Sequence[TileTask]]:
-        i = next(it, None)
-        return None if i is None else tasks[i:i + batch_size]
-    return next_batch
+    ``writer``: ``independent`` (write when ready), ``collective`` (lock-step rounds over all ranks,
+    empty selections when a rank has nothing left) or ``gather`` (rank 0 writes everything)."""
+    t_start = time.perf_counter()
+    cfg = job.cfg
+    proc = TileProcessor(job.scenes, cfg, build_stages(cfg, job.gallery, device, bucket_override))
+    done_counter = comm.counter()
+    progress = (ProgressPrinter(total, km2_per_tile(job.scenes, cfg.tiling.tile_px))
+                if comm.is_root and not job.quiet else None)
+    results = proc.process(source)
+    # Tiles per write round: collective rounds are lock-step points, so a round spans several
+    # batches (masks are small: memory stays bounded by tile and batch size).
+    round_tiles = cfg.inference.batch_size * cfg.parallel.write_round_batches
+    write_s, exhausted = 0.0, False
+    while True:
+        buf: list[TileResult] = []
+        while not exhausted and len(buf) < round_tiles:
+            r = next(results, None)
+            if r is None:
+                exhausted = True
+            else:
+                buf.append(r)
+        t0 = time.perf_counter()
+        if writer == "independent":
+            if buf:
+                sink.write_results(buf, collective=False)
+            more = not exhausted
+        else:
+            n = comm.allreduce_max(len(buf))
+            if n == 0:
+                break
+            if writer == "collective":
+                sink.write_results(buf, collective=True, n_calls=n)
+            else:  # gather: the paper's single merge writer
+                gathered = comm.gather(buf)
+                if gathered is not None:
+                    sink.write_results([x for part in gathered for x in part], collective=False)
+            more = True
+        write_s += time.perf_counter() - t0
+        if buf:
+            done_counter.add(len(buf))
+            if on_round is not None:
+                on_round(len(buf))
+        if progress is not None:
+            progress.maybe_print(done_counter.read())
+        if not more:
+            break
+    comm.barrier()
+    if progress is not None:
+        progress.maybe_print(done_counter.read(), force=True)
+    done_counter.free()
+    return stats_dict(proc.stats, comm.rank, time.perf_counter() - t_start, write_s,
+                      getattr(sink, "bytes_written", 0), binding)
+
+
+# -- export and report --------------------------------------------------------------------------
+def scene_stem(info: SceneInfo, index: int) -> str:
+    """A safe, unique file stem for a scene's outputs."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(info.path).stem)[:80] or "scene"
+    return f"{index:04d}_{stem}"
+
+
+def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence[SceneInfo],
+                   indices: Sequence[int]) -> dict[int, list[str]]:
+    """Export the given (complete) scenes; skip files that already exist (resume)."""
+    o = cfg.output
+    done: dict[int, list[str]] = {}
+    for i in indices:
+        stem = scene_stem(scenes[i], i)
+        mask_tif = confined(out_dir, f"{stem}_mask.tif")
+        cog = confined(out_dir, f"{stem}_mask_cog.tif") if o.cog else None
+        buckets = confined(out_dir, f"{stem}_buckets.tif") if o.bucket_map else None
+        wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
+        if not o.geotiff:
+            continue
+        if all(p.exists() for p in wanted):
+            done[i] = [str(p) for p in wanted]
+            continue
+        done[i] = [str(p) for p in export_scene(h5_path, i, mask_tif, cog, buckets)]
+    return done
+
+
+def export_split(job: Job, comm: Communicator, complete: Sequence[int]) -> dict[int, list[str]]:
+    """Export complete scenes in parallel over ranks (scene i on rank i % size)."""
+    def one(i: int) -> dict[int, list[str]]:
+        return export_outputs(job.cfg, job.out_dir, job.h5_path, job.scenes, [i])
+    parts = comm.map_split(list(complete), one)
+    return {k: v for part in (parts or []) for k, v in part.items()}
+
+
+def peak_rss_mb() -> Optional[float]:
+    """This process's peak resident set size (VmHWM) in MB, where /proc has it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def stats_dict(stats: PipelineStats, rank: int, wall_s: float, write_s: float,
+               bytes_written: int, binding: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """One worker's figures for the run report."""
+    d = asdict(stats)
+    d.update({"rank": rank, "wall_s": wall_s, "write_s": write_s, "bytes_written": bytes_written,
+              "binding": binding, "peak_rss_mb": peak_rss_mb()})
+    return d
+
+
+def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], engine: str,
+                 per_rank: Sequence[dict[str, Any]], wall_s: float, complete: Sequence[int],
+                 exported: dict[int, list[str]], skipped: Sequence[dict[str, str]],
+                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Aggregate per-worker figures into run_report.json (written atomically) and return it."""
+    tiles = sum(r["tiles"] for r in per_rank)
+    pixels = sum(r["pixels"] for r in per_rank)
+    area = sum(r["area_km2"] for r in per_rank)  # per scene, so mixed CRSs add up correctly
+    busy = [r["read_wait_s"] + r["embed_s"] + r["hash_s"] + r["segment_s"] + r["write_s"]
+            for r in per_rank]
+    per_tile = [r["tiles"] for r in per_rank]
+    buckets: dict[str, int] = {}
+    for r in per_rank:
+        for b, n in r["buckets"].items():
+            buckets[str(b)] = buckets.get(str(b), 0) + n
+    bytes_read = sum(r["bytes_read"] for r in per_rank)
+    report = {
+        "engine": engine, "ranks": len(per_rank), "wall_s": wall_s,
+        "scenes": [{"index": i, "path": s.path, "width": s.width, "height": s.height,
+                    "area_km2": s.area_km2, "complete": i in complete,
+                    "outputs": exported.get(i, [])} for i, s in enumerate(scenes)],
+        "skipped_scenes": list(skipped),
+        "tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
+        "megapixels": pixels / 1e6, "area_km2": area,
+        "bytes_read": bytes_read,
+        "bytes_written": sum(r["bytes_written"] for r in per_rank),
+        "throughput": {"tiles_per_s": tiles / wall_s if wall_s else 0.0,
+                       "mpixel_per_s": pixels / 1e6 / wall_s if wall_s else 0.0,
+                       "km2_per_s": area / wall_s if wall_s else 0.0,
+                       "gb_read_per_s": bytes_read / 1e9 / wall_s if wall_s else 0.0},
+        "stage_s_total": {k: sum(r[k] for r in per_rank)
+                          for k in ("read_s", "read_wait_s", "embed_s", "hash_s", "segment_s",
+                                    "write_s")},
+        "load_balance": {"tiles_per_rank": per_tile,
+                         "busy_s_per_rank": busy,
+                         "imbalance": (max(busy) / (sum(busy) / len(busy)))
+                         if busy and sum(busy) else 1.0},
+        "bucket_histogram": buckets,
+        "peak_rss_mb_per_rank": [r.get("peak_rss_mb") for r in per_rank],
+        "per_rank": list(per_rank),
+        "config": cfg.to_dict(),
+        "config_checksum": cfg.checksum(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if extra:
+        report.update(extra)
+    tmp = out_dir / "run_report.json.partial"
+    try:
+        tmp.write_text(json.dumps(report, indent=1, default=str))
+        os.replace(tmp, out_dir / "run_report.json")
+    except OSError as exc:
+        raise OutputError(f"{out_dir / 'run_report.json'}: cannot write the run report "
+                          f"({os_error_cause(exc)})") from None
+    return report
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The one-paragraph summary printed at the end of a run."""
+    t = report["throughput"]
+    done = sum(s["complete"] for s in report["scenes"])
+    return (f"{report['engine']}: {done}/{len(report['scenes'])} scene(s) complete, "
+            f"{report['tiles']} tiles ({report['tiles_computed']} computed), "
+            f"{report['megapixels']:.1f} Mpx = {report['area_km2']:.2f} km2 in {report['wall_s']:.1f} s "
+            f"on {report['ranks']} rank(s): {t['tiles_per_s']:.1f} tiles/s, "
+            f"{t['mpixel_per_s']:.2f} Mpx/s, {t['km2_per_s']:.3f} km2/s")

@@ -84,6 +84,13 @@ class TileStages:
             if channels_last:
                 m.to(memory_format=torch.channels_last)
 
+    @classmethod
+    def from_config(cls, models: StageModels, device: torch.device, inference: Any) -> "TileStages":
+        """Stages as the ``inference`` section of a run config (InferenceConfig) asks for."""
+        i = inference
+        return cls(models, device, i.batch_size, i.threshold, i.channels_last, i.mixed_precision,
+                   i.compile, i.segment_batch_size)
+
     def _prepare(self, x: np.ndarray | torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
         """(n, C, S, S) float32 (numpy, or a tensor already on the device) -> zero-padded
         (size or batch_size, C, S, S) tensor on the device."""

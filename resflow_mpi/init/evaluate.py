@@ -1,7 +1,9 @@
-"""`resflow evaluate`: IoU / F1 per held-out region, RESFlow (bucketed models) vs Mono.
+"""`resflow evaluate`: IoU / F1 per held-out region, RESFlow (bucketed models) vs Mono, beside the
+trivial baselines (all-building, all-background).
 
-Runs the same inference pipeline as `resflow run` (tiles, halo, three stages) on the test scenes,
-tiles spread over ranks, and compares each tile's owned mask with the ground truth window.
+Runs the one pipeline (``pipeline.drive`` through any runner: tiles, halo, three stages) on the
+labelled test scenes, once per model variant, into a counting sink that compares each tile's owned
+mask with the ground truth window; the runner spreads tiles exactly as ``resflow run`` does.
 """
 from __future__ import annotations
 
@@ -9,109 +11,165 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
-
-from osgeo import gdal
+from typing import Any, Optional, Sequence
 
 from ..config import RunConfig
+from ..errors import InputError, OutputError, os_error_cause
 from ..galleries import ModelGallery
+from ..io.truth import TruthReader, require_truth
+from ..io.maskstore import TileResult
 from ..io.raster import open_scene, resolve_scene_inputs, with_statistics
-from ..pipeline import TileProcessor, TileTask, list_source
-from ..runtime.device import apply_binding
-from ..runtime.mpi import bind_device
-from ..stages import TileStages
-from ..tiling import split_cyclic, tile_grid
-from .data import mask_path_for
+from ..pipeline import Job, Runner, ScenePlan, build_tasks
 from .segtrain import iou_f1
 
-gdal.UseExceptions()
+VARIANTS = (("resflow", None), ("mono", "mono"))
 
 
-def _region_of(info: Any) -> str:
+def region_of(info: Any) -> str:
     return info.metadata.get("RESFLOW_REGION") or Path(info.path).stem
 
 
-def run_evaluate(cfg: RunConfig, comm: Any, out: Optional[str] = None) -> Optional[dict[str, Any]]:
-    """Confusion counts per region and model variant; rank 0 writes evaluation.{json,md}."""
-    rank, size = comm.Get_rank(), comm.Get_size()
-    binding = bind_device(comm, cfg.inference.device, cfg.inference.threads_per_rank)
-    device = apply_binding(binding)
-    split = "test" if cfg.scenes.split == "all" else cfg.scenes.split
-    paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-    scenes = [with_statistics(open_scene(p, cfg.scenes.bands), cfg.scenes.bands,
-                              cfg.normalization.mode) for p in paths]
-    gallery = ModelGallery(cfg.models.gallery)
-    gallery.verify()
-    tasks = [TileTask(t) for i, s in enumerate(scenes)
-             for t in tile_grid(i, s.width, s.height, cfg.tiling.tile_px, cfg.tiling.halo_px)]
-    mine = [tasks[j] for j in split_cyclic(len(tasks), rank, size)]
-    counts: dict[str, dict[str, dict[str, int]]] = {}
-    buckets_used: dict[str, dict[int, int]] = {}
-    for variant in ("resflow", "mono"):
-        models = gallery.stage_models(device, bucket_override="mono" if variant == "mono" else None)
-        stages = TileStages(models, device, cfg.inference.batch_size, cfg.inference.threshold,
-                            cfg.inference.channels_last, cfg.inference.mixed_precision,
-                            cfg.inference.compile, cfg.inference.segment_batch_size)
-        proc = TileProcessor(scenes, cfg, stages)
-        gt_ds: dict[int, Any] = {}
-        for r in proc.process(list_source(mine, cfg.inference.batch_size)):
+def _zero() -> dict[str, int]:
+    return {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+
+
+class CountingSink:
+    """Confusion counts per region of the tiles this process computed (a local sink)."""
+
+    kind = "local"
+
+    def __init__(self, scenes: Sequence[Any]):
+        self.scenes = list(scenes)
+        self.counts: dict[str, dict[str, int]] = {}
+        self.buckets: dict[str, dict[int, int]] = {}
+        self._truth: dict[int, TruthReader] = {}
+
+    def write_results(self, results: Sequence[TileResult], collective: bool = False,
+                      n_calls: Optional[int] = None) -> None:
+        for r in results:
             s = r.tile.scene
-            if s not in gt_ds:
-                gt_ds[s] = gdal.Open(mask_path_for(scenes[s].path))
+            if s not in self._truth:
+                self._truth[s] = TruthReader(self.scenes[s])
             o = r.tile.owned
-            gt = gt_ds[s].ReadAsArray(o.col, o.row, o.width, o.height)
+            gt = self._truth[s].read(o.col, o.row, o.width, o.height)
             v = (gt != 255) & (r.mask != 255)
             p, t = r.mask == 1, gt == 1
-            region = _region_of(scenes[s])
-            c = counts.setdefault(region, {}).setdefault(variant, {"tp": 0, "fp": 0, "fn": 0, "tn": 0})
+            region = region_of(self.scenes[s])
+            c = self.counts.setdefault(region, _zero())
             c["tp"] += int((p & t & v).sum())
             c["fp"] += int((p & ~t & v).sum())
             c["fn"] += int((~p & t & v).sum())
             c["tn"] += int((~p & ~t & v).sum())
-            if variant == "resflow":
-                bu = buckets_used.setdefault(region, {})
-                bu[r.bucket] = bu.get(r.bucket, 0) + 1
-    parts = comm.gather((counts, buckets_used), root=0)
-    if rank != 0:
-        return None
+            hist = self.buckets.setdefault(region, {})
+            hist[r.bucket] = hist.get(r.bucket, 0) + 1
+
+    def close(self) -> None:
+        for t in self._truth.values():
+            t.close()
+        self._truth.clear()
+
+
+def baselines(c: dict[str, int]) -> dict[str, dict[str, Optional[float]]]:
+    """IoU/F1 of predicting every valid pixel as building, or every pixel as background."""
+    positives, negatives = c["tp"] + c["fn"], c["fp"] + c["tn"]
+    return {"all_building": iou_f1({"tp": positives, "fp": negatives, "fn": 0}),
+            "all_background": iou_f1({"tp": 0, "fp": 0, "fn": positives})}
+
+
+def evaluation_scenes(cfg: RunConfig) -> list[Any]:
+    """The labelled test scenes; an unlabelled one is a one-line error before any work."""
+    split = "test" if cfg.scenes.split == "all" else cfg.scenes.split
+    paths = resolve_scene_inputs(cfg.scenes.inputs, split)
+    if not paths:
+        raise InputError("scenes.inputs: no scenes to evaluate (set scenes.inputs and "
+                         "scenes.split in the config)")
+    scenes = [with_statistics(open_scene(p, cfg.scenes.bands), cfg.scenes.bands,
+                              cfg.normalization.mode) for p in paths]
+    require_truth(scenes)
+    return scenes
+
+
+def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
+                 ) -> Optional[dict[str, Any]]:
+    """Confusion counts per region and model variant; rank 0 writes evaluation.{json,md}."""
+    comm = runner.comm
+    runner.bind(cfg)
+    out_dir = Path(out or cfg.output.dir)
+
+    def setup() -> list[Any]:
+        ModelGallery(cfg.models.gallery).verify()
+        return evaluation_scenes(cfg)
+    scenes = comm.root_call(setup)
+    job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), ModelGallery(cfg.models.gallery),
+              out_dir, quiet=True)
+    tasks = build_tasks(job.plan, cfg) if comm.is_root else []
     total: dict[str, dict[str, dict[str, int]]] = {}
     used: dict[str, dict[int, int]] = {}
-    for c_part, b_part in parts:  # type: ignore[union-attr]
-        for region, variants in c_part.items():
-            for variant, c in variants.items():
-                acc = total.setdefault(region, {}).setdefault(variant, {"tp": 0, "fp": 0, "fn": 0, "tn": 0})
+    for variant, override in VARIANTS:
+        sink = CountingSink(scenes)
+        runner.map_tiles(job, tasks, sink, override)
+        sink.close()
+        parts = comm.gather((sink.counts, sink.buckets))
+        for counts, hists in parts or []:
+            for region, c in counts.items():
+                acc = total.setdefault(region, {}).setdefault(variant, _zero())
                 for key in acc:
                     acc[key] += c[key]
-        for region, hist in b_part.items():
-            for b, nb in hist.items():
-                used.setdefault(region, {})[b] = used.setdefault(region, {}).get(b, 0) + nb
+            if variant == "resflow":
+                for region, hist in hists.items():
+                    u = used.setdefault(region, {})
+                    for b, n in hist.items():
+                        u[b] = u.get(b, 0) + n
+    if not comm.is_root:
+        return None
+    return write_evaluation(out_dir, total, used, job.gallery)
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
+                     used: dict[str, dict[int, int]], gallery: ModelGallery) -> dict[str, Any]:
+    """evaluation.json and evaluation.md (atomically) from the summed counts."""
     rows = []
     for region in sorted(total):
         m, r_ = iou_f1(total[region]["mono"]), iou_f1(total[region]["resflow"])
+        base = baselines(total[region]["mono"])
         rows.append({"region": region, "mono_iou": m["iou"], "mono_f1": m["f1"],
                      "resflow_iou": r_["iou"], "resflow_f1": r_["f1"],
-                     "iou_gap": (r_["iou"] - m["iou"]) if m["iou"] is not None and r_["iou"] is not None else None,
+                     "iou_gap": (r_["iou"] - m["iou"])
+                     if m["iou"] is not None and r_["iou"] is not None else None,
+                     "all_building_iou": base["all_building"]["iou"],
+                     "all_building_f1": base["all_building"]["f1"],
+                     "all_background_iou": base["all_background"]["iou"],
+                     "all_background_f1": base["all_background"]["f1"],
                      "buckets_used": {str(k): v for k, v in sorted(used.get(region, {}).items())},
                      "counts": total[region]})
     summary = gallery.manifest.get("summary", {})
     result = {"regions": rows, "hash_map": summary.get("hash_map"), "k": summary.get("k"),
               "gallery": str(gallery.root), "gallery_checksum": gallery.checksum}
-    out_dir = Path(out or cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = ["| Region | Mono IoU | Mono F1 | RESFlow IoU | RESFlow F1 | IoU gap |",
-          "|---|---|---|---|---|---|"]
+    md = ["| Region | All-building IoU / F1 | All-background IoU / F1 | Mono IoU | Mono F1 | "
+          "RESFlow IoU | RESFlow F1 | IoU gap |",
+          "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        md.append(f"| {r['region']} | {f(r['mono_iou'])} | {f(r['mono_f1'])} | "
-                  f"{f(r['resflow_iou'])} | {f(r['resflow_f1'])} | {f(r['iou_gap'])} |")
+        md.append(f"| {r['region']} | {_fmt(r['all_building_iou'])} / {_fmt(r['all_building_f1'])}"
+                  f" | {_fmt(r['all_background_iou'])} / {_fmt(r['all_background_f1'])}"
+                  f" | {_fmt(r['mono_iou'])} | {_fmt(r['mono_f1'])} | "
+                  f"{_fmt(r['resflow_iou'])} | {_fmt(r['resflow_f1'])} | {_fmt(r['iou_gap'])} |")
     md.append("")
-    md.append(f"Buckets chosen: k = {result['k']}; hash validation mAP = "
-              f"{result['hash_map']:.4f}" if result["hash_map"] is not None else "")
-    for name, text in (("evaluation.json", json.dumps(result, indent=1)),
-                       ("evaluation.md", "\n".join(md) + "\n")):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    if result["hash_map"] is not None:
+        md.append(f"Buckets chosen: k = {result['k']}; hash validation mAP = "
+                  f"{result['hash_map']:.4f}")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in (("evaluation.json", json.dumps(result, indent=1)),
+                           ("evaluation.md", "\n".join(md) + "\n")):
+            tmp = out_dir / (name + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, out_dir / name)
+    except OSError as exc:
+        raise OutputError(f"{out_dir}: cannot write the evaluation ({os_error_cause(exc)})") from None
     print("\n".join(md), flush=True)
     print(f"[evaluate] wrote {out_dir / 'evaluation.md'}", file=sys.stderr, flush=True)
     return result

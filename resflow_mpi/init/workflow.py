@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig
-from ..errors import InputError
+from ..errors import InputError, OutputError, os_error_cause
 from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module
 from ..io.raster import resolve_scene_inputs
 from ..models import build_feature_extractor, build_hash_head, build_segmentation
 from ..models.embedding import ConvAutoencoder
+from ..runtime.comm import resolve_comm
 from ..runtime.device import usable_cores
-from ..runtime.mpi import bcast_error, quiet_barrier
 from ..tiling import split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, open_scenes, sample_tiles
@@ -98,24 +98,25 @@ def save_curve_plot(path: Path, ks: list[int], var: list[float], k: int) -> None
 
 def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     """The whole initialisation; rank 0 returns the summary."""
-    rank, size = comm.Get_rank(), comm.Get_size()
+    comm = resolve_comm(comm)
+    rank, size = comm.rank, comm.size
     t0 = time.perf_counter()
     tr = cfg.training
     torch.set_num_threads(cfg.inference.threads_per_rank or max(1, (os.cpu_count() or 1) // size))
     gallery = Path(cfg.models.gallery)
-    err = None
-    if rank == 0:
+
+    def training_scenes() -> list[Any]:
         try:
             gallery.mkdir(parents=True, exist_ok=True)
-            split = "train"  # init always learns from the training split of manifests
-            paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-            if not paths:
-                raise InputError("scenes.inputs: no training scenes found")
-            scenes = open_scenes(paths, cfg.scenes.bands, cfg.normalization.mode)
-        except Exception as exc:  # noqa: BLE001 - delivered to every rank below
-            err, scenes = exc, []
-    bcast_error(comm, err)
-    scenes = comm.bcast(scenes if rank == 0 else None, root=0)
+        except OSError as exc:
+            raise OutputError(f"{gallery}: cannot create the gallery directory "
+                              f"({os_error_cause(exc)})") from None
+        split = "train"  # init always learns from the training split of manifests
+        paths = resolve_scene_inputs(cfg.scenes.inputs, split)
+        if not paths:
+            raise InputError("scenes.inputs: no training scenes found")
+        return open_scenes(paths, cfg.scenes.bands, cfg.normalization.mode)
+    scenes = comm.root_call(training_scenes)
     mine = list(split_block(len(scenes), rank, size))
     part = sample_tiles(scenes, mine, tr.tile_px, tr.tiles_per_scene, cfg.scenes.bands,
                         cfg.normalization, tr.seed)
@@ -168,7 +169,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         torch.set_num_threads(per_rank_threads)
     else:
         state = None
-    quiet_barrier(comm)
+    comm.quiet_barrier()
     buckets, centroids, codes = comm.bcast(state, root=0)
     k = len(centroids)
     # -- stage B: base segmenter (rank 0), then buckets + Mono in parallel ---------------------
@@ -186,7 +187,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         torch.set_num_threads(per_rank_threads)
         _log(f"base {cfg.models.arch}/{cfg.models.preset} trained for {base_steps} steps; "
              f"fine-tuning {k} bucket model(s) + Mono for {ft_steps} steps each on {size} rank(s)")
-    quiet_barrier(comm)
+    comm.quiet_barrier()
     base_state = comm.bcast(base_state, root=0)
     entries: dict[str, dict[str, Any]] = {}
     for job in range(k + 1):
@@ -208,10 +209,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         if job < k:
             entry.update({"index": job, "code": bits_to_str(centroids[job], cfg.models.hash_bits)})
         entries[name] = entry
-    quiet_barrier(comm)
+    comm.quiet_barrier()
     all_entries = comm.gather(entries, root=0)
     if rank != 0:
-        comm.Barrier()
+        comm.barrier()
         return None
     merged = {key: v for part in all_entries for key, v in part.items()}  # type: ignore[union-attr]
     bucket_entries = sorted((v for key, v in merged.items() if key != "mono"),
@@ -232,5 +233,5 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     summary["seconds"] = time.perf_counter() - t0
     _log(f"gallery written to {gallery}: {k} bucket model(s) + Mono, hash mAP "
          f"{summary['hash_map']:.4f}, {summary['seconds']:.0f} s")
-    comm.Barrier()
+    comm.barrier()
     return summary

@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 import h5py
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import OutputError, os_error_cause
 from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
 
@@ -47,12 +47,19 @@ def _dxpl(collective: bool) -> Any:
     return dxpl
 
 
+def parallel_hdf5() -> bool:
+    """True when h5py was built with MPI support (the ``mpio`` driver is available)."""
+    return bool(h5py.get_config().mpi)
+
+
 class MaskStore:
     """Reconstructs full-scene masks from tile results in one HDF5 file.
 
     ``comm`` given: the file is opened with the ``mpio`` driver on that communicator (all of its
     ranks must construct the store together). ``comm`` None: an ordinary single-writer file.
     """
+
+    kind = "store"  # a result sink written by the runner's writer policy
 
     def __init__(self, path: str, scenes: Sequence[SceneInfo], tile_px: int, halo_px: int,
                  code_bytes: int, config_checksum: str, gallery_checksum: str,
@@ -82,8 +89,8 @@ class MaskStore:
             else:
                 self._check(config_checksum, gallery_checksum)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot lay out the HDF5 output ({exc}); is the disk full or "
-                              "a file-size limit reached?") from None
+            raise OutputError(f"{path}: cannot lay out the HDF5 output ({os_error_cause(exc)})"
+                              ) from None
         self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
 
     # -- layout --------------------------------------------------------------------------------
@@ -188,9 +195,9 @@ class MaskStore:
         try:
             self._write_results(results, collective, n_calls)
         except OSError as exc:
-            raise OutputError(f"{self.path}: writing masks failed on rank {self.rank} ({exc}); "
-                              "is the disk full or a file-size limit reached? Free space and "
-                              "rerun: finished tiles are kept") from None
+            raise OutputError(f"{self.path}: writing masks failed on rank {self.rank} "
+                              f"({os_error_cause(exc)}); finished tiles are kept, a rerun "
+                              "resumes") from None
 
     def _write_results(self, results: Sequence[TileResult], collective: bool,
                        n_calls: Optional[int]) -> None:

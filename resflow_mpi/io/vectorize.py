@@ -14,7 +14,7 @@ from xml.sax.saxutils import escape
 
 from osgeo import gdal, ogr, osr
 
-from ..errors import InputError, OutputError, ResflowError
+from ..errors import InputError, OutputError, ResflowError, os_error_cause
 
 gdal.UseExceptions()
 ogr.UseExceptions()
@@ -22,8 +22,6 @@ osr.UseExceptions()
 
 LAYER_NAME = "buildings"
 BUILDING_VALUE = 1
-# Environment variables a launcher (Open MPI, MPICH/Hydra, Slurm) sets on every rank.
-LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 # Metres per degree of latitude: converts simplify_m to a tolerance for geographic masks.
 METRES_PER_DEGREE = 111_320.0
 
@@ -181,7 +179,7 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
             os.replace(json_tmp, geojson_path)
     except RuntimeError as exc:
         raise OutputError(f"{out_gpkg}: vectorizing {mask_tif} failed "
-                          f"({str(exc).strip().splitlines()[0]}); is the disk full?") from None
+                          f"({os_error_cause(exc)})") from None
     finally:
         selector = None
         ds = None
@@ -193,6 +191,60 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
     return {"mask": str(mask_tif), "gpkg": str(out_gpkg),
             "geojson": str(geojson_path) if geojson_path is not None else None,
             "polygons": polygons, "area_m2": total_area_m2, "dropped": dropped}
+
+
+def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
+                 target_crs: str = "EPSG:4326") -> dict[str, Any]:
+    """One layer of every scene's polygons in ``target_crs`` (scenes in any CRSs): columns
+    ``scene`` (source GeoPackage stem), ``id`` and ``area_m2`` as measured in the scene's CRS."""
+    out_path = Path(out_path)
+    tmp = _partial(out_path)
+    tmp.unlink(missing_ok=True)
+    dst = osr.SpatialReference()
+    try:
+        dst.SetFromUserInput(target_crs)
+    except RuntimeError:
+        raise InputError(f"--merged-crs {target_crs}: not a known coordinate reference system "
+                         "(use e.g. EPSG:4326)") from None
+    dst.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    count = 0
+    try:
+        driver = ogr.GetDriverByName("GPKG" if out_path.suffix == ".gpkg" else "GeoJSON")
+        out_ds = driver.CreateDataSource(str(tmp))
+        layer = out_ds.CreateLayer(LAYER_NAME, srs=dst, geom_type=ogr.wkbPolygon)
+        for name, kind in (("scene", ogr.OFTString), ("id", ogr.OFTInteger64),
+                           ("area_m2", ogr.OFTReal)):
+            layer.CreateField(ogr.FieldDefn(name, kind))
+        defn = layer.GetLayerDefn()
+        layer.StartTransaction()
+        for g in gpkgs:
+            src_ds = ogr.Open(str(g))
+            src = src_ds.GetLayerByName(LAYER_NAME)
+            srs = src.GetSpatialRef()
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            to_dst = osr.CoordinateTransformation(srs, dst)
+            scene = Path(g).stem
+            for f in src:
+                geom = f.GetGeometryRef().Clone()
+                geom.Transform(to_dst)
+                feat = ogr.Feature(defn)
+                feat.SetField("scene", scene)
+                feat.SetField("id", f.GetField("id"))
+                feat.SetField("area_m2", f.GetField("area_m2"))
+                feat.SetGeometry(geom)
+                layer.CreateFeature(feat)
+                count += 1
+            src_ds = None
+        layer.CommitTransaction()
+        layer = None
+        out_ds = None
+        os.replace(tmp, out_path)
+    except RuntimeError as exc:
+        raise OutputError(f"{out_path}: merging polygon layers failed "
+                          f"({os_error_cause(exc)})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": str(out_path), "polygons": count, "crs": target_crs}
 
 
 def expand_mask_inputs(inputs: Sequence[str | Path]) -> list[Path]:
@@ -221,18 +273,7 @@ def output_paths(mask_tif: Path, out_dir: Optional[str | Path]) -> tuple[Path, P
     return folder / f"{stem}_buildings.gpkg", folder / f"{stem}_buildings.geojson"
 
 
-def launched_by_mpi() -> bool:
-    """True when an MPI launcher started this process as one of several ranks."""
-    for var in LAUNCHER_SIZE_VARS:
-        try:
-            if int(os.environ.get(var, "1")) > 1:
-                return True
-        except ValueError:
-            continue
-    return False
-
-
-def _vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:
+def vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:
     """One mask, with a user-caused failure turned into an error entry instead of an exception."""
     gpkg, geojson = output_paths(mask, args.out)
     try:
@@ -242,7 +283,7 @@ def _vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:
         return {"mask": str(mask), "error": str(exc), "exit_code": exc.exit_code}
 
 
-def _result_line(result: dict[str, Any]) -> str:
+def result_line(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{result['mask']}: error: {result['error']}"
     extra = f", {result['geojson']}" if result["geojson"] else ""
@@ -250,50 +291,17 @@ def _result_line(result: dict[str, Any]) -> str:
             f"-> {result['gpkg']}{extra}")
 
 
-def vectorize_command(args: argparse.Namespace) -> int:
-    """`resflow vectorize`: masks spread over MPI ranks (mask i on rank i % size), or serial."""
-    if args.out is not None:
-        try:
-            Path(args.out).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{args.out}: cannot create output directory ({exc.strerror})") from None
-    if not launched_by_mpi():
-        masks = expand_mask_inputs(args.masks)
-        results = []
-        for mask in masks:
-            results.append(_vectorize_one(mask, args))
-            print(_result_line(results[-1]), flush=True)
-        return _summarise(results)
-
-    from ..runtime.mpi import abort_on_error, init_runtime
-    comm = init_runtime()
-    rank, size = comm.Get_rank(), comm.Get_size()
-    masks_or_error: Any = None
-    if rank == 0:
-        try:
-            masks_or_error = expand_mask_inputs(args.masks)
-        except ResflowError as exc:
-            masks_or_error = exc
-    masks_or_error = comm.bcast(masks_or_error, root=0)
-    if isinstance(masks_or_error, ResflowError):
-        if rank == 0:
-            raise masks_or_error
-        return masks_or_error.exit_code
-    masks: list[Path] = masks_or_error
-    with abort_on_error(comm, "resflow vectorize"):
-        mine = [(i, _vectorize_one(m, args)) for i, m in enumerate(masks) if i % size == rank]
-    gathered = comm.gather(mine, root=0)
-    code = 0
-    if rank == 0:
-        results = [r for _, r in sorted((pair for part in gathered for pair in part),
-                                        key=lambda pair: pair[0])]
-        for r in results:
-            print(_result_line(r), flush=True)
-        code = _summarise(results, size)
-    return int(comm.bcast(code, root=0))
+def prepare_out_dir(out: Optional[str]) -> None:
+    """Create ``--out`` before any work (a one-line error when it cannot be)."""
+    if out is None:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create output directory ({exc.strerror})") from None
 
 
-def _summarise(results: Sequence[dict[str, Any]], ranks: int = 1) -> int:
+def summarise(results: Sequence[dict[str, Any]], ranks: int = 1) -> int:
     """Print the totals line; exit code 0 when every mask succeeded."""
     ok = [r for r in results if "error" not in r]
     failed = len(results) - len(ok)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
-import torch
 
 from .. import errors
 from ..config import RunConfig
@@ -48,11 +47,11 @@ from ..errors import ConfigError, ResflowError
 from ..galleries import ModelGallery
 from ..io.maskstore import MaskStore, TileResult
 from ..io.raster import SceneInfo, open_scene
-from ..pipeline import PipelineStats, TileProcessor, TileTask, list_source
-from ..stages import TileStages
-from ..tiling import grid_shape, make_tile, tile_grid
-from .common import (H5_NAME, check_output_dir, export_outputs, plan_scenes, stats_dict,
-                     summary_line, write_report)
+from ..pipeline import (Job, PipelineStats, ResultSink, TileProcessor, TileTask, build_stages,
+                        export_outputs, list_source, scene_tasks, stats_dict)
+from ..runtime.comm import Communicator
+from ..runtime.device import ticket_layout, use_device
+from ..tiling import grid_shape, make_tile
 from .tickets import TicketFolder
 
 MIN_JAVA_MAJOR = 17
@@ -160,6 +159,7 @@ class SparkJob:
     scenes: tuple[SceneInfo, ...]
     ticket_dir: str
     threads: int
+    bucket_override: Optional[str] = None
 
 
 def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
@@ -171,12 +171,8 @@ def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
     index, path = item
     t = job.cfg.tiling
     info = open_scene(path, job.cfg.scenes.bands, job.cfg.scenes.expect_dtype)
-    cov = coverage.value[index]
-    finished = done.value[index]
-    for tile in tile_grid(index, info.width, info.height, t.tile_px, t.halo_px):
-        if finished is not None and finished[tile.index]:
-            continue
-        yield TileTask(tile, bool(cov is not None and cov.ravel()[tile.index] == 0.0))
+    yield from scene_tasks(index, info, t.tile_px, t.halo_px, coverage.value[index],
+                           done.value[index])
 
 
 def compute_partition(partition: int, tasks: Iterable[TileTask],
@@ -197,17 +193,10 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
         if todo:
             cfg = job.cfg
             with TicketFolder(job.ticket_dir).ticket() as ticket:
-                torch.set_num_threads(job.threads)
-                device = torch.device(ticket.device)
-                if device.type == "cuda":
-                    torch.cuda.set_device(device)
+                device = use_device(ticket.device, job.threads)
                 binding.update(device=ticket.device, ticket=ticket.name)
-                gallery = ModelGallery(cfg.models.gallery)
-                stages = TileStages(gallery.stage_models(device, cfg.models.arch,
-                                                         cfg.models.preset),
-                                    device, cfg.inference.batch_size, cfg.inference.threshold,
-                                    cfg.inference.channels_last, cfg.inference.mixed_precision,
-                                    cfg.inference.compile, cfg.inference.segment_batch_size)
+                stages = build_stages(cfg, ModelGallery(cfg.models.gallery), device,
+                                      job.bucket_override)
                 processor = TileProcessor(job.scenes, cfg, stages)
                 stats = processor.stats
                 for result in processor.process(list_source(todo, cfg.inference.batch_size)):
@@ -226,7 +215,7 @@ def export_partition(scene_indices: Iterable[int], cfg: RunConfig, out_dir: str,
                      scenes: Sequence[SceneInfo]) -> Iterator[tuple[int, Any]]:
     """Executor side of the export: (scene, paths) pairs, or (STATS_KEY, error) on failure."""
     try:
-        exported = export_outputs(cfg, Path(out_dir), str(Path(out_dir) / H5_NAME), scenes,
+        exported = export_outputs(cfg, Path(out_dir), str(Path(out_dir) / "masks.h5"), scenes,
                                   list(scene_indices))
         yield from exported.items()
     except ResflowError as exc:
@@ -320,58 +309,67 @@ def start_spark(cfg: RunConfig, log_dir: Path) -> Any:
     return sc
 
 
-def ticket_devices(cfg: RunConfig) -> tuple[list[str], int]:
-    """Ticket layout: every visible GPU with ``tickets_per_device`` tickets, else CPU slots.
-
-    The driver's GPUs stand for every executor node's (homogeneous nodes, as in the paper)."""
-    want = cfg.inference.device
-    gpus = torch.cuda.device_count() if want != "cpu" else 0
-    if want == "cuda" and gpus == 0:
-        raise ConfigError("inference.device=cuda but the Spark driver sees no GPU; use "
-                          "inference.device=auto or cpu")
-    if gpus:
-        return [f"cuda:{i}" for i in range(gpus)], cfg.spark.tickets_per_device
-    return ["cpu"], cfg.spark.cpu_slots
-
-
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, file=sys.stderr, flush=True)
 
 
-def run_spark(cfg: RunConfig, restart: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Map every scene of the config to masks with Spark (``spark.master``); return the report."""
-    t_start = time.perf_counter()
-    check_spark_environment()
-    out_dir = check_output_dir(cfg.output.dir)
-    gallery = ModelGallery(cfg.models.gallery)
-    gallery.verify()
-    plan = plan_scenes(cfg)
-    scenes = plan.scenes
-    devices, per_device = ticket_devices(cfg)
-    ticket_dir = Path(cfg.spark.ticket_dir or out_dir / "tickets")
-    folder = TicketFolder.create(ticket_dir, devices, per_device)
-    h5_path = str(out_dir / H5_NAME)
-    t = cfg.tiling
-    store = MaskStore(h5_path, scenes, t.tile_px, t.halo_px, gallery.centroids.shape[1],
-                      cfg.checksum(), gallery.checksum, comm=None, restart=restart,
-                      save_probabilities=cfg.inference.save_probabilities)
-    job = SparkJob(cfg, tuple(scenes), str(ticket_dir), cfg.inference.threads_per_rank or 1)
-    log_dir = Path(tempfile.mkdtemp(prefix="resflow-spark-"))
-    sc = None
-    try:
-        done = [store.done_mask(i) for i in range(len(scenes))]
-        sc = start_spark(cfg, log_dir)
+class SparkRunner:
+    """The driver plans and writes; executors compute RDD partitions under GPU/CPU tickets."""
+
+    name = "spark"
+
+    def __init__(self) -> None:
+        check_spark_environment()
+        self.comm = Communicator(None)  # the driver is one process; Spark owns the parallelism
+        self.sc: Any = None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="resflow-spark-"))
+        self.extra: dict[str, Any] = {"writer": "driver (serial merge)"}
+
+    def bind(self, cfg: RunConfig) -> Optional[dict[str, Any]]:
+        return None  # executors bind per partition through the ticket folder
+
+    def open_store(self, job: Job, restart: bool) -> Optional[MaskStore]:
+        t = job.cfg.tiling
+        return MaskStore(job.h5_path, job.scenes, t.tile_px, t.halo_px, job.code_bytes,
+                         job.cfg.checksum(), job.gallery.checksum, comm=None, restart=restart,
+                         save_probabilities=job.cfg.inference.save_probabilities)
+
+    def _context(self, cfg: RunConfig) -> Any:
+        if self.sc is None:
+            self.sc = start_spark(cfg, self.log_dir)
+        return self.sc
+
+    def map_tiles(self, job: Job, tasks: Sequence[TileTask], sink: ResultSink,
+                  bucket_override: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
+        cfg, scenes, t = job.cfg, job.scenes, job.cfg.tiling
+        devices, per_device = ticket_layout(cfg.inference.device, cfg.spark.tickets_per_device,
+                                            cfg.spark.cpu_slots)
+        ticket_dir = Path(cfg.spark.ticket_dir or job.out_dir / "tickets")
+        folder = TicketFolder.create(ticket_dir, devices, per_device)
+        spark_job = SparkJob(cfg, tuple(scenes), str(ticket_dir),
+                             cfg.inference.threads_per_rank or 1, bucket_override)
+        sc = self._context(cfg)
         n_cores = sc.defaultParallelism
-        _say(quiet, f"[spark] {cfg.spark.master}: {len(scenes)} scene(s) over {n_cores} "
-                    f"partition(s), tickets {folder.ticket_names}")
-        coverage_bc = sc.broadcast(plan.coverage)
-        done_bc = sc.broadcast([d if d.any() else None for d in done])
+        _say(job.quiet, f"[spark] {cfg.spark.master}: {len(scenes)} scene(s) over {n_cores} "
+                        f"partition(s), tickets {folder.ticket_names}")
+        # The RDD holds scene paths (as in the paper); executors re-derive the tiles of each
+        # scene, skipping the ones the driver's plan no longer lists (finished on resume).
+        todo: list[Optional[np.ndarray]] = []
+        for i, s in enumerate(scenes):
+            rows, cols = grid_shape(s.width, s.height, t.tile_px)
+            finished = np.ones(rows * cols, bool)
+            todo.append(finished)
+        for task in tasks:
+            todo[task.tile.scene][task.tile.index] = False  # type: ignore[index]
+        coverage_bc = sc.broadcast(job.plan.coverage)
+        done_bc = sc.broadcast([d if d.any() else None for d in todo])  # type: ignore[union-attr]
         paths = [s.path for s in scenes]
         merged = (sc.parallelize(list(enumerate(paths)), numSlices=len(paths))
-                  .flatMap(partial(scene_tile_tasks, job=job, coverage=coverage_bc, done=done_bc))
+                  .flatMap(partial(scene_tile_tasks, job=spark_job, coverage=coverage_bc,
+                                   done=done_bc))
                   .repartition(n_cores)
-                  .mapPartitionsWithIndex(partial(compute_partition, job=job))
+                  .mapPartitionsWithIndex(partial(compute_partition, job=spark_job))
                   .combineByKey(_start_list, _append, _extend, numPartitions=len(scenes) + 1,
                                 partitionFunc=partial(scene_partition, n_scenes=len(scenes))))
         per_partition: list[dict[str, Any]] = []
@@ -386,44 +384,37 @@ def run_spark(cfg: RunConfig, restart: bool = False, quiet: bool = False) -> dic
                     continue
                 t0 = time.perf_counter()
                 for i in range(0, len(values), WRITE_CHUNK_TILES):
-                    store.write_results([decode_result(b, scenes[key], t.tile_px, t.halo_px)
-                                         for b in values[i:i + WRITE_CHUNK_TILES]])
+                    sink.write_results([decode_result(b, scenes[key], t.tile_px, t.halo_px)
+                                        for b in values[i:i + WRITE_CHUNK_TILES]])
                 write_s += time.perf_counter() - t0
-                _say(quiet, f"[merge] scene {key}: {len(values)} tile(s) written in "
-                            f"{time.perf_counter() - t0:.2f} s")
-        store.flush()
-        for i in range(len(scenes)):
-            store.mark_complete(i)
-        complete = [i for i in range(len(scenes)) if store.is_complete(i)]
-        bytes_written = store.bytes_written
-        store.close()
-        t0 = time.perf_counter()
+                _say(job.quiet, f"[merge] scene {key}: {len(values)} tile(s) written in "
+                                f"{time.perf_counter() - t0:.2f} s")
+        self.extra.update({"master": cfg.spark.master, "merge_write_s": write_s,
+                           "merge_bytes_written": getattr(sink, "bytes_written", 0),
+                           "ticket_dir": str(ticket_dir), "tickets": folder.ticket_names})
+        return per_partition
+
+    def export(self, job: Job, complete: Sequence[int]) -> dict[int, list[str]]:
         exported: dict[int, list[str]] = {}
-        if complete:
-            with spark_errors():
-                pairs = (sc.parallelize(complete, numSlices=len(complete))
-                         .mapPartitions(partial(export_partition, cfg=cfg, out_dir=str(out_dir),
-                                                scenes=scenes))
-                         .collect())
-            for key, value in pairs:
-                if key == STATS_KEY:
-                    raise_reported(value)
-                exported[key] = value
-        export_s = time.perf_counter() - t0
-    finally:
-        store.close()
-        if sc is not None:
-            sc.stop()
-        shutil.rmtree(log_dir, ignore_errors=True)
-    tiles_planned = sum(f["tiles"] for f in per_partition)
-    report = write_report(out_dir, cfg, scenes, "spark", per_partition,
-                          time.perf_counter() - t_start, complete, exported, plan.skipped,
-                          {"master": cfg.spark.master, "writer": "driver (serial merge)",
-                           "merge_write_s": write_s, "merge_bytes_written": bytes_written,
-                           "export_s": export_s, "ticket_dir": str(ticket_dir),
-                           "tickets": folder.ticket_names, "h5_path": h5_path,
-                           "gallery_checksum": gallery.checksum,
-                           "tiles_total_planned": tiles_planned})
-    if not quiet:
-        print(summary_line(report), flush=True)
-    return report
+        if not complete:
+            return exported
+        sc = self._context(job.cfg)
+        with spark_errors():
+            pairs = (sc.parallelize(list(complete), numSlices=len(complete))
+                     .mapPartitions(partial(export_partition, cfg=job.cfg, out_dir=str(job.out_dir),
+                                            scenes=job.scenes))
+                     .collect())
+        for key, value in pairs:
+            if key == STATS_KEY:
+                raise_reported(value)
+            exported[key] = value
+        return exported
+
+    def report_extra(self) -> dict[str, Any]:
+        return dict(self.extra)
+
+    def close(self) -> None:
+        if self.sc is not None:
+            self.sc.stop()
+            self.sc = None
+        shutil.rmtree(self.log_dir, ignore_errors=True)

@@ -38,6 +38,21 @@ class DeviceBinding:
         return asdict(self)
 
 
+# Environment variables a launcher (Open MPI, MPICH/Hydra, Slurm) sets on every rank.
+LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher started this process as one of several ranks."""
+    for var in LAUNCHER_SIZE_VARS:
+        try:
+            if int(os.environ.get(var, "1")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def launcher_local_rank() -> Optional[int]:
     """The node-local rank the launcher advertises (Open MPI, Slurm, PMI, MPICH, ...), if any."""
     for var in LAUNCHER_LOCAL_RANK_VARS:
@@ -86,10 +101,30 @@ def choose_binding(rank: int, size: int, host: str, local_rank: int, local_size:
     return DeviceBinding(rank, size, host, local_rank, local_size, "cpu", threads, 1, launcher, note)
 
 
+def use_device(device: str, threads: int) -> "object":
+    """Set torch's threads and current CUDA device for this process; return the torch.device."""
+    import torch
+    torch.set_num_threads(max(1, threads))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    return torch.device(device)
+
+
 def apply_binding(binding: DeviceBinding) -> "object":
     """Set torch's threads and current CUDA device; return the torch.device."""
+    return use_device(binding.device, binding.threads)
+
+
+def ticket_layout(want: str, tickets_per_device: int, cpu_slots: int) -> tuple[list[str], int]:
+    """Spark's ticket folder: every visible GPU with ``tickets_per_device`` tickets, else CPU slots.
+
+    The driver's GPUs stand for every executor node's (homogeneous nodes, as in the paper)."""
     import torch
-    torch.set_num_threads(binding.threads)
-    if binding.device.startswith("cuda"):
-        torch.cuda.set_device(binding.device)
-    return torch.device(binding.device)
+    from ..errors import ConfigError
+    gpus = torch.cuda.device_count() if want != "cpu" else 0
+    if want == "cuda" and gpus == 0:
+        raise ConfigError("inference.device=cuda but the Spark driver sees no GPU; use "
+                          "inference.device=auto or cpu")
+    if gpus:
+        return [f"cuda:{i}" for i in range(gpus)], tickets_per_device
+    return ["cpu"], cpu_slots

@@ -1,46 +1,43 @@
-"""MPI start-up, node-local ranks, device binding and abort-on-error, in one place."""
+"""MPI start-up, device binding from node-local ranks, and abort-on-error, in one place."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
+from .comm import Communicator, resolve_comm, world
 from .device import DeviceBinding, choose_binding
 
-
-def init_runtime() -> Any:
-    """Start MPI (explicitly, not at import) and return COMM_WORLD."""
-    os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")  # Debian's h5py: pick the MPI build
-    from mpi4py import MPI
-    return MPI.COMM_WORLD
+BUG_HINT = ("this is a bug in resflow-mpi: please report it with the command and the lines above "
+            "(rerun with --debug for the full traceback)")
 
 
-def local_comm(comm: Any) -> Any:
-    """Ranks sharing this node's memory (MPI_COMM_TYPE_SHARED split)."""
-    from mpi4py import MPI
-    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+def init_runtime() -> Communicator:
+    """Start MPI (explicitly, not at import) and return the world communicator."""
+    return world()
 
 
 def bind_device(comm: Any, want: str = "auto", threads_per_rank: int = 0) -> DeviceBinding:
     """Every rank learns its node-local rank and gets a device; returns this rank's binding."""
     import torch
-    lc = local_comm(comm)
+    comm = resolve_comm(comm)
+    local_rank, local_size, node = comm.node_split()
     gpus = torch.cuda.device_count() if want != "cpu" else 0
-    binding = choose_binding(comm.Get_rank(), comm.Get_size(), socket.gethostname(),
-                             lc.Get_rank(), lc.Get_size(), gpus, want, threads_per_rank)
+    binding = choose_binding(comm.rank, comm.size, socket.gethostname(), local_rank, local_size,
+                             gpus, want, threads_per_rank)
     # Count ranks on the same physical GPU by UUID: with per-rank CUDA_VISIBLE_DEVICES
     # (srun --gpu-bind=single:1) every rank sees "cuda:0", yet they are different devices.
     key = None
     if binding.device.startswith("cuda"):
         idx = int(binding.device.split(":")[1])
         key = str(getattr(torch.cuda.get_device_properties(idx), "uuid", binding.device))
-    keys = lc.allgather(key)
-    lc.Free()
+    keys = node.allgather(key)
+    node.free()
     if key is not None:
-        import dataclasses
         binding = dataclasses.replace(binding, ranks_sharing_device=keys.count(key))
     return binding
 
@@ -51,37 +48,49 @@ def mpi_library() -> str:
     return MPI.Get_library_version().strip().splitlines()[0]
 
 
+def mpi4py_version() -> str:
+    import mpi4py
+    return str(mpi4py.__version__)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("RESFLOW_DEBUG", "") not in ("", "0")
+
+
 @contextmanager
 def abort_on_error(comm: Any, what: str = "resflow") -> Iterator[None]:
-    """Turn an exception on any rank into a prompt MPI_Abort of the whole job (never a hang).
+    """Turn an exception on any rank into a prompt end of the whole job (never a hang).
 
-    The failing rank prints its rank and reason; expected errors (ResflowError) print one line.
+    Expected errors (ResflowError) print one line; an interrupt says where to resume; anything
+    else is a bug: one line saying so (the traceback only with --debug / RESFLOW_DEBUG=1).
     """
-    from ..errors import ResflowError
+    from ..errors import Interrupted, ResflowError
+    comm = resolve_comm(comm)
     try:
         yield
     except SystemExit:
         raise
     except BaseException as exc:  # noqa: BLE001 - any failure must stop every rank
-        rank = comm.Get_rank()
-        if isinstance(exc, ResflowError):
+        rank = comm.rank
+        if isinstance(exc, KeyboardInterrupt):
+            exc = Interrupted("stopped by SIGINT; rerun the same command to resume (finished "
+                              "work is kept)")
+        if isinstance(exc, (ResflowError, Interrupted)):
             msg = f"error: {exc}"
             code = exc.exit_code
         else:
-            msg = f"error: rank {rank} failed: {type(exc).__name__}: {exc}\n" + traceback.format_exc()
+            msg = f"error: {what} failed on rank {rank}: {type(exc).__name__}: {exc}; {BUG_HINT}"
+            if debug_enabled():
+                msg += "\n" + traceback.format_exc()
             code = 1
-        if comm.Get_size() == 1:
-            print(msg, file=sys.stderr, flush=True)
+        if comm.size == 1 or getattr(exc, "shared_by_all_ranks", False):
+            if rank == 0:  # every rank has the same error: one line, clean exit everywhere
+                print(msg, file=sys.stderr, flush=True)
             sys.exit(code)
-        print(f"[rank {rank}] {msg}\n[rank {rank}] aborting the MPI job", file=sys.stderr, flush=True)
-        comm.Abort(code)
-
-
-def bcast_error(comm: Any, error: Optional[BaseException]) -> None:
-    """Collective: if rank 0 hit an expected error, every rank raises it (clean, same exit code)."""
-    err = comm.bcast(error, root=0)
-    if err is not None:
-        raise err
+        if not isinstance(exc, Interrupted) or rank == 0:  # a signal reaches every rank: one line
+            print(f"[rank {rank}] {msg}\n[rank {rank}] aborting the MPI job", file=sys.stderr,
+                  flush=True)
+        comm.abort(code)
 
 
 def inject_fault(rank: int, tiles_written: int) -> None:
@@ -97,12 +106,3 @@ def inject_fault(rank: int, tiles_written: int) -> None:
         import signal
         os.kill(os.getpid(), signal.SIGKILL)
     raise RuntimeError(f"injected fault after {tiles_written} tiles")
-
-
-def quiet_barrier(comm: Any, poll_s: float = 0.05) -> None:
-    """A barrier that sleeps instead of busy-polling, for ranks waiting on long serial work on
-    another rank (Open MPI's blocking calls spin and would steal that rank's core)."""
-    import time
-    req = comm.Ibarrier()
-    while not req.Test():
-        time.sleep(poll_s)

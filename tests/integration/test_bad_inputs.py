@@ -96,8 +96,6 @@ SCENE_CASES: list[tuple[str, Callable[[Path], list[str]], dict, tuple[str, ...]]
     ("unsupported data type", lambda t: [str(scene(t / "i32.tif", dtype=np.int32))], {},
      ("i32.tif", "not supported")),
     ("no georeferencing", lambda t: [str(no_georef(t))], {}, ("nogeo.tif", "no georeferencing")),
-    ("mixed CRS", lambda t: [str(scene(t / "a.tif")), str(scene(t / "b.tif", epsg=32633))], {},
-     ("b.tif", "CRS (EPSG:32633) differs")),
     ("all-nodata scene", lambda t: [str(scene(t / "nd.tif", fill=0))], {},
      ("nd.tif", "entirely nodata")),
     ("NaN in float input", lambda t: [str(float_nan(t))], {}, ("nan.tif", "NaN or inf")),

@@ -19,9 +19,9 @@ VARIANTS = [(1, "static", "auto"), (2, "static", "auto"), (3, "static", "auto"),
             (3, "static", "independent")]
 
 
-def read_outputs(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def read_outputs(out: Path) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     with h5py.File(out / "masks.h5", "r") as f:
-        return {int(i): (g["mask"][...], g["bucket"][...], g["writer_rank"][...])
+        return {int(i): (g["mask"][...], g["bucket"][...], g["writer_rank"][...], g["code"][...])
                 for i, g in f["scenes"].items()}
 
 
@@ -36,6 +36,10 @@ def engine_runs(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path,
     # Single-process reference (no mpirun: a singleton MPI run).
     resflow(["run", str(cfg), "--quiet"])
     runs[("ref",)] = work / "ref"
+    # The in-process engine (no MPI at all): the parity reference of every engine.
+    resflow(["run", str(cfg), "--quiet", "--engine", "local", "--set",
+             f"output.dir={work / 'local'}"])
+    runs[("local",)] = work / "local"
     for n, policy, writer in VARIANTS:
         out = work / f"n{n}-{policy}-{writer}"
         resflow(["run", str(cfg), "--quiet", "--set", f"output.dir={out}",
@@ -49,14 +53,15 @@ def test_outputs_bit_identical_across_ranks_policies_writers(engine_runs: dict) 
     ref = read_outputs(engine_runs[("ref",)])
     assert len(ref) >= 4
     # The reference must be non-trivial: buildings found and several buckets used.
-    masks = np.concatenate([m.ravel() for m, _, _ in ref.values()])
+    masks = np.concatenate([m.ravel() for m, _, _, _ in ref.values()])
     assert (masks == 1).mean() > 0.01 and (masks == 0).mean() > 0.2
-    assert len(np.unique(np.concatenate([b for _, b, _ in ref.values()]))) >= 2
-    for key in VARIANTS:
+    assert len(np.unique(np.concatenate([b for _, b, _, _ in ref.values()]))) >= 2
+    for key in [("local",), *VARIANTS]:
         got = read_outputs(engine_runs[key])
-        for i, (m, b, _) in ref.items():
+        for i, (m, b, _, c) in ref.items():
             assert np.array_equal(got[i][0], m), f"mask of scene {i} differs for {key}"
             assert np.array_equal(got[i][1], b), f"bucket map of scene {i} differs for {key}"
+            assert np.array_equal(got[i][3], c), f"hash codes of scene {i} differ for {key}"
 
 
 def test_hdf5_written_in_parallel_by_every_rank(engine_runs: dict) -> None:

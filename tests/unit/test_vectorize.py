@@ -9,8 +9,9 @@ import pytest
 from osgeo import gdal, ogr
 
 from resflow_mpi.errors import InputError
-from resflow_mpi.io.vectorize import (LAUNCHER_SIZE_VARS, expand_mask_inputs, output_paths,
-                                      vectorize_command, vectorize_mask)
+from resflow_mpi.cli import cmd_vectorize as vectorize_command
+from resflow_mpi.io.vectorize import expand_mask_inputs, output_paths, vectorize_mask
+from resflow_mpi.runtime.device import LAUNCHER_SIZE_VARS
 
 gdal.UseExceptions()
 ogr.UseExceptions()
