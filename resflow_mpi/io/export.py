@@ -46,6 +46,8 @@ def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Pat
     """Write the scene's mask (and optional COG and colour bucket map); return the paths written."""
     written: list[Path] = []
     current = out_tif
+    ds = band = None
+    failure = ""
     with h5py.File(h5_path, "r") as f:
         g = f[f"scenes/{scene}"]
         mask = g["mask"]
@@ -81,11 +83,23 @@ def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Pat
                 _export_buckets(g, gt, wkt, bucket_tif)
                 written.append(bucket_tif)
         except (RuntimeError, OSError) as exc:
-            ds = None
+            failure = export_failure(current, exc)
+            # Drop the half-written dataset now (the traceback's GDAL frames hold it open); its
+            # close fails as well on a full disk, and that second error says nothing new.
+            exc.__traceback__ = None
+            gdal.DontUseExceptions()  # (a destructor cannot raise; only on this failure path)
+            gdal.PushErrorHandler("CPLQuietErrorHandler")
+            try:
+                band = ds = None
+            finally:
+                gdal.PopErrorHandler()
+                gdal.UseExceptions()
             for p in (out_tif, cog_path, bucket_tif):
-                if p is not None and os.path.lexists(_partial(p)):
-                    _partial(p).unlink()
-            raise OutputError(export_failure(current, exc)) from None
+                q = _partial(p) if p is not None else None
+                if q is not None and (q.is_symlink() or q.is_file()):
+                    q.unlink()
+    if failure:
+        raise OutputError(failure)
     return written
 
 

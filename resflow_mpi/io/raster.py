@@ -577,7 +577,7 @@ def resolve_scene_inputs(inputs: Sequence[str], split: str = "all", exclude: Seq
     for p in listed:
         real = os.path.realpath(p)
         if real in first:
-            if os.path.normpath(p) != os.path.normpath(first[real]):
+            if p != first[real]:
                 _note(notes, f"note: {p} is the same file as {first[real]} ({real}); mapped once")
             continue
         first[real] = p

@@ -19,8 +19,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import InputError, OutputError
 from ..io.export import confined, export_scene
-from ..io.raster import (SceneInfo, open_scene, resolve_scene_inputs, same_crs, tile_coverage,
-                         with_statistics)
+from ..io.raster import SceneInfo, prepare_scene, resolve_scene_inputs, same_crs, tile_coverage
 from ..pipeline import PipelineStats, TileTask
 from ..tiling import tile_grid
 
@@ -57,8 +56,7 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
     ref: Optional[SceneInfo] = None
     for path in paths:
         try:
-            info = with_statistics(open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype),
-                                   cfg.scenes.bands, cfg.normalization.mode)
+            info = prepare_scene(path, cfg)
             if ref is not None and not same_crs(ref, info):
                 raise InputError(f"{path}: CRS (EPSG:{info.epsg}) differs from the first scene's "
                                  f"(EPSG:{ref.epsg}, {ref.path}); map mixed-CRS archives in "
@@ -66,7 +64,8 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
                    if cfg.tiling.prescan_nodata else None)
             if cov is not None and float(cov.max()) == 0.0:
-                raise InputError(f"{path}: scene is entirely nodata (value {info.nodata:g})")
+                raise InputError(f"{path}: scene is entirely nodata "
+                                 f"({info.validity_text(cfg.scenes.bands)})")
             ref = ref or info
             plan.scenes.append(info)
             plan.coverage.append(cov)
