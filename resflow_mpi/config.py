@@ -70,7 +70,9 @@ class NormalizationConfig:
         "range", "range: divide by value_max; configured: (x - mean) / std per band; scene: "
                  "(x - mean) / std with each scene's own band statistics (sampled once).")
     value_max: Optional[float] = _f(None, "Divisor for mode=range (null: 255 for uint8, 2047 "
-                                          "for uint16, an 11-bit sensor range).")
+                                          "for uint16, an 11-bit sensor range; float32 scenes "
+                                          "must set it, and their sampled values must lie in "
+                                          "[0, value_max]).")
     mean: list[float] = _f([], "Per-band means for mode=configured.")
     std: list[float] = _f([], "Per-band standard deviations for mode=configured.")
 
