@@ -141,25 +141,33 @@ def _probe_space(folder: Path) -> Optional[int]:
 
 
 def export_failure(path: Path, exc: BaseException) -> str:
-    """One-line message for a failed write of ``path``: disk full and quota exceeded by name (from
-    the OS error, or a probe of the directory after a GDAL error); any other cause quoted as the OS
-    or GDAL gave it, with the free space beside it."""
+    """One-line message for a failed export of ``path`` (see ``write_failure``)."""
+    return write_failure(path, exc, "export failed")
+
+
+def write_failure(path: Path, exc: BaseException, action: str = "write failed") -> str:
+    """One-line message ``<path>: <action> ...`` for a failed write: disk full and quota exceeded
+    by name (from the OS error number, or, when GDAL or HDF5 give only text, from a probe write
+    into the directory right after the failure); any other cause is quoted as the OS, GDAL or
+    HDF5 gave it, with the free space beside it. Usable for any output (masks, HDF5, vectors)."""
     folder = path.parent
-    if isinstance(exc, OSError):
-        code: Optional[int] = exc.errno
+    code: Optional[int] = exc.errno if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and exc.errno is not None:
         text = f"OS: {exc.strerror or exc}"
     else:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        text = ("GDAL: " if isinstance(exc, RuntimeError) else "") + first
+    if code is None:
         code = _probe_space(folder)
-        text = "GDAL: " + (str(exc).strip().splitlines() or ["unknown error"])[0]
     free = _free_mib(folder)
     free_text = f"{free:.0f} MiB free" if free is not None else "free space unknown"
     if code == errno.ENOSPC:
-        return (f"{path}: export failed, no space left on the device ({folder}, {free_text}); "
+        return (f"{path}: {action}, no space left on the device ({folder}, {free_text}); "
                 "free space and rerun (finished tiles are kept)")
     if code == getattr(errno, "EDQUOT", -1):
-        return (f"{path}: export failed, disk quota exceeded ({folder}); free space or raise the "
+        return (f"{path}: {action}, disk quota exceeded ({folder}); free space or raise the "
                 "quota and rerun (finished tiles are kept)")
-    return (f"{path}: export failed ({text}; {free_text} in {folder}); fix the cause and rerun "
+    return (f"{path}: {action} ({text}; {free_text} in {folder}); fix the cause and rerun "
             "(finished tiles are kept)")
 
 
