@@ -366,7 +366,7 @@ def read_rss(rss_dir: Path) -> list[dict[str, Any]]:
 
 def mask_outputs(out_dir: Path) -> list[Path]:
     """The exported mask GeoTIFFs of a run, in scene order."""
-    return sorted(p for p in Path(out_dir).glob("*_mask.tif"))
+    return sorted(p for p in Path(out_dir).glob("*.resflow-mask.tif"))
 
 
 # -- results ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,16 @@ class ScenesConfig:
                                                                   "type (null: uint8 or uint16).")
     on_bad_scene: Literal["fail", "skip"] = _f("fail", "A bad scene fails the job, or is skipped "
                                                        "and listed in the run report.")
+    nodata: Optional[Union[float, list[float]]] = _f(
+        None, "Nodata value of the scenes (one value, or one per band in scenes.bands; .nan for "
+              "NaN); replaces the files' own nodata. Mask and alpha bands are honoured as well.")
+    blank_fill: bool = _f(False, "Mark blank fill as nodata: horizontal runs of at least "
+                                 "blank_fill_min_run_px pixels whose every band lies in one of "
+                                 "blank_fill_values (image collars, the JPEG fringe 250-255).")
+    blank_fill_values: list[list[float]] = _f([[0, 5], [250, 255]], "Inclusive [low, high] pixel "
+                                              "value ranges of blank fill, in the scenes' units.")
+    blank_fill_min_run_px: int = _f(64, "Shortest run of fill pixels (along a row) taken as blank "
+                                        "fill, so dark or bright objects are kept.", min=1)
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,9 @@ class NormalizationConfig:
         "range", "range: divide by value_max; configured: (x - mean) / std per band; scene: "
                  "(x - mean) / std with each scene's own band statistics (sampled once).")
     value_max: Optional[float] = _f(None, "Divisor for mode=range (null: 255 for uint8, 2047 "
-                                          "for uint16, an 11-bit sensor range).")
+                                          "for uint16, an 11-bit sensor range; float32 scenes "
+                                          "must set it, and their sampled values must lie in "
+                                          "[0, value_max]).")
     mean: list[float] = _f([], "Per-band means for mode=configured.")
     std: list[float] = _f([], "Per-band standard deviations for mode=configured.")
 
@@ -192,6 +205,13 @@ class RunConfig:
             raise ConfigError(f"{source}: tiling.halo_px must be in [0, tile_px), got {t.halo_px}")
         if not self.scenes.bands or any(b < 1 for b in self.scenes.bands):
             raise ConfigError(f"{source}: scenes.bands must list 1-based band numbers")
+        sc = self.scenes
+        if isinstance(sc.nodata, list) and len(sc.nodata) not in (1, len(sc.bands)):
+            raise ConfigError(f"{source}: scenes.nodata needs one value or one per band in "
+                              f"scenes.bands ({len(sc.bands)}), got {len(sc.nodata)}")
+        if any(len(r) != 2 or r[0] > r[1] for r in sc.blank_fill_values):
+            raise ConfigError(f"{source}: scenes.blank_fill_values must be [low, high] pairs with "
+                              f"low <= high, got {_short(sc.blank_fill_values)}")
         if n.mode == "configured" and (len(n.mean) != len(self.scenes.bands)
                                        or len(n.std) != len(self.scenes.bands)
                                        or any(s <= 0 for s in n.std)):
@@ -223,10 +243,31 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
+SHOWN_VALUE_CHARS = 80
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 3, 6, 6, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A bounded repr for messages: nested and long values are cut (never fully expanded)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[:SHOWN_VALUE_CHARS - 3] + "..."
+
+
+class _Bad:
+    """Builds the type-mismatch error only when it is raised (formatting costs)."""
+
+    def __init__(self, value: Any, tp: Any, where: str):
+        self.value, self.tp, self.where = value, tp, where
+
+    def __call__(self) -> ConfigError:
+        return ConfigError(f"{self.where}: expected {_type_name(self.tp)}, got {_short(self.value)}")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against type ``tp``; return it (ints accepted for floats)."""
     origin = get_origin(tp)
-    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    bad = _Bad(value, tp, where)
     if origin is Union:
         if value is None and type(None) in get_args(tp):
             return None
@@ -237,32 +278,32 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 pass
-        raise bad
+        raise bad()
     if origin is Literal:
         if value not in get_args(tp):
-            raise bad
+            raise bad()
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise bad
+            raise bad()
         return [_coerce(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise bad
+            raise bad()
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise bad
+            raise bad()
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
+            raise bad()
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise bad
+            raise bad()
         return value
-    raise bad
+    raise bad()
 
 
 def _section(cls: type, raw: Any, source: str, name: str) -> Any:
@@ -274,7 +315,7 @@ def _section(cls: type, raw: Any, source: str, name: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in known:
-            raise ConfigError(f"{source}: unknown key '{name}.{key}' (valid keys: "
+            raise ConfigError(f"{source}: unknown key '{name}.{_short(key).strip(chr(39))}' (valid keys: "
                               f"{', '.join(sorted(known))})")
     values = {}
     for key, value in raw.items():
@@ -282,9 +323,9 @@ def _section(cls: type, raw: Any, source: str, name: str) -> Any:
         v = _coerce(value, hints[key], where)
         meta = known[key].metadata
         if "min" in meta and v is not None and v < meta["min"]:
-            raise ConfigError(f"{where}: expected >= {meta['min']}, got {v!r}")
+            raise ConfigError(f"{where}: expected >= {meta['min']}, got {_short(v)}")
         if "max" in meta and v is not None and v > meta["max"]:
-            raise ConfigError(f"{where}: expected <= {meta['max']}, got {v!r}")
+            raise ConfigError(f"{where}: expected <= {meta['max']}, got {_short(v)}")
         values[key] = v
     return cls(**values)
 
@@ -298,26 +339,95 @@ def config_from_dict(raw: Any, source: str = "<config>") -> RunConfig:
                           f"({', '.join(SECTIONS)}), got {type(raw).__name__}")
     for key in raw:
         if key not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{key}' (valid: {', '.join(SECTIONS)})")
+            raise ConfigError(f"{source}: unknown section {_short(key)} (valid: {', '.join(SECTIONS)})")
     cfg = RunConfig(**{name: _section(cls, raw.get(name), source, name)
                        for name, cls in SECTIONS.items()})
     return cfg.validate(source)
+
+
+MAX_CONFIG_BYTES = 1 << 20       # a config is a page of text; anything larger is a mistake
+MAX_EXPANDED_NODES = 100_000     # YAML nodes after alias expansion (a real config has < 1000)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that measures the document's size with every alias expanded, before any Python
+    object is built, and refuses documents beyond MAX_EXPANDED_NODES (alias bombs) or with
+    recursive aliases."""
+
+    def get_single_node(self) -> Any:
+        node = super().get_single_node()
+        if node is not None:
+            _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Expanded node count of a composed YAML graph (shared nodes counted per use), memoised."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise _YamlTooLarge("a recursive alias")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > MAX_EXPANDED_NODES:
+                    break
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_EXPANDED_NODES:
+            raise _YamlTooLarge(f"more than {MAX_EXPANDED_NODES} values once its aliases (*name) "
+                                "are expanded")
+        return total
+
+    size(root)
+
+
+class _YamlTooLarge(Exception):
+    """Raised inside the loader; turned into a ConfigError naming the file."""
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text -> Python data, bounded in input size, alias expansion and nesting depth."""
+    if len(text.encode("utf-8", "replace")) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: config is larger than {MAX_CONFIG_BYTES // 1024} KiB; a "
+                          "configuration is a short YAML file")
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 (SafeLoader subclass)
+    except _YamlTooLarge as exc:
+        raise ConfigError(f"{source}: refused, the YAML holds {exc}; write the values out "
+                          "without nested aliases") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: YAML is nested too deeply; a configuration is sections of "
+                          "keys") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{source}: not valid YAML{at}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw mapping."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"{source}: override '{item}' must look like section.key=value")
+            raise ConfigError(f"{source}: override {_short(item)} must look like section.key=value")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: override '{item}': value is not valid YAML ({exc})") from None
+        value = parse_yaml(text, f"{source}: override {_short(item)}")
         sec = raw.setdefault(section, {})
         if not isinstance(sec, dict):
-            raise ConfigError(f"{source}: override '{item}': '{section}' is not a mapping")
+            raise ConfigError(f"{source}: override {_short(item)}: '{section}' is not a mapping")
         sec[key] = value
     return raw
 
@@ -326,17 +436,15 @@ def load_config(path: str | Path, overrides: Optional[list[str]] = None) -> RunC
     """Read a YAML config file, apply overrides, validate; raise ConfigError naming the problem."""
     p = Path(path)
     try:
+        if p.is_file() and p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: config is larger than {MAX_CONFIG_BYTES // 1024} KiB; a "
+                              "configuration is a short YAML file")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{p}: config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read config file ({exc})") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{at}") from None
+    raw = parse_yaml(text, str(p))
     if raw is None:
         raw = {}
     if isinstance(raw, dict):

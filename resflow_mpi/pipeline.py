@@ -9,6 +9,7 @@ writes), ``runners.spark_runner.SparkRunner`` (RDD partitions, ticket folder, dr
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery
 from .io.export import confined, export_scene
 from .io.maskstore import MaskStore, TileResult
-from .io.raster import SceneInfo, open_scene, resolve_scene_inputs, tile_coverage, with_statistics
+from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
+from .io.raster import SceneInfo, prepare_scene, resolve_scene_inputs, tile_coverage
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .runtime.comm import Communicator
@@ -56,6 +58,7 @@ def check_output_dir(out_dir: str) -> Path:
         p.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
             pass
+        mark_output_dir(p)  # scene discovery never takes what is below it as input
     except OSError as exc:
         raise OutputError(f"{out_dir}: output directory is not writable "
                           f"({os_error_cause(exc)})") from None
@@ -71,12 +74,12 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
     # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
     for path in paths:
         try:
-            info = with_statistics(open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype),
-                                   cfg.scenes.bands, cfg.normalization.mode)
+            info = prepare_scene(path, cfg)
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
                    if cfg.tiling.prescan_nodata else None)
             if cov is not None and float(cov.max()) == 0.0:
-                raise InputError(f"{path}: scene is entirely nodata (value {info.nodata:g})")
+                raise InputError(f"{path}: scene is entirely nodata "
+                                 f"({info.validity_text(cfg.scenes.bands)})")
             plan.scenes.append(info)
             plan.coverage.append(cov)
         except InputError as exc:
@@ -332,22 +335,30 @@ def drive(job: Job, comm: Communicator, source: TaskSource, total: int, sink: Re
 
 
 # -- export and report --------------------------------------------------------------------------
-def scene_stem(info: SceneInfo, index: int) -> str:
-    """A safe, unique file stem for a scene's outputs."""
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(info.path).stem)[:80] or "scene"
-    return f"{index:04d}_{stem}"
+def scene_stems(scenes: Sequence[SceneInfo]) -> list[str]:
+    """Safe output stems named after the scenes; scenes sharing a name (a/x.tif, b/x.tif) get a
+    short hash of their real path, so names never depend on the input order."""
+    plain = [re.sub(r"[^A-Za-z0-9._-]", "_", Path(s.path).stem)[:80] or "scene" for s in scenes]
+    counts: dict[str, int] = {}
+    for stem in plain:
+        counts[stem] = counts.get(stem, 0) + 1
+    return [stem if counts[stem] == 1 else
+            f"{stem}-{hashlib.sha1(os.path.realpath(s.path).encode()).hexdigest()[:8]}"
+            for stem, s in zip(plain, scenes)]
 
 
 def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence[SceneInfo],
                    indices: Sequence[int]) -> dict[int, list[str]]:
-    """Export the given (complete) scenes; skip files that already exist (resume)."""
+    """Export the given (complete) scenes as ``<scene>.resflow-mask.tif`` (+ ``-mask-cog``,
+    ``-buckets``); files that already exist are kept (resume)."""
     o = cfg.output
     done: dict[int, list[str]] = {}
+    stems = scene_stems(scenes)
     for i in indices:
-        stem = scene_stem(scenes[i], i)
-        mask_tif = confined(out_dir, f"{stem}_mask.tif")
-        cog = confined(out_dir, f"{stem}_mask_cog.tif") if o.cog else None
-        buckets = confined(out_dir, f"{stem}_buckets.tif") if o.bucket_map else None
+        stem = stems[i]
+        mask_tif = confined(out_dir, output_file_name(stem, MASK))
+        cog = confined(out_dir, output_file_name(stem, COG)) if o.cog else None
+        buckets = confined(out_dir, output_file_name(stem, BUCKETS)) if o.bucket_map else None
         wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
         if not o.geotiff:
             continue

@@ -19,6 +19,7 @@ from osgeo import gdal
 
 from .errors import InputError, OutputError
 from .io.export import BUCKET_COLOURS
+from .io.naming import BUCKETS, COG, MASK, output_file_name
 
 gdal.UseExceptions()
 
@@ -89,13 +90,16 @@ def _locate(out_dir: Path, recorded: str) -> Optional[Path]:
 def _scene_outputs(out_dir: Path, scene: dict[str, Any]
                    ) -> tuple[Optional[Path], Optional[Path], Optional[Path]]:
     """The scene's mask GeoTIFF, its COG and the bucket map GeoTIFF (None where absent)."""
-    found: dict[str, Optional[Path]] = {"_mask.tif": None, "_mask_cog.tif": None,
-                                        "_buckets.tif": None}
+    # Current names (<scene>.resflow-<kind>.tif) and those of older runs (<scene>_<kind>.tif).
+    suffixes = {MASK: (output_file_name("", MASK), "_mask.tif"),
+                COG: (output_file_name("", COG), "_mask_cog.tif"),
+                BUCKETS: (output_file_name("", BUCKETS), "_buckets.tif")}
+    found: dict[str, Optional[Path]] = dict.fromkeys(suffixes)
     for recorded in scene.get("outputs", []):
-        for suffix in found:
-            if Path(recorded).name.endswith(suffix):
-                found[suffix] = _locate(out_dir, recorded)
-    return found["_mask.tif"], found["_mask_cog.tif"], found["_buckets.tif"]
+        for kind, ends in suffixes.items():
+            if Path(recorded).name.endswith(ends):
+                found[kind] = _locate(out_dir, recorded)
+    return found[MASK], found[COG], found[BUCKETS]
 
 
 def thumbnail_size(width_px: int, height_px: int, max_px: int = THUMBNAIL_MAX_PX) -> tuple[int, int]:
@@ -274,7 +278,9 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
         sl = SceneLooks(int(scene["index"]))
         looks.scenes[sl.index] = sl
         mask, mask_cog, buckets = _scene_outputs(out_dir, scene)
-        stem = mask.name[:-len("_mask.tif")] if mask is not None else f"{sl.index:04d}"
+        stem = (next((mask.name[:-len(s)] for s in (output_file_name("", MASK), "_mask.tif")
+                      if mask.name.endswith(s)), mask.stem)
+                if mask is not None else f"{sl.index:04d}")
         if mask is None:
             sl.notes.append("no mask GeoTIFF among the outputs (output.geotiff off?)")
         elif not Path(scene["path"]).is_file():

@@ -15,9 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError
 from .models.hashing import assign_buckets, codes_to_bits, pack_bits
 
-DTYPE_RANGE = {"uint8": 255.0, "uint16": 2047.0, "float32": 1.0}
+# Divisors of mode=range by data type. Float pixels have no natural range (reflectance 0-1, DN
+# 0-255, radiance): a float scene needs normalization.value_max, checked before work.
+DTYPE_RANGE = {"uint8": 255.0, "uint16": 2047.0}
 
 
 def normalize(raw: np.ndarray, dtype: str, mode: str = "range", value_max: Optional[float] = None,
@@ -28,7 +31,10 @@ def normalize(raw: np.ndarray, dtype: str, mode: str = "range", value_max: Optio
         m = np.asarray(mean, np.float32)[:, None, None]
         s = np.asarray(std, np.float32)[:, None, None]
         return (x - m) / s
-    scale = value_max if value_max else DTYPE_RANGE[dtype]
+    scale = value_max if value_max else DTYPE_RANGE.get(dtype)
+    if scale is None:
+        raise InputError(f"{dtype} pixels have no natural range (normalization.value_max): set "
+                         "value_max to the value that maps to 1.0")
     return np.clip(x / np.float32(scale), 0.0, 4.0)
 
 

@@ -18,7 +18,7 @@ from ..errors import InputError, OutputError, os_error_cause
 from ..galleries import ModelGallery
 from ..io.truth import TruthReader, require_truth
 from ..io.maskstore import TileResult
-from ..io.raster import open_scene, resolve_scene_inputs, with_statistics
+from ..io.raster import prepare_scene, resolve_scene_inputs
 from ..pipeline import Job, Runner, ScenePlan, build_tasks
 from .segtrain import iou_f1
 
@@ -83,8 +83,7 @@ def evaluation_scenes(cfg: RunConfig) -> list[Any]:
     if not paths:
         raise InputError("scenes.inputs: no scenes to evaluate (set scenes.inputs and "
                          "scenes.split in the config)")
-    scenes = [with_statistics(open_scene(p, cfg.scenes.bands), cfg.scenes.bands,
-                              cfg.normalization.mode) for p in paths]
+    scenes = [prepare_scene(p, cfg) for p in paths]
     require_truth(scenes)
     return scenes
 

@@ -4,7 +4,9 @@ Files appear only complete: each is written under a ``.partial`` name and rename
 """
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -43,13 +45,16 @@ def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Pat
                  bucket_tif: Optional[Path] = None, rows_per_block: int = 1024) -> list[Path]:
     """Write the scene's mask (and optional COG and colour bucket map); return the paths written."""
     written: list[Path] = []
+    current = out_tif
+    ds = band = None
+    failure = ""
     with h5py.File(h5_path, "r") as f:
         g = f[f"scenes/{scene}"]
         mask = g["mask"]
         h, w = mask.shape
         gt = tuple(float(v) for v in g.attrs["geotransform"])
         wkt = str(g.attrs["crs_wkt"])
-        tmp = out_tif.with_name(out_tif.name + ".partial")
+        tmp = _partial(out_tif)
         try:
             drv = gdal.GetDriverByName("GTiff")
             ds = drv.Create(str(tmp), w, h, 1, gdal.GDT_Byte, _creation_options("gtiff"))
@@ -67,35 +72,120 @@ def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Pat
             os.replace(tmp, out_tif)
             written.append(out_tif)
             if cog_path is not None:
-                ctmp = cog_path.with_name(cog_path.name + ".partial")
+                current = cog_path
+                ctmp = _partial(cog_path)
                 gdal.Translate(str(ctmp), str(out_tif), format="COG",
                                creationOptions=_creation_options("cog"))
                 os.replace(ctmp, cog_path)
                 written.append(cog_path)
             if bucket_tif is not None:
+                current = bucket_tif
                 _export_buckets(g, gt, wkt, bucket_tif)
                 written.append(bucket_tif)
-        except RuntimeError as exc:
-            for p in (tmp, out_tif.with_name(out_tif.name + ".partial")):
-                if p.exists():
-                    p.unlink()
-            raise OutputError(f"{out_tif}: export failed ({str(exc).strip().splitlines()[0]}); "
-                              "is the disk full?") from None
+        except (RuntimeError, OSError) as exc:
+            failure = export_failure(current, exc)
+            # Drop the half-written dataset now (the traceback's GDAL frames hold it open); its
+            # close fails as well on a full disk, and that second error says nothing new.
+            exc.__traceback__ = None
+            gdal.DontUseExceptions()  # (a destructor cannot raise; only on this failure path)
+            gdal.PushErrorHandler("CPLQuietErrorHandler")
+            try:
+                band = ds = None
+            finally:
+                gdal.PopErrorHandler()
+                gdal.UseExceptions()
+            for p in (out_tif, cog_path, bucket_tif):
+                q = _partial(p) if p is not None else None
+                if q is not None and (q.is_symlink() or q.is_file()):
+                    q.unlink()
+    if failure:
+        raise OutputError(failure)
     return written
 
 
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def scaled_geotransform(gt: tuple[float, ...], factor_x: float, factor_y: float) -> tuple[float, ...]:
+    """The geotransform of a raster whose pixel is ``factor_x`` x ``factor_y`` source pixels, same
+    origin: every term that multiplies a column (gt[1], gt[4]) scales with factor_x, every term that
+    multiplies a row (gt[2], gt[5]) with factor_y, so rotated grids stay exact."""
+    return (gt[0], gt[1] * factor_x, gt[2] * factor_y, gt[3], gt[4] * factor_x, gt[5] * factor_y)
+
+
+PROBE_BYTES = 1 << 20
+
+
+def _free_mib(folder: Path) -> Optional[float]:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize / 2**20
+
+
+def _probe_space(folder: Path) -> Optional[int]:
+    """errno of writing PROBE_BYTES (flushed to the device) into ``folder``; None when it works.
+
+    GDAL's error texts do not carry the OS cause ("IO error writing tag data"), so the cause is
+    asked of the filesystem itself right after the failure."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".resflow-space-probe-") as fh:
+            fh.write(b"\0" * PROBE_BYTES)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.errno
+    return None
+
+
+def export_failure(path: Path, exc: BaseException) -> str:
+    """One-line message for a failed export of ``path`` (see ``write_failure``)."""
+    return write_failure(path, exc, "export failed")
+
+
+def write_failure(path: Path, exc: BaseException, action: str = "write failed") -> str:
+    """One-line message ``<path>: <action> ...`` for a failed write: disk full and quota exceeded
+    by name (from the OS error number, or, when GDAL or HDF5 give only text, from a probe write
+    into the directory right after the failure); any other cause is quoted as the OS, GDAL or
+    HDF5 gave it, with the free space beside it. Usable for any output (masks, HDF5, vectors)."""
+    folder = path.parent
+    code: Optional[int] = exc.errno if isinstance(exc, OSError) else None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        text = f"OS: {exc.strerror or exc}"
+    else:
+        first = (str(exc).strip().splitlines() or ["unknown error"])[0]
+        text = ("GDAL: " if isinstance(exc, RuntimeError) else "") + first
+    if code is None:
+        code = _probe_space(folder)
+    free = _free_mib(folder)
+    free_text = f"{free:.0f} MiB free" if free is not None else "free space unknown"
+    if code == errno.ENOSPC:
+        return (f"{path}: {action}, no space left on the device ({folder}, {free_text}); "
+                "free space and rerun (finished tiles are kept)")
+    if code == getattr(errno, "EDQUOT", -1):
+        return (f"{path}: {action}, disk quota exceeded ({folder}); free space or raise the "
+                "quota and rerun (finished tiles are kept)")
+    return (f"{path}: {action} ({text}; {free_text} in {folder}); fix the cause and rerun "
+            "(finished tiles are kept)")
+
+
 def _export_buckets(g: h5py.Group, gt: tuple[float, ...], wkt: str, path: Path) -> None:
-    """A small RGB GeoTIFF with one pixel per tile coloured by bucket (paper's Fig. 7/11 style)."""
+    """A small RGB GeoTIFF with one pixel per tile coloured by bucket (paper's Fig. 7/11 style).
+
+    Pixel (c, r) covers scene pixels from (c * tile_px, r * tile_px): the geotransform is the
+    scene's scaled by tile_px in all four terms (rotated scenes included)."""
     rows, cols = int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"])
     tile_px = int(g.file.attrs["tile_px"])
     b = g["bucket"][...].reshape(rows, cols).astype(np.int64)
     rgb = np.zeros((3, rows, cols), np.uint8)
     ok = b >= 0
     rgb[:, ok] = BUCKET_COLOURS[b[ok] % len(BUCKET_COLOURS)].T
-    tmp = path.with_name(path.name + ".partial")
+    tmp = _partial(path)
     ds = gdal.GetDriverByName("GTiff").Create(str(tmp), cols, rows, 3, gdal.GDT_Byte,
                                               ["COMPRESS=DEFLATE"])
-    ds.SetGeoTransform((gt[0], gt[1] * tile_px, gt[2], gt[3], gt[4], gt[5] * tile_px))
+    ds.SetGeoTransform(scaled_geotransform(gt, tile_px, tile_px))
     ds.SetProjection(wkt)
     ds.WriteArray(rgb)
     ds.SetMetadata({"RESFLOW_BUCKETS": ",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}"

@@ -1,18 +1,23 @@
 """GDAL scene access: metadata, validation, window reads. Never reads a whole scene at once."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
 import json
+import math
 import os
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal, osr
 
 from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
+from .naming import inside_output_dir, is_label_name, is_output_name
 
 gdal.UseExceptions()
 # Bounded GDAL block cache per process (MB): reading is by window; the cache never needs a scene.
@@ -22,8 +27,38 @@ SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 
 
 @dataclass(frozen=True)
+class PixelRules:
+    """What the configuration adds to a file's own idea of which pixels are valid.
+
+    ``nodata``: one value for every band, or one per selected band (replaces the file's nodata);
+    ``blank_fill_ranges``: inclusive (low, high) value ranges; a pixel whose every selected band lies
+    in one range and that sits in a horizontal run of at least ``blank_fill_min_run_px`` such pixels
+    is blank fill (an image collar, the JPEG fringe 250-255), i.e. nodata. Empty: detector off.
+    """
+
+    nodata: Optional[tuple[float, ...]] = None
+    blank_fill_ranges: tuple[tuple[float, float], ...] = ()
+    blank_fill_min_run_px: int = 0
+
+    @classmethod
+    def from_scenes_config(cls, scenes: Any) -> "PixelRules":
+        """The rules of a ScenesConfig (keys nodata, blank_fill, blank_fill_values, ...)."""
+        nd = getattr(scenes, "nodata", None)
+        nodata = None if nd is None else tuple(float(v) for v in (nd if isinstance(nd, list) else [nd]))
+        ranges: tuple[tuple[float, float], ...] = ()
+        if getattr(scenes, "blank_fill", False):
+            ranges = tuple((float(lo), float(hi)) for lo, hi in scenes.blank_fill_values)
+        return cls(nodata, ranges, int(getattr(scenes, "blank_fill_min_run_px", 0)) if ranges else 0)
+
+
+@dataclass(frozen=True)
 class SceneInfo:
-    """What rank 0 learns about a scene from its header (no pixels)."""
+    """What rank 0 learns about a scene from its header (no pixels).
+
+    Pixel validity (see ``valid_pixels``) combines every source the scene declares: per-band nodata
+    values (``band_nodata``, the file's or the config's), a GDAL mask band (internal or external,
+    ``mask_band``), an alpha band (``alpha_band``) and the optional blank-fill detector.
+    """
 
     path: str
     width: int
@@ -37,18 +72,66 @@ class SceneInfo:
     metadata: dict[str, str] = field(default_factory=dict)
     # Per-band (mean, std) of valid pixels, when normalization.mode is "scene".
     band_stats: Optional[tuple[tuple[float, ...], tuple[float, ...]]] = None
+    # Nodata value of each band of the file (index band-1; None: that band declares none).
+    band_nodata: tuple[Optional[float], ...] = ()
+    mask_band: Optional[int] = None     # band whose GDAL mask band (not nodata-derived) is honoured
+    alpha_band: Optional[int] = None    # 1-based alpha band (0 = transparent = invalid)
+    blank_fill_ranges: tuple[tuple[float, float], ...] = ()
+    blank_fill_min_run_px: int = 0
+
+    def nodata_of(self, band: int) -> Optional[float]:
+        """The nodata value honoured for a 1-based band (config override or file)."""
+        if self.band_nodata:
+            return self.band_nodata[band - 1] if band <= len(self.band_nodata) else None
+        return self.nodata
+
+    def has_validity_source(self, bands: Sequence[int]) -> bool:
+        """True when some pixel of the scene may be invalid (otherwise all pixels are valid)."""
+        return (any(self.nodata_of(b) is not None for b in bands) or self.mask_band is not None
+                or self.alpha_band is not None or bool(self.blank_fill_ranges))
+
+    def validity_text(self, bands: Sequence[int]) -> str:
+        """Where the scene's validity comes from, in words (for messages)."""
+        parts = []
+        values = [self.nodata_of(b) for b in bands]
+        if any(v is not None for v in values):
+            shown = sorted({"none" if v is None else f"{v:g}" for v in values})
+            parts.append(f"nodata value{'s' if len(shown) > 1 else ''} {', '.join(shown)}")
+        if self.mask_band is not None:
+            parts.append("GDAL mask band")
+        if self.alpha_band is not None:
+            parts.append(f"alpha band {self.alpha_band}")
+        if self.blank_fill_ranges:
+            parts.append("blank-fill detector")
+        return " + ".join(parts) or "no nodata declared"
+
+    @functools.cached_property
+    def _area(self) -> "_AreaModel":
+        return _AreaModel(self.crs_wkt, self.geotransform)
 
     @property
     def pixel_area_m2(self) -> float:
-        gt = self.geotransform
-        return abs(gt[1] * gt[5] - gt[2] * gt[4])
+        """Ground area of one pixel in m2 (the scene's mean in a geographic CRS)."""
+        if self._area.geographic:
+            return self.area_km2 * 1e6 / max(1, self.width * self.height)
+        return self._area.projected_pixel_m2
+
+    @functools.cached_property
+    def area_km2(self) -> float:
+        """Ground area of the whole scene in km2 (geodesic in a geographic CRS)."""
+        return self.window_area_km2(Window(0, 0, self.width, self.height))
 
     @property
-    def area_km2(self) -> float:
-        return self.width * self.height * self.pixel_area_m2 / 1e6
+    def km2_per_pixel(self) -> float:
+        """Mean ground area of one pixel in km2 (progress lines, throughput)."""
+        return self.area_km2 / max(1, self.width * self.height)
+
+    def window_area_km2(self, w: Window) -> float:
+        """Ground area in km2 of a pixel window (e.g. a tile's owned window)."""
+        return self._area.window_m2(w) / 1e6
 
     def window_extent(self, w: Window) -> tuple[float, float, float, float]:
-        """Georeferenced (xmin, ymin, xmax, ymax) of a pixel window (north-up geotransform)."""
+        """Georeferenced (xmin, ymin, xmax, ymax) of a pixel window (any geotransform)."""
         gt = self.geotransform
         xs = [gt[0] + c * gt[1] + r * gt[2] for c in (w.col, w.col + w.width) for r in (w.row, w.row + w.height)]
         ys = [gt[3] + c * gt[4] + r * gt[5] for c in (w.col, w.col + w.width) for r in (w.row, w.row + w.height)]
@@ -56,6 +139,86 @@ class SceneInfo:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Fields only (and the area once computed): the cached area model holds OSR objects.
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "area_km2" in self.__dict__:
+            state["area_km2"] = self.__dict__["area_km2"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+
+class _AreaModel:
+    """Ground areas of pixel windows: pixel area (in metres) in a projected CRS, and in a geographic
+    CRS the area of the window's footprint in a Lambert azimuthal equal-area projection centred on
+    it (equal-area on the CRS's ellipsoid; GDAL 3.6 has no OGR geodesic area)."""
+
+    EDGE_POINTS = 32       # points per footprint edge (edges of constant latitude are curves)
+    MAX_SPAN_DEG = 20.0    # larger footprints are split so each piece stays near its centre
+
+    def __init__(self, crs_wkt: str, gt: Sequence[float]):
+        self.gt = tuple(gt)
+        self.srs: Optional[osr.SpatialReference] = None
+        self.geographic = False
+        units = 1.0
+        if crs_wkt:
+            srs = osr.SpatialReference(wkt=crs_wkt)
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            self.geographic = bool(srs.IsGeographic())
+            if not self.geographic and srs.IsProjected():
+                units = srs.GetLinearUnits() or 1.0
+            self.srs = srs
+        self.projected_pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * units * units
+
+    def _geo(self, col: float, row: float) -> tuple[float, float]:
+        g = self.gt
+        return g[0] + col * g[1] + row * g[2], g[3] + col * g[4] + row * g[5]
+
+    def window_m2(self, w: Window) -> float:
+        if not self.geographic:
+            return w.width * w.height * self.projected_pixel_m2
+        x0, y0, x1, y1 = _bounds([self._geo(c, r) for c in (w.col, w.col + w.width)
+                                  for r in (w.row, w.row + w.height)])
+        nx = max(1, math.ceil((x1 - x0) / self.MAX_SPAN_DEG))
+        ny = max(1, math.ceil((y1 - y0) / self.MAX_SPAN_DEG))
+        total = 0.0
+        for i in range(nx):
+            for j in range(ny):
+                c0, c1 = w.col + w.width * i / nx, w.col + w.width * (i + 1) / nx
+                r0, r1 = w.row + w.height * j / ny, w.row + w.height * (j + 1) / ny
+                total += self._piece_m2(c0, r0, c1, r1)
+        return total
+
+    def _piece_m2(self, c0: float, r0: float, c1: float, r1: float) -> float:
+        n = self.EDGE_POINTS
+        t = np.arange(n) / n
+        cols = np.concatenate([c0 + (c1 - c0) * t, np.full(n, c1), c1 - (c1 - c0) * t, np.full(n, c0)])
+        rows = np.concatenate([np.full(n, r0), r0 + (r1 - r0) * t, np.full(n, r1), r1 - (r1 - r0) * t])
+        g = self.gt
+        lon = g[0] + cols * g[1] + rows * g[2]
+        lat = g[3] + cols * g[4] + rows * g[5]
+        assert self.srs is not None
+        # Centre of the piece, in the geographic CRS's own units (degrees, or grads, radians).
+        to_deg = self.srs.GetAngularUnits() * 180.0 / math.pi
+        lon0, lat0 = float(lon.mean()) * to_deg, float(lat.mean()) * to_deg
+        a, rf = self.srs.GetSemiMajor(), self.srs.GetInvFlattening()
+        shape = f"+a={a!r} +rf={rf!r}" if rf else f"+R={a!r}"
+        laea = osr.SpatialReference()
+        laea.ImportFromProj4(f"+proj=laea +lat_0={lat0!r} +lon_0={lon0!r} {shape} +units=m +no_defs")
+        laea.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        ct = osr.CoordinateTransformation(self.srs, laea)
+        pts = np.asarray(ct.TransformPoints(np.column_stack([lon, lat]).tolist()))
+        x, y = pts[:, 0], pts[:, 1]
+        return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def _bounds(points: Sequence[tuple[float, float]]) -> tuple[float, float, float, float]:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _open(path: str) -> gdal.Dataset:
@@ -75,13 +238,26 @@ def _open(path: str) -> gdal.Dataset:
 
 
 def open_scene(path: str | Path, bands: Sequence[int] = (1, 2, 3),
-               expect_dtype: Optional[str] = None) -> SceneInfo:
-    """Read and check a scene's header; raise InputError naming the file and the problem."""
+               expect_dtype: Optional[str] = None, rules: Optional[PixelRules] = None) -> SceneInfo:
+    """Read and check a scene's header; raise InputError naming the file and the problem.
+
+    ``rules`` (from the config) may replace the file's nodata and switch on blank-fill detection."""
     try:
-        return _open_scene(str(path), bands, expect_dtype)
+        return _open_scene(str(path), bands, expect_dtype, rules or PixelRules())
     except RuntimeError as exc:  # any other GDAL complaint about a damaged header
         first = (str(exc).strip().splitlines() or ["unreadable"])[0]
         raise InputError(f"{path}: damaged raster ({first})") from None
+
+
+def prepare_scene(path: str | Path, cfg: Any) -> SceneInfo:
+    """A scene opened with every input-semantics setting of a RunConfig, checked before work:
+    nodata override and blank fill (scenes.*), band statistics for normalization.mode=scene, and
+    for float scenes an explicit value range that the sampled pixels respect."""
+    bands = cfg.scenes.bands
+    info = open_scene(path, bands, cfg.scenes.expect_dtype, PixelRules.from_scenes_config(cfg.scenes))
+    if info.dtype == "float32":
+        check_float_range(info, bands, cfg.normalization)
+    return with_statistics(info, bands, cfg.normalization.mode)
 
 
 def _check_not_truncated(path: str, ds: gdal.Dataset, bands: Sequence[int]) -> None:
@@ -101,7 +277,8 @@ def _check_not_truncated(path: str, ds: gdal.Dataset, bands: Sequence[int]) -> N
                                  f"{int(off) + int(n)}); copy it again")
 
 
-def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str]) -> SceneInfo:
+def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str],
+                rules: PixelRules) -> SceneInfo:
     ds = _open(path)
     if ds.RasterCount < max(bands):
         raise InputError(f"{path}: has {ds.RasterCount} band(s), the config needs band(s) "
@@ -125,43 +302,192 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str]) ->
     _check_not_truncated(path, ds, bands)
     srs = osr.SpatialReference(wkt=wkt)
     epsg = srs.GetAuthorityCode(None)
-    nodata = b1.GetNoDataValue()
+    band_nodata = [ds.GetRasterBand(i).GetNoDataValue() for i in range(1, ds.RasterCount + 1)]
+    if rules.nodata is not None:
+        if len(rules.nodata) not in (1, len(bands)):
+            raise InputError(f"{path}: scenes.nodata needs one value or one per band in "
+                             f"scenes.bands ({len(bands)}), got {len(rules.nodata)}")
+        per_band = rules.nodata * len(bands) if len(rules.nodata) == 1 else rules.nodata
+        for b, v in zip(bands, per_band):
+            band_nodata[b - 1] = v
+    # A mask band GDAL derives from nodata is re-derived here from band_nodata (so an override
+    # wins); an explicit mask (internal .msk band, external .msk file) is honoured as such.
+    flags = ds.GetRasterBand(bands[0]).GetMaskFlags()
+    file_nodata = ds.GetRasterBand(bands[0]).GetNoDataValue()
+    explicit_mask = not (flags & (gdal.GMF_ALL_VALID | gdal.GMF_ALPHA)
+                         or flags & gdal.GMF_NODATA and file_nodata is not None)
+    alpha = next((i for i in range(1, ds.RasterCount + 1)
+                  if ds.GetRasterBand(i).GetColorInterpretation() == gdal.GCI_AlphaBand), None)
     info = SceneInfo(path=os.path.abspath(path), width=ds.RasterXSize, height=ds.RasterYSize,
-                     band_count=ds.RasterCount, dtype=dtype, nodata=nodata, crs_wkt=wkt,
-                     epsg=int(epsg) if epsg and epsg.isdigit() else None, geotransform=tuple(gt),
-                     metadata=dict(ds.GetMetadata() or {}))
+                     band_count=ds.RasterCount, dtype=dtype, nodata=band_nodata[bands[0] - 1],
+                     crs_wkt=wkt, epsg=int(epsg) if epsg and epsg.isdigit() else None,
+                     geotransform=tuple(gt), metadata=dict(ds.GetMetadata() or {}),
+                     band_nodata=tuple(band_nodata),
+                     mask_band=bands[0] if explicit_mask else None, alpha_band=alpha,
+                     blank_fill_ranges=rules.blank_fill_ranges,
+                     blank_fill_min_run_px=rules.blank_fill_min_run_px)
     ds = None
     return info
+
+
+# -- pixel validity: the one place that decides which pixels are data -------------------------
+def _read_window(ds: gdal.Dataset, bands: Sequence[int], w: Window,
+                 out_shape: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """(C, h, w) pixels of a window, decimated (nearest) to out_shape=(h, w) when given."""
+    kw: dict[str, Any] = {}
+    if out_shape is not None:
+        kw = {"buf_xsize": out_shape[1], "buf_ysize": out_shape[0],
+              "resample_alg": gdal.GRIORA_NearestNeighbour}
+    arr = ds.ReadAsArray(w.col, w.row, w.width, w.height, band_list=list(bands), **kw)
+    return arr[None] if arr.ndim == 2 else arr
+
+
+def _read_mask(band: gdal.Band, w: Window, out_shape: Optional[tuple[int, int]]) -> np.ndarray:
+    kw: dict[str, Any] = {}
+    if out_shape is not None:
+        kw = {"buf_xsize": out_shape[1], "buf_ysize": out_shape[0],
+              "resample_alg": gdal.GRIORA_NearestNeighbour}
+    return band.ReadAsArray(w.col, w.row, w.width, w.height, **kw) > 0
+
+
+def _nodata_pixels(info: SceneInfo, bands: Sequence[int], pixels: np.ndarray) -> Optional[np.ndarray]:
+    """True where every band that declares a nodata value holds it (NaN nodata matches NaN)."""
+    hit: Optional[np.ndarray] = None
+    for i, b in enumerate(bands):
+        nd = info.nodata_of(b)
+        if nd is None:
+            continue
+        eq = np.isnan(pixels[i]) if math.isnan(nd) else pixels[i] == nd
+        hit = eq if hit is None else hit & eq
+    return hit
+
+
+def _long_runs(flag: np.ndarray, min_run: int) -> np.ndarray:
+    """True on pixels inside a horizontal run of at least ``min_run`` True pixels of their row."""
+    h, w = flag.shape
+    padded = np.zeros((h, w + 2), np.int8)
+    padded[:, 1:-1] = flag
+    d = np.diff(padded.ravel())
+    starts, ends = np.flatnonzero(d == 1) + 1, np.flatnonzero(d == -1) + 1
+    keep = (ends - starts) >= min_run
+    marks = np.zeros(padded.size + 1, np.int32)
+    np.add.at(marks, starts[keep], 1)
+    np.add.at(marks, ends[keep], -1)
+    return (np.cumsum(marks)[:-1] > 0).reshape(h, w + 2)[:, 1:-1]
+
+
+def _blank_fill(info: SceneInfo, pixels: np.ndarray, min_run: int) -> np.ndarray:
+    in_range = np.zeros(pixels.shape[1:], bool)
+    for lo, hi in info.blank_fill_ranges:
+        in_range |= ((pixels >= lo) & (pixels <= hi)).all(axis=0)
+    return _long_runs(in_range, max(1, min_run))
+
+
+def valid_pixels(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int], w: Window,
+                 pixels: Optional[np.ndarray] = None,
+                 out_shape: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """(h, w) bool: True where a pixel of window ``w`` is data.
+
+    A pixel is invalid when every band that declares nodata holds its nodata value, when the GDAL
+    mask band or the alpha band is 0 there, or when it is blank fill. ``pixels`` (the window's
+    bands, already read) saves a read; ``out_shape`` gives a nearest-neighbour decimated answer
+    (blank-fill runs are then measured in decimated pixels).
+    """
+    shape = out_shape or (w.height, w.width)
+    valid = np.ones(shape, bool)
+    needs_pixels = any(info.nodata_of(b) is not None for b in bands) or info.blank_fill_ranges
+    if needs_pixels and pixels is None:
+        pixels = _read_window(ds, bands, w, out_shape)
+    if pixels is not None and any(info.nodata_of(b) is not None for b in bands):
+        nd = _nodata_pixels(info, bands, pixels)
+        if nd is not None:
+            valid &= ~nd
+    if info.mask_band is not None:
+        valid &= _read_mask(ds.GetRasterBand(info.mask_band).GetMaskBand(), w, out_shape)
+    if info.alpha_band is not None:
+        valid &= _read_mask(ds.GetRasterBand(info.alpha_band), w, out_shape)
+    if info.blank_fill_ranges:
+        run = info.blank_fill_min_run_px
+        if out_shape is not None:  # decimated sample: runs scale with the decimation
+            valid &= ~_blank_fill(info, pixels, round(run * out_shape[1] / max(1, w.width)))
+        else:
+            # A run may continue outside the window: read run-1 more columns on each side (clipped
+            # to the scene) so each pixel's verdict does not depend on the window it is read in.
+            c0 = max(0, w.col - run + 1)
+            c1 = min(info.width, w.col + w.width + run - 1)
+            wide = _read_window(ds, bands, Window(c0, w.row, c1 - c0, w.height))
+            fill = _blank_fill(info, wide, run)[:, w.col - c0:w.col - c0 + w.width]
+            valid &= ~fill
+    return valid
+
+
+def _sample(info: SceneInfo, bands: Sequence[int], sample_px: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """A decimated read (at most sample_px^2 pixels per band): values (C, N) and validity (N)."""
+    scale = max(1.0, max(info.width, info.height) / sample_px)
+    shape = (max(1, int(info.height / scale)), max(1, int(info.width / scale)))
+    ds = _open(info.path)
+    full = Window(0, 0, info.width, info.height)
+    try:
+        arr = _read_window(ds, bands, full, shape)
+        valid = valid_pixels(ds, info, bands, full, arr, shape)
+    except RuntimeError as exc:
+        raise InputError(f"{info.path}: cannot sample the scene "
+                         f"({str(exc).strip().splitlines()[0]})") from None
+    return arr.reshape(len(bands), -1).astype(np.float64), valid.ravel()
 
 
 def scene_statistics(info: SceneInfo, bands: Sequence[int], sample_px: int = 1024
                      ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-band mean and std of valid pixels from a decimated read (at most sample_px^2 values
     per band; memory independent of the scene size)."""
-    scale = max(1.0, max(info.width, info.height) / sample_px)
-    bw, bh = max(1, int(info.width / scale)), max(1, int(info.height / scale))
-    ds = _open(info.path)
-    try:
-        arr = ds.ReadAsArray(band_list=list(bands), buf_xsize=bw, buf_ysize=bh,
-                             resample_alg=gdal.GRIORA_NearestNeighbour).astype(np.float64)
-    except RuntimeError as exc:
-        raise InputError(f"{info.path}: cannot sample the scene for its statistics "
-                         f"({str(exc).strip().splitlines()[0]})") from None
-    arr = arr.reshape(len(bands), -1)
-    valid = np.ones(arr.shape[1], bool) if info.nodata is None else (arr != info.nodata).any(0)
+    arr, valid = _sample(info, bands, sample_px)
+    valid &= np.isfinite(arr).all(0)
     if not valid.any():
-        raise InputError(f"{info.path}: scene is entirely nodata (value {info.nodata:g})")
+        raise InputError(f"{info.path}: scene is entirely nodata ({info.validity_text(bands)})")
     v = arr[:, valid]
     std = np.maximum(v.std(1), 1e-6)
     return tuple(float(m) for m in v.mean(1)), tuple(float(x) for x in std)
+
+
+def check_float_range(info: SceneInfo, bands: Sequence[int], norm: Any,
+                      sample_px: int = 1024) -> tuple[float, float]:
+    """Refuse a float scene that has no explicit value range or whose sampled valid pixels fall
+    outside [0, normalization.value_max]; return the sampled (min, max).
+
+    Integer scenes have a natural range; float pixels can mean anything (reflectance 0-1, DN 0-255,
+    radiance), so mode=range needs ``value_max`` set. Modes ``configured`` and ``scene`` carry
+    their own statistics and only get the NaN/inf check.
+    """
+    arr, valid = _sample(info, bands, sample_px)
+    finite = np.isfinite(arr).all(0)
+    if (valid & ~finite).any():
+        raise InputError(f"{info.path}: NaN or inf values in {int((valid & ~finite).sum())} sampled "
+                         "pixel(s) not declared nodata; set scenes.nodata: .nan (or the file's "
+                         "nodata value)")
+    v = arr[:, valid & finite]
+    if v.size == 0:
+        raise InputError(f"{info.path}: scene is entirely nodata ({info.validity_text(bands)})")
+    lo, hi = float(v.min()), float(v.max())
+    if norm.mode != "range":
+        return lo, hi
+    if norm.value_max is None:
+        raise InputError(f"{info.path}: float32 scene (sampled values {lo:g} to {hi:g}) needs an "
+                         "explicit range: set normalization.value_max to the value that maps to "
+                         "1.0 (the range the models were trained on, e.g. 255 or 1.0)")
+    if lo < 0.0 or hi > norm.value_max:
+        raise InputError(f"{info.path}: float32 values {lo:g} to {hi:g} fall outside the range "
+                         f"0 to {norm.value_max:g} (normalization.value_max); set value_max to "
+                         "the range the models were trained on, or declare the outliers nodata "
+                         "(scenes.nodata)")
+    return lo, hi
 
 
 def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneInfo:
     """The scene with band statistics attached when the normalization mode needs them."""
     if mode != "scene" or info.band_stats is not None:
         return info
-    import dataclasses
-    return dataclasses.replace(info, band_stats=scene_statistics(info, bands))
+    return replace(info, band_stats=scene_statistics(info, bands))
 
 
 def same_crs(a: SceneInfo, b: SceneInfo) -> bool:
@@ -170,9 +496,56 @@ def same_crs(a: SceneInfo, b: SceneInfo) -> bool:
     return bool(sa.IsSame(sb))
 
 
-def resolve_scene_inputs(inputs: Sequence[str], split: str = "all") -> list[str]:
-    """Expand globs, directories, .txt lists and archive.json manifests into sorted scene paths."""
-    out: list[str] = []
+# -- scene discovery --------------------------------------------------------------------------
+SCAN_SUFFIXES = (".tif", ".tiff")
+# A directory with one of these names was meant to be a file: say so instead of scanning it.
+FILE_LIKE_SUFFIXES = SCAN_SUFFIXES + (".vrt", ".jp2", ".img", ".ntf", ".json", ".txt")
+
+
+def _directory_named_like_a_file(path: str) -> InputError:
+    return InputError(f"{path}: is a directory, not a scene file (its name looks like a file); "
+                      f"list the scene files inside it, e.g. {os.path.join(path, '*.tif')}")
+
+
+def _glob_base(pattern: str) -> str:
+    """The longest leading directory of a glob pattern without wildcards."""
+    base = pattern
+    while glob.has_magic(base):
+        base = os.path.dirname(base)
+    return base or "."
+
+
+def resolve_scene_inputs(inputs: Sequence[str], split: str = "all", exclude: Sequence[str] = (),
+                         notes: Optional[list[str]] = None) -> list[str]:
+    """Expand globs, directories, .txt lists and archive.json manifests into scene paths.
+
+    Paths come back real (symlinks and '..' resolved) and each file once, in listed order
+    (globs and directories sorted). A file listed again under another name is dropped with a
+    note, appended to ``notes`` (or printed to stderr when ``notes`` is None). Globs and directory
+    scans never take label rasters (``*_mask.tif``, any path in ``exclude``), resflow outputs
+    (names with ``.resflow-``, older ``*_mask_cog.tif``/``*_buckets.tif``) or anything under a
+    directory marked as resflow output.
+    """
+    excluded = {os.path.realpath(p) for p in exclude}
+    listed: list[str] = []
+
+    def discovered(hits: Sequence[str], top: str, what: str) -> None:
+        kept = 0
+        for p in hits:
+            name = os.path.basename(p)
+            if os.path.isdir(p):
+                if name.lower().endswith(FILE_LIKE_SUFFIXES):
+                    raise _directory_named_like_a_file(p)
+                continue
+            if (is_label_name(name) or is_output_name(name) or os.path.realpath(p) in excluded
+                    or inside_output_dir(p, top)):
+                continue
+            listed.append(p)
+            kept += 1
+        if not kept:
+            raise InputError(f"{what}: no scene found (label files and resflow outputs are never "
+                             "taken as scenes); check the path")
+
     for item in inputs:
         if item.endswith(".json") and os.path.isfile(item):
             try:
@@ -180,24 +553,43 @@ def resolve_scene_inputs(inputs: Sequence[str], split: str = "all") -> list[str]
             except (OSError, ValueError) as exc:
                 raise InputError(f"{item}: not a readable archive manifest ({exc})") from None
             base = os.path.dirname(os.path.abspath(item))
-            out += [os.path.join(base, e["image"]) for e in entries
-                    if split == "all" or e.get("split") == split]
+            listed += [os.path.join(base, e["image"]) for e in entries
+                       if split == "all" or e.get("split") == split]
         elif item.endswith(".txt") and os.path.isfile(item):
-            out += [ln.strip() for ln in Path(item).read_text().splitlines()
-                    if ln.strip() and not ln.startswith("#")]
+            listed += [ln.strip() for ln in Path(item).read_text().splitlines()
+                       if ln.strip() and not ln.startswith("#")]
         elif os.path.isdir(item):
-            out += sorted(p for p in glob.glob(os.path.join(item, "*.tif"))
-                          if not p.endswith("_mask.tif"))
-        elif any(ch in item for ch in "*?["):
-            hits = sorted(glob.glob(item))
+            if os.path.basename(os.path.normpath(item)).lower().endswith(FILE_LIKE_SUFFIXES):
+                raise _directory_named_like_a_file(item)
+            hits = sorted(p for p in glob.glob(os.path.join(glob.escape(item), "*"))
+                          if p.lower().endswith(SCAN_SUFFIXES))
+            discovered(hits, item, item)
+        elif glob.has_magic(item):
+            hits = sorted(glob.glob(item, recursive=True))
             if not hits:
                 raise InputError(f"{item}: pattern matches no scene")
-            out += hits
+            discovered(hits, _glob_base(item), item)
         else:
-            out.append(item)  # a single path; open_scene reports it when missing
-    seen: set[str] = set()
-    unique = [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+            listed.append(item)  # a single path; open_scene reports it when missing
+
+    first: dict[str, str] = {}
+    unique: list[str] = []
+    for p in listed:
+        real = os.path.realpath(p)
+        if real in first:
+            if p != first[real]:
+                _note(notes, f"note: {p} is the same file as {first[real]} ({real}); mapped once")
+            continue
+        first[real] = p
+        unique.append(real)
     return unique
+
+
+def _note(notes: Optional[list[str]], line: str) -> None:
+    if notes is None:
+        print(line, file=sys.stderr)
+    else:
+        notes.append(line)
 
 
 class WindowReader:
@@ -211,42 +603,56 @@ class WindowReader:
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of the tile's halo window padded to full network size (C, S, S) in the scene's
-        dtype, and the owned region's validity mask (h, w) bool (False where all bands are nodata)."""
+        dtype, and the owned region's validity mask (h, w) bool (see ``valid_pixels``)."""
         w = tile.read
         try:
-            arr = self._ds.ReadAsArray(w.col, w.row, w.width, w.height, band_list=self.bands)
+            arr = _read_window(self._ds, self.bands, Window(*w))
         except RuntimeError as exc:
             raise InputError(f"{self.info.path}: read of window {tuple(w)} failed "
                              f"({str(exc).strip().splitlines()[0]}); the file may be truncated") from None
         if arr is None:
             raise InputError(f"{self.info.path}: read of window {tuple(w)} failed")
-        if arr.ndim == 2:
-            arr = arr[None]
         self.bytes_read += arr.nbytes
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise InputError(f"{self.info.path}: NaN or inf values in window {tuple(w)}; mask them "
-                             "with a nodata value first")
+        if arr.dtype.kind == "f":
+            arr = self._finite(arr, w)
         top, bottom, left, right = tile.pad
         if any(tile.pad):
             arr = np.pad(arr, ((0, 0), (top, bottom), (left, right)), mode="edge")
         c = tile.crop
         owned = arr[:, c.row:c.row + c.height, c.col:c.col + c.width]
-        nd = self.info.nodata
-        valid = np.ones(owned.shape[1:], bool) if nd is None else (owned != nd).any(axis=0)
+        try:
+            valid = valid_pixels(self._ds, self.info, self.bands, tile.owned, owned)
+        except RuntimeError as exc:
+            raise InputError(f"{self.info.path}: read of the validity of window {tuple(w)} "
+                             f"failed ({str(exc).strip().splitlines()[0]})") from None
+        if arr.dtype.kind == "f":
+            arr = np.nan_to_num(arr, nan=0.0)  # declared-NaN nodata, now recorded in ``valid``
         return arr, valid
+
+    def _finite(self, arr: np.ndarray, w: Any) -> np.ndarray:
+        """Refuse NaN/inf unless the band declares NaN as its nodata."""
+        bad = ~np.isfinite(arr)
+        for i, b in enumerate(self.bands):
+            nd = self.info.nodata_of(b)
+            if nd is not None and math.isnan(nd):
+                bad[i] &= ~np.isnan(arr[i])
+        if bad.any():
+            raise InputError(f"{self.info.path}: NaN or inf values in window {tuple(w)}; declare "
+                             "them nodata (scenes.nodata: .nan) or mask them")
+        return arr
 
     def close(self) -> None:
         self._ds = None
 
 
 def tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.ndarray:
-    """Fraction of valid (non-nodata) pixels per tile, (rows, cols) float32, exact.
+    """Fraction of valid pixels per tile, (rows, cols) float32, exact (see ``valid_pixels``).
 
-    GDAL averages each band's validity mask over every tile footprint while streaming blocks, so
-    memory stays at one block; a tile is all-nodata iff its coverage is exactly 0.
+    Streams tile-row strips in column chunks of bounded size, so memory never holds a scene;
+    a tile is all-nodata iff its coverage is exactly 0.
     """
     rows, cols = grid_shape(info.width, info.height, tile_px)
-    if info.nodata is None:
+    if not info.has_validity_source(bands):
         return np.ones((rows, cols), np.float32)
     try:
         return _tile_coverage(info, tile_px, bands, rows, cols)
@@ -256,25 +662,25 @@ def tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.nda
                          "damaged") from None
 
 
+COVERAGE_CHUNK_PX = 1 << 22  # pixels per prescan read (x bands x dtype bytes of memory)
+
+
 def _tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int], rows: int,
                    cols: int) -> np.ndarray:
     ds = _open(info.path)
     cov = np.zeros((rows, cols), np.float32)
-    # Read one tile-row strip at a time so the (rows*tile_px) grid's ragged last row/col is exact.
+    tiles_per_read = max(1, COVERAGE_CHUNK_PX // (tile_px * tile_px))
     for r in range(rows):
         r0 = r * tile_px
         h = min(tile_px, info.height - r0)
-        for b in bands:
-            m = ds.GetRasterBand(b).GetMaskBand()
-            full_cols = info.width // tile_px
-            if full_cols:
-                strip = m.ReadAsArray(0, r0, full_cols * tile_px, h, buf_xsize=full_cols, buf_ysize=1,
-                                      buf_type=gdal.GDT_Float32,
-                                      resample_alg=gdal.GRIORA_Average)
-                cov[r, :full_cols] = np.maximum(cov[r, :full_cols], strip[0] / 255.0)
-            if full_cols < cols:
-                last = m.ReadAsArray(full_cols * tile_px, r0, info.width - full_cols * tile_px, h,
-                                     buf_xsize=1, buf_ysize=1, buf_type=gdal.GDT_Float32,
-                                     resample_alg=gdal.GRIORA_Average)
-                cov[r, cols - 1] = max(cov[r, cols - 1], float(last[0, 0]) / 255.0)
+        for c_first in range(0, cols, tiles_per_read):
+            c_last = min(cols, c_first + tiles_per_read)
+            x0 = c_first * tile_px
+            x1 = min(info.width, c_last * tile_px)
+            valid = valid_pixels(ds, info, bands, Window(x0, r0, x1 - x0, h))
+            per_col = valid.sum(axis=0, dtype=np.int64)
+            edges = np.arange(0, x1 - x0, tile_px)
+            counts = np.add.reduceat(per_col, edges)
+            widths = np.minimum(tile_px, (x1 - x0) - edges)
+            cov[r, c_first:c_last] = counts / (widths * h)
     return cov

@@ -15,12 +15,14 @@ from xml.sax.saxutils import escape
 from osgeo import gdal, ogr, osr
 
 from ..errors import InputError, OutputError, ResflowError, os_error_cause
+from .naming import MASK, output_file_name
 
 gdal.UseExceptions()
 ogr.UseExceptions()
 osr.UseExceptions()
 
 LAYER_NAME = "buildings"
+MASK_SUFFIX = output_file_name("", MASK)
 BUILDING_VALUE = 1
 # Metres per degree of latitude: converts simplify_m to a tolerance for geographic masks.
 METRES_PER_DEGREE = 111_320.0
@@ -248,14 +250,16 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
 
 
 def expand_mask_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Mask GeoTIFFs from files and output directories (their ``*_mask.tif``, COGs excluded)."""
+    """Mask GeoTIFFs from files and output directories (their ``*.resflow-mask.tif``, or the
+    ``*_mask.tif`` of older runs; COGs excluded)."""
     masks: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.glob("*_mask.tif") if q.is_file())
+            found = sorted(q for q in p.glob(f"*{MASK_SUFFIX}") if q.is_file())
+            found = found or sorted(q for q in p.glob("*_mask.tif") if q.is_file())
             if not found:
-                raise InputError(f"{p}: no *_mask.tif in this directory; pass a `resflow run` "
+                raise InputError(f"{p}: no *{MASK_SUFFIX} in this directory; pass a `resflow run` "
                                  "output directory or mask files")
             masks.extend(found)
         elif p.is_file():
@@ -267,10 +271,13 @@ def expand_mask_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def output_paths(mask_tif: Path, out_dir: Optional[str | Path]) -> tuple[Path, Path]:
-    """Where a mask's GeoPackage and GeoJSON go: ``<stem>_buildings.gpkg/.geojson``."""
-    stem = mask_tif.name[:-len("_mask.tif")] if mask_tif.name.endswith("_mask.tif") else mask_tif.stem
+    """Where a mask's GeoPackage and GeoJSON go: ``<stem>.resflow-buildings.gpkg/.geojson``."""
+    name = mask_tif.name
+    stem = next((name[:-len(s)] for s in (MASK_SUFFIX, "_mask.tif") if name.endswith(s)),
+                mask_tif.stem)
     folder = Path(out_dir) if out_dir is not None else mask_tif.parent
-    return folder / f"{stem}_buildings.gpkg", folder / f"{stem}_buildings.geojson"
+    return (folder / output_file_name(stem, "buildings", ".gpkg"),
+            folder / output_file_name(stem, "buildings", ".geojson"))
 
 
 def vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:

@@ -73,16 +73,16 @@ def test_spark_exports_on_input_grid_and_reports(both_engines: dict) -> None:
     assert report["tiles"] == 8 * 16 == sum(report["load_balance"]["tiles_per_rank"])
     assert {r["binding"]["device"] for r in report["per_rank"] if r["tiles"]} == {"cpu"}
     for scene in report["scenes"]:
-        mask_tif = next(p for p in scene["outputs"] if p.endswith("_mask.tif"))
-        assert any(p.endswith("_buckets.tif") for p in scene["outputs"])
+        mask_tif = next(p for p in scene["outputs"] if p.endswith(".resflow-mask.tif"))
+        assert any(p.endswith(".resflow-buckets.tif") for p in scene["outputs"])
         src, got = gdal.Open(scene["path"]), gdal.Open(mask_tif)
         assert (got.RasterXSize, got.RasterYSize) == (src.RasterXSize, src.RasterYSize)
         assert got.GetGeoTransform() == src.GetGeoTransform()
         assert got.GetSpatialRef().IsSame(src.GetSpatialRef())
         mpi_tif = gdal.Open(str(both_engines["mpi"] / Path(mask_tif).name))
         assert np.array_equal(got.ReadAsArray(), mpi_tif.ReadAsArray())
-        mpi_buckets = both_engines["mpi"] / Path(mask_tif).name.replace("_mask.tif", "_buckets.tif")
-        assert np.array_equal(gdal.Open(mask_tif.replace("_mask.tif", "_buckets.tif")).ReadAsArray(),
+        mpi_buckets = both_engines["mpi"] / Path(mask_tif).name.replace("-mask.tif", "-buckets.tif")
+        assert np.array_equal(gdal.Open(mask_tif.replace("-mask.tif", "-buckets.tif")).ReadAsArray(),
                               gdal.Open(str(mpi_buckets)).ReadAsArray())
 
 

@@ -92,14 +92,14 @@ def test_exports_have_input_grid(engine_runs: dict, tiny_archive: Path) -> None:
         src = gdal.Open(s["path"])
         for p in s["outputs"]:
             ds = gdal.Open(p)
-            if p.endswith("_buckets.tif"):
+            if p.endswith(".resflow-buckets.tif"):
                 assert ds.RasterCount == 3
                 continue
             assert (ds.RasterXSize, ds.RasterYSize) == (src.RasterXSize, src.RasterYSize)
             assert ds.GetGeoTransform() == src.GetGeoTransform()
             assert ds.GetSpatialRef().IsSame(src.GetSpatialRef())
             assert ds.GetRasterBand(1).GetNoDataValue() == 255
-        cog = [p for p in s["outputs"] if p.endswith("_cog.tif")][0]
+        cog = [p for p in s["outputs"] if p.endswith("-cog.tif")][0]
         assert gdal.Info(cog, format="json")["metadata"]["IMAGE_STRUCTURE"].get("LAYOUT") == "COG"
 
 

@@ -134,9 +134,9 @@ def test_directories_expand_to_masks_but_not_cogs(mask_tif: Path, tmp_path: Path
     (tmp_path / "run_report.json").write_text("{}")
     assert expand_mask_inputs([tmp_path]) == [mask_tif.resolve()]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="no \\*_mask.tif"):
+    with pytest.raises(InputError, match="no \\*.resflow-mask.tif"):
         expand_mask_inputs([tmp_path / "empty"])
-    assert output_paths(mask_tif, None)[0] == tmp_path / "0000_scene_buildings.gpkg"
+    assert output_paths(mask_tif, None)[0] == tmp_path / "0000_scene.resflow-buildings.gpkg"
 
 
 def test_command_writes_beside_or_into_out(mask_tif: Path, tmp_path: Path,
@@ -150,14 +150,14 @@ def test_command_writes_beside_or_into_out(mask_tif: Path, tmp_path: Path,
     assert vectorize_command(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any("3 polygon(s)" in ln and "0000_scene_mask.tif" in ln for ln in lines)
-    assert read_layer(out / "0000_scene_buildings.gpkg", "buildings")[2] == 3
-    assert read_layer(out / "0000_scene_buildings.geojson")[2] == 3
+    assert read_layer(out / "0000_scene.resflow-buildings.gpkg", "buildings")[2] == 3
+    assert read_layer(out / "0000_scene.resflow-buildings.geojson")[2] == 3
 
     bad = argparse.Namespace(masks=[str(mask_tif), str(write_mask(tmp_path / "z.tif",
                                                                   known_labels(), bands=2))],
                              out=None, min_area_m2=0.0, simplify_m=0.0, geojson=False)
     assert vectorize_command(bad) == 2
-    assert (tmp_path / "0000_scene_buildings.gpkg").is_file()
+    assert (tmp_path / "0000_scene.resflow-buildings.gpkg").is_file()
     assert "1 failed" in capsys.readouterr().out
 
 
