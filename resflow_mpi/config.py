@@ -69,9 +69,11 @@ class ModelsConfig:
     """Model gallery and the architectures `resflow init` trains."""
 
     gallery: str = _f("gallery", "Model gallery directory (written by init, read by run).")
-    arch: Literal["unet", "fcn_resnet"] = _f("unet", "Segmentation architecture.")
-    preset: Literal["tiny", "small", "paper"] = _f("tiny", "Size preset (paper: ~13.4M-parameter "
-                                                           "U-Net as in RESFlow).")
+    arch: Literal["unet", "fcn_resnet", "segnet", "deeplabv3"] = _f(
+        "unet", "Segmentation architecture (the paper's four: U-Net, ResNet50-FCN, SegNet, "
+                "DeepLabv3).")
+    preset: Literal["tiny", "small", "paper"] = _f("tiny", "Size preset (paper: the paper's "
+                                                           "parameter counts, e.g. 13.4M for U-Net).")
     hash_bits: int = _f(32, "Length B of the binary hash codes (8-64).", min=8, max=64)
     embed_dim: int = _f(32, "Length of the learned CEM embedding.", min=2)
 
