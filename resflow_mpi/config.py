@@ -132,7 +132,9 @@ class TrainingConfig:
     tile_px: int = _f(128, "Training crop size in pixels.", min=16)
     tiles_per_scene: int = _f(48, "Training crops sampled from each training scene.", min=1)
     val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
-    k_min: int = _f(2, "Smallest bucket count tried.", min=1)
+    k_min: int = _f(2, "Smallest bucket count tried; 1 also tests for any bucket structure "
+                       "(no split beats structureless data by k_min_drop: one bucket, Mono only).",
+                    min=1)
     k_max: int = _f(10, "Largest bucket count tried.", min=1)
     k_min_drop: float = _f(0.2, "Elbow rule: the largest k whose added cluster cut the average "
                                 "intra-cluster variance by more than this fraction.")
