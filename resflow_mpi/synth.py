@@ -847,7 +847,7 @@ def _origin(epsg: int, seed: int, index: int) -> tuple[float, float]:
 def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
                   size_px: int | None = None, epsg: int | None = ARCHIVE_EPSG) -> list[SceneSpec]:
     """Scene specs of a preset archive: "tiny" (tests), "demo", "large" (one benchmark scene), or
-    "tiny-single" (tests: four training scenes and one test scene of one regime, no structure to
+    "tiny-single" (tests: six training scenes and one test scene of one regime, no structure to
     cluster, so `k_min: 1` chooses one bucket).
 
     Like a national archive mapped in one projection, every scene shares ``epsg`` (default UTM
@@ -874,7 +874,7 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
 
     if preset == "tiny-single":
         regime = REGIMES[SINGLE_REGIME]
-        for i in range(4):
+        for i in range(6):
             add(f"train-{i:02d}-{regime.name}", regime.name, regime.region, "train", regime.epsg,
                 256, collar=False)
         add(f"test-00-{regime.name}", regime.name, regime.region, "test", regime.epsg, 256,
