@@ -176,6 +176,40 @@ def _make_stage(block_cls: type[_BasicBlock] | type[_Bottleneck], in_ch: int, pl
     return nn.Sequential(*blocks), out_ch, dilation
 
 
+def _resnet_encoder(name: str, in_channels: int, block: str, layers: Sequence[int],
+                    base_width: int, output_stride: int) -> tuple[nn.Sequential, list[nn.Sequential],
+                                                                list[int]]:
+    """Stem and the four stages of a ResNet dilated to ``output_stride``, with each stage's output
+    channels; ValueError (naming the network ``name``) for bad arguments."""
+    if block not in _BLOCKS:
+        raise ValueError(f"unknown block {block!r}; valid: {', '.join(_BLOCKS)}")
+    if len(layers) != 4 or min(layers) < 1:
+        raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+    if in_channels < 1 or base_width < 1:
+        raise ValueError(f"{name} needs in_channels, base_width >= 1; got "
+                         f"{in_channels}, {base_width}")
+    block_cls = _BLOCKS[block]
+    stem = nn.Sequential(
+        nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(base_width), nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+    )
+    # Stages after the one reaching ``output_stride`` trade their stride for dilation so the
+    # receptive field keeps growing without losing resolution.
+    dilate = [False, False, output_stride == 8, True]
+    in_ch, dilation = base_width, 1
+    stages, widths = [], []
+    for index, (n_blocks, use_dilation) in enumerate(zip(layers, dilate)):
+        stage, in_ch, dilation = _make_stage(block_cls, in_ch, base_width * 2 ** index,
+                                             n_blocks, 1 if index == 0 else 2, dilation,
+                                             use_dilation)
+        stages.append(stage)
+        widths.append(in_ch)
+    return stem, stages, widths
+
+
 class FCNResNet(nn.Module):
     """FCN on a 4-stage ResNet encoder, dilated to ``output_stride`` 8 or 16, 1x1 classifier.
 
@@ -187,40 +221,17 @@ class FCNResNet(nn.Module):
                  layers: Sequence[int] = (3, 4, 6, 3), base_width: int = 64,
                  output_stride: int = 8, skip: bool = False, preset: str = "custom") -> None:
         super().__init__()
-        if block not in _BLOCKS:
-            raise ValueError(f"unknown block {block!r}; valid: {', '.join(_BLOCKS)}")
-        if len(layers) != 4 or min(layers) < 1:
-            raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-        if in_channels < 1 or base_width < 1:
-            raise ValueError(f"FCNResNet needs in_channels, base_width >= 1; got "
-                             f"{in_channels}, {base_width}")
+        self.stem, stages, widths = _resnet_encoder("FCNResNet", in_channels, block, layers,
+                                                    base_width, output_stride)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.spec: dict[str, Any] = {"kind": "segmentation", "arch": "fcn_resnet", "preset": preset,
                                      "in_channels": in_channels, "block": block,
                                      "layers": [int(n) for n in layers], "base_width": base_width,
                                      "output_stride": output_stride, "skip": bool(skip)}
         self.in_channels = in_channels
         self.stride_px = output_stride
-        block_cls = _BLOCKS[block]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(base_width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
-        # Stages after the one reaching ``output_stride`` trade their stride for dilation so the
-        # receptive field keeps growing without losing resolution.
-        dilate = [False, False, output_stride == 8, True]
-        in_ch, dilation = base_width, 1
-        stages = []
-        for index, (n_blocks, use_dilation) in enumerate(zip(layers, dilate)):
-            stage, in_ch, dilation = _make_stage(block_cls, in_ch, base_width * 2 ** index,
-                                                 n_blocks, 1 if index == 0 else 2, dilation,
-                                                 use_dilation)
-            stages.append(stage)
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.classifier = nn.Conv2d(in_ch, 1, 1)
-        shallow_ch = base_width * block_cls.expansion
+        self.classifier = nn.Conv2d(widths[3], 1, 1)
+        shallow_ch = widths[0]
         self.skip_classifier = nn.Conv2d(shallow_ch, 1, 1) if skip else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,17 +345,12 @@ class DeepLabV3(nn.Module):
                  atrous_rates: Sequence[int] = (12, 24, 36), aux_head: bool = True,
                  preset: str = "custom") -> None:
         super().__init__()
-        if block not in _BLOCKS:
-            raise ValueError(f"unknown block {block!r}; valid: {', '.join(_BLOCKS)}")
-        if len(layers) != 4 or min(layers) < 1:
-            raise ValueError(f"layers must be 4 positive block counts, got {list(layers)}")
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
-        if min(in_channels, base_width, aspp_channels) < 1 or not atrous_rates \
-                or min(atrous_rates) < 1:
-            raise ValueError(f"DeepLabV3 needs in_channels, base_width, aspp_channels >= 1 and "
-                             f"positive atrous rates; got {in_channels}, {base_width}, "
+        if aspp_channels < 1 or not atrous_rates or min(atrous_rates) < 1:
+            raise ValueError(f"DeepLabV3 needs aspp_channels >= 1 and positive atrous rates; got "
                              f"{aspp_channels}, {list(atrous_rates)}")
+        self.stem, stages, widths = _resnet_encoder("DeepLabV3", in_channels, block, layers,
+                                                    base_width, output_stride)
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.spec: dict[str, Any] = {"kind": "segmentation", "arch": "deeplabv3", "preset": preset,
                                      "in_channels": in_channels, "block": block,
                                      "layers": [int(n) for n in layers], "base_width": base_width,
@@ -354,22 +360,7 @@ class DeepLabV3(nn.Module):
                                      "aux_head": bool(aux_head)}
         self.in_channels = in_channels
         self.stride_px = output_stride
-        block_cls = _BLOCKS[block]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, base_width, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(base_width), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
-        dilate = [False, False, output_stride == 8, True]
-        in_ch, dilation = base_width, 1
-        stages, widths = [], []
-        for index, (n_blocks, use_dilation) in enumerate(zip(layers, dilate)):
-            stage, in_ch, dilation = _make_stage(block_cls, in_ch, base_width * 2 ** index,
-                                                 n_blocks, 1 if index == 0 else 2, dilation,
-                                                 use_dilation)
-            stages.append(stage)
-            widths.append(in_ch)
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        in_ch = widths[3]
         self.head = nn.Sequential(_ASPP(in_ch, aspp_channels, atrous_rates),
                                   _conv_bn_relu(aspp_channels, aspp_channels),
                                   nn.Conv2d(aspp_channels, 1, 1))

@@ -17,11 +17,16 @@ from resflow_mpi.init.hashing import bucket_of, centroid_codes, mean_average_pre
 from tests.conftest import RESFLOW, env
 
 
-@pytest.mark.parametrize("true_k", [3, 4, 6])
-def test_k_selection_finds_known_cluster_count(true_k: int) -> None:
+def _blobs(true_k: int) -> np.ndarray:
+    """40 points around each of ``true_k`` well-separated centres in 8 dimensions."""
     rng = np.random.default_rng(true_k)
     centres = rng.normal(0, 10, (true_k, 8))
-    x = np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+    return np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+
+
+@pytest.mark.parametrize("true_k", [3, 4, 6])
+def test_k_selection_finds_known_cluster_count(true_k: int) -> None:
+    x = _blobs(true_k)
     choice = choose_k(x, 2, 10)
     assert choice.k == true_k
     assert choice.ks == list(range(2, 11))
@@ -46,9 +51,7 @@ def test_k_min_1_one_elongated_blob_is_one_bucket() -> None:
 
 @pytest.mark.parametrize("true_k", [2, 3, 5])
 def test_k_min_1_keeps_real_clusters(true_k: int) -> None:
-    rng = np.random.default_rng(true_k)
-    centres = rng.normal(0, 10, (true_k, 8))
-    x = np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+    x = _blobs(true_k)
     choice = choose_k(x, 1, 8)
     assert choice.k == true_k
     assert choice.k == choose_k(x, 2, 8).k
