@@ -1,4 +1,4 @@
-"""The ``resflow`` command: info, synth, init, run, evaluate, search, vectorize, config-doc."""
+"""The ``resflow`` command: info, synth, init, run, evaluate, search, sample, vectorize, config-doc."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     return search_command(args)
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    """N tiles per bucket as georeferenced GeoTIFF chips plus a GeoPackage index, for labelling."""
+    from .init.sample import sample_command
+    return sample_command(args)
+
+
 def cmd_vectorize(args: argparse.Namespace) -> int:
     """Building polygons from exported masks (GeoPackage/GeoJSON), masks spread over ranks."""
     from .io import vectorize as vec
@@ -173,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_info)
     sp = sub.add_parser("synth", help=cmd_synth.__doc__)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--preset", default="demo", choices=["tiny", "demo", "large"])
+    sp.add_argument("--preset", default="demo", choices=["tiny", "demo", "large", "tiny-single"])
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
     sp.add_argument("--size", type=int, default=None, help="scene side in pixels (overrides preset)")
@@ -210,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=10)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
+    sp = sub.add_parser("sample", help=cmd_sample.__doc__)
+    sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")
+    sp.add_argument("--per-bucket", type=int, required=True, metavar="N")
+    sp.add_argument("--scenes", nargs="+", default=None, help="only these scenes (names or paths)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--out", required=True, help="folder for the chips and chips.gpkg")
+    sp.set_defaults(func=cmd_sample)
     sp = sub.add_parser("vectorize", help=cmd_vectorize.__doc__)
     sp.add_argument("masks", nargs="+", help="mask GeoTIFFs (or an output directory)")
     sp.add_argument("--out", default=None, help="output directory (default: beside each mask)")

@@ -82,9 +82,11 @@ class ModelsConfig:
     """Model gallery and the architectures `resflow init` trains."""
 
     gallery: str = _f("gallery", "Model gallery directory (written by init, read by run).")
-    arch: Literal["unet", "fcn_resnet"] = _f("unet", "Segmentation architecture.")
-    preset: Literal["tiny", "small", "paper"] = _f("tiny", "Size preset (paper: ~13.4M-parameter "
-                                                           "U-Net as in RESFlow).")
+    arch: Literal["unet", "fcn_resnet", "segnet", "deeplabv3"] = _f(
+        "unet", "Segmentation architecture (the paper's four: U-Net, ResNet50-FCN, SegNet, "
+                "DeepLabv3).")
+    preset: Literal["tiny", "small", "paper"] = _f("tiny", "Size preset (paper: the paper's "
+                                                           "parameter counts, e.g. 13.4M for U-Net).")
     hash_bits: int = _f(32, "Length B of the binary hash codes (8-64).", min=8, max=64)
     embed_dim: int = _f(32, "Length of the learned CEM embedding.", min=2)
 
@@ -146,7 +148,9 @@ class TrainingConfig:
     tile_px: int = _f(128, "Training crop size in pixels.", min=16)
     tiles_per_scene: int = _f(48, "Training crops sampled from each training scene.", min=1)
     val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
-    k_min: int = _f(2, "Smallest bucket count tried.", min=1)
+    k_min: int = _f(2, "Smallest bucket count tried; 1 also tests for any bucket structure "
+                       "(no split beats structureless data by k_min_drop: one bucket, Mono only).",
+                    min=1)
     k_max: int = _f(10, "Largest bucket count tried.", min=1)
     k_min_drop: float = _f(0.2, "Elbow rule: the largest k whose added cluster cut the average "
                                 "intra-cluster variance by more than this fraction.")

@@ -7,6 +7,9 @@ Model gallery layout (a directory)::
     bucket-<bits>.pt         one segmentation model per bucket, named by its centroid bitstring
     mono.pt                  the single "Mono" model trained on all tiles (for comparison)
 
+With one bucket (k = 1) there is no bucket file: the bucket's entry points at mono.pt
+(``"same_as": "mono"``), so the gallery is Mono alone under the bucket's code.
+
 Weights are plain state dicts loaded with ``torch.load(weights_only=True)`` (no pickle code runs);
 every file's checksum and the architecture in the manifest are verified before use.
 """

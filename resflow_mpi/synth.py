@@ -41,7 +41,8 @@ UINT16_MAX_DN = 2047          # 11-bit sensors store their counts in uint16
 TIFF_BLOCK_PX = 256
 BAND_NAMES = ("red", "green", "blue", "nir")
 SPLITS = ("train", "test")
-PRESETS = ("tiny", "demo", "large")
+PRESETS = ("tiny", "demo", "large", "tiny-single")
+SINGLE_REGIME = "temperate-urban"   # the one regime of the "tiny-single" preset
 _DTYPE_MAX_DN = {"uint8": 255, "uint16": UINT16_MAX_DN}
 _GDAL_TYPES = {
     np.dtype("uint8"): gdal.GDT_Byte, np.dtype("uint16"): gdal.GDT_UInt16,
@@ -845,7 +846,9 @@ def _origin(epsg: int, seed: int, index: int) -> tuple[float, float]:
 
 def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
                   size_px: int | None = None, epsg: int | None = ARCHIVE_EPSG) -> list[SceneSpec]:
-    """Scene specs of a preset archive: "tiny" (tests), "demo", or "large" (one benchmark scene).
+    """Scene specs of a preset archive: "tiny" (tests), "demo", "large" (one benchmark scene), or
+    "tiny-single" (tests: six training scenes and one test scene of one regime, no structure to
+    cluster, so `k_min: 1` chooses one bucket).
 
     Like a national archive mapped in one projection, every scene shares ``epsg`` (default UTM
     37N); ``epsg=None`` gives each regime its own zone (a mixed-CRS archive, for tests)."""
@@ -869,6 +872,14 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
                                perturb=perturb))
         index += 1
 
+    if preset == "tiny-single":
+        regime = REGIMES[SINGLE_REGIME]
+        for i in range(6):
+            add(f"train-{i:02d}-{regime.name}", regime.name, regime.region, "train", regime.epsg,
+                256, collar=False)
+        add(f"test-00-{regime.name}", regime.name, regime.region, "test", regime.epsg, 256,
+            collar=False)
+        return specs
     if preset == "large":
         add("large-00-temperate-urban", "temperate-urban", "benchmark", "test",
             REGIMES["temperate-urban"].epsg, 20000, True)

@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Loss weight of each training output: the main logits, then an auxiliary head's.
+AUX_LOSS_WEIGHTS = (1.0, 0.5)
+
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """BCE + soft Dice over valid pixels (nodata excluded)."""
@@ -54,7 +57,11 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
             xb = photometric_jitter(xb, rng)
         valid = (yb != 255).float()
         target = (yb == 1).float()
-        loss = dice_bce_loss(model(xb.contiguous(memory_format=torch.channels_last)), target, valid)
+        xb = xb.contiguous(memory_format=torch.channels_last)
+        # Networks with auxiliary heads (DeepLabV3) return them in training; weights as torchvision.
+        outputs = model.forward_with_aux(xb) if hasattr(model, "forward_with_aux") else (model(xb),)
+        loss = torch.stack([w * dice_bce_loss(o, target, valid)
+                            for w, o in zip(AUX_LOSS_WEIGHTS, outputs)]).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -4,7 +4,8 @@
 2. Rank 0 trains the CEM (conv autoencoder whose embedding also predicts a 4x4 thumbnail, so the
    embedding itself is learned), embeds all tiles, clusters them (agglomerative, k by the elbow of
    the intra-cluster variance curve), trains the hash head on soft cluster labels, derives bucket
-   centroid codes and reports the validation mAP.
+   centroid codes and reports the validation mAP. With ``k_min: 1`` and no bucket structure
+   (see ``clustering.choose_k``) k = 1: one bucket whose model is Mono.
 3. A shared base segmenter is trained on all tiles; then bucket b is fine-tuned on its own tiles
    on rank b % size, and "Mono" continues on all tiles for the same number of steps (same
    architecture and budget as every bucket model).
@@ -137,13 +138,19 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                               tr.lr, tr.seed)
         fmaps, emb = embed_all(extractor, tiles.x)
         z = (emb - emb[~is_val].mean(0)) / (emb[~is_val].std(0) + 1e-6)
-        choice = choose_k(z[~is_val], tr.k_min, tr.k_max, min_drop=tr.k_min_drop)
+        choice = choose_k(z[~is_val], tr.k_min, tr.k_max, min_drop=tr.k_min_drop, seed=tr.seed)
         k = choice.k
         labels = np.empty(n, int)
         labels[~is_val] = choice.labels
         cents = np.stack([z[~is_val][choice.labels == c].mean(0) for c in range(k)])
         labels[is_val] = ((z[is_val][:, None] - cents[None]) ** 2).sum(-1).argmin(1)
-        _log(f"CEM trained; k chosen = {k} from {choice.ks[0]}..{choice.ks[-1]}")
+        _log(f"CEM trained; k chosen = {k} from {choice.ks[0]}..{choice.ks[-1]}: {choice.reason}")
+        _log("variance curve: " + ", ".join(f"V({kk})={v:.3g}" for kk, v in
+                                            zip(choice.ks, choice.mean_intra_variance)))
+        if choice.reference_knee_score is not None:
+            _log("drop ratio V(k-1)/V(k), data vs structureless reference: " + ", ".join(
+                f"k={kk}: {d:.2f}/{r:.2f}" for kk, d, r in
+                zip(choice.ks[1:], choice.knee_score[1:], choice.reference_knee_score[1:])))
         soft = soft_labels(z, labels)
         head = build_hash_head(extractor.feat_ch, cfg.models.hash_bits, k)
         torch.manual_seed(tr.seed)
@@ -158,7 +165,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         _log(f"hash head: validation mAP {hash_map:.4f}, bucket = cluster on "
              f"{bucket_acc:.1%} of validation tiles")
         curve = {"ks": choice.ks, "mean_intra_variance": choice.mean_intra_variance,
-                 "knee_score": choice.knee_score, "chosen_k": k}
+                 "knee_score": choice.knee_score,
+                 "reference_knee_score": choice.reference_knee_score, "chosen_k": k,
+                 "reason": choice.reason,
+                 "min_drop": tr.k_min_drop, "k_min": tr.k_min, "k_max": tr.k_max}
         (gallery / "k_selection.json").write_text(json.dumps(curve, indent=1))
         save_curve_plot(gallery / "k_selection.png", choice.ks, choice.mean_intra_variance, k)
         ext_entry = save_module(extractor, gallery / "cem.pt")
@@ -186,12 +196,16 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         base_state = base.state_dict()
         torch.set_num_threads(per_rank_threads)
         _log(f"base {cfg.models.arch}/{cfg.models.preset} trained for {base_steps} steps; "
-             f"fine-tuning {k} bucket model(s) + Mono for {ft_steps} steps each on {size} rank(s)")
+             + (f"fine-tuning {k} bucket model(s) + Mono" if k > 1 else
+                "k = 1: fine-tuning Mono only (the one bucket maps to it)")
+             + f" for {ft_steps} steps each on {size} rank(s)")
     comm.quiet_barrier()
     base_state = comm.bcast(base_state, root=0)
     entries: dict[str, dict[str, Any]] = {}
-    for job in range(k + 1):
-        if job % size != rank:
+    # With one bucket its model would be Mono again (same tiles, same budget): train Mono only.
+    jobs = [k] if k == 1 else list(range(k + 1))
+    for index, job in enumerate(jobs):
+        if index % size != rank:
             continue
         name = "mono" if job == k else f"bucket-{bits_to_str(centroids[job], cfg.models.hash_bits)}"
         sel_tr = np.ones(len(xtr), bool) if job == k else (buckets[~is_val] == job)
@@ -217,6 +231,9 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     merged = {key: v for part in all_entries for key, v in part.items()}  # type: ignore[union-attr]
     bucket_entries = sorted((v for key, v in merged.items() if key != "mono"),
                             key=lambda e: e["index"])
+    if k == 1:  # the single bucket is Mono: same weights file, the bucket's code for routing
+        bucket_entries = [{**merged["mono"], "index": 0, "same_as": "mono",
+                           "code": bits_to_str(centroids[0], cfg.models.hash_bits)}]
     manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
                 "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
                 "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
@@ -231,7 +248,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, gallery / MANIFEST)
     summary["seconds"] = time.perf_counter() - t0
-    _log(f"gallery written to {gallery}: {k} bucket model(s) + Mono, hash mAP "
+    _log(f"gallery written to {gallery}: "
+         + (f"{k} bucket model(s) + Mono" if k > 1 else "Mono only (k = 1)") + ", hash mAP "
          f"{summary['hash_map']:.4f}, {summary['seconds']:.0f} s")
     comm.barrier()
     return summary

@@ -16,11 +16,11 @@ from resflow_mpi.models.hashing import (HashHead, assign_buckets, build_hash_hea
                                         hamming_distance, pack_bits, unpack_bits)
 from resflow_mpi.models.presets import (PAPER_PARAMETER_COUNTS, PAPER_PARAMETER_TOLERANCE,
                                         SEGMENTATION_PRESETS, segmentation_preset)
-from resflow_mpi.models.segmentation import (FCNResNet, UNet, build_segmentation,
-                                             count_parameters)
+from resflow_mpi.models.segmentation import (SEGMENTATION_CLASSES, DeepLabV3, FCNResNet, SegNet,
+                                             UNet, build_segmentation, count_parameters)
 
 __all__ = [
-    "ConvAutoencoder", "FCNResNet", "FeatureExtractor", "HashHead", "UNet",
+    "ConvAutoencoder", "DeepLabV3", "FCNResNet", "FeatureExtractor", "HashHead", "SegNet", "UNet",
     "PAPER_PARAMETER_COUNTS", "PAPER_PARAMETER_TOLERANCE", "SEGMENTATION_PRESETS",
     "assign_buckets", "build_feature_extractor", "build_from_spec", "build_hash_head",
     "build_segmentation", "codes_to_bits", "count_parameters", "hamming_distance", "pack_bits",
@@ -28,9 +28,9 @@ __all__ = [
 ]
 
 # (kind, arch) -> class; spec keys other than "kind"/"arch" are that class's constructor kwargs.
+# Segmentation archs come from the one registry, SEGMENTATION_CLASSES (presets: SEGMENTATION_PRESETS).
 _SPEC_CLASSES: dict[tuple[str, str], Callable[..., nn.Module]] = {
-    ("segmentation", "unet"): UNet,
-    ("segmentation", "fcn_resnet"): FCNResNet,
+    **{("segmentation", arch): cls for arch, cls in SEGMENTATION_CLASSES.items()},
     ("feature_extractor", "cem_conv"): FeatureExtractor,
     ("hash_head", "hash_cnn"): HashHead,
 }

@@ -1,7 +1,8 @@
 """Architecture presets for the segmentation networks (pure data, no torch).
 
 Each preset is a dict of constructor keyword arguments for the architecture's class. "paper"
-presets reproduce the parameter counts reported by RESFlow (U-Net ~13.4M, ResNet50-FCN ~23.5M);
+presets reproduce the parameter counts reported by RESFlow (U-Net ~13.4M, ResNet50-FCN ~23.5M,
+SegNet ~29.4M, DeepLab ~42.5M);
 "tiny" and "small" are for CPU tests, demos and small scenes.
 """
 from __future__ import annotations
@@ -27,11 +28,30 @@ SEGMENTATION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "paper": {"block": "bottleneck", "layers": [3, 4, 6, 3], "base_width": 64,
                   "output_stride": 8, "skip": False},
     },
+    "segnet": {
+        "tiny": {"widths": [8, 16, 32], "convs": [1, 1, 2]},
+        "small": {"widths": [16, 32, 64, 128], "convs": [2, 2, 2, 2]},
+        # VGG16 encoder (13 convs, BatchNorm) and its mirrored decoder: ~29.4M.
+        "paper": {"widths": [64, 128, 256, 512, 512], "convs": [2, 2, 3, 3, 3]},
+    },
+    "deeplabv3": {
+        "tiny": {"block": "basic", "layers": [1, 1, 1, 1], "base_width": 8, "output_stride": 16,
+                 "aspp_channels": 16, "atrous_rates": [2, 4, 6], "aux_head": True},
+        "small": {"block": "basic", "layers": [2, 2, 2, 2], "base_width": 16, "output_stride": 8,
+                  "aspp_channels": 64, "atrous_rates": [6, 12, 18], "aux_head": True},
+        # torchvision's deeplabv3_resnet50: ResNet50 at output stride 8, ASPP 256 at 12-24-36,
+        # auxiliary FCN head on the third stage: ~42.0M.
+        "paper": {"block": "bottleneck", "layers": [3, 4, 6, 3], "base_width": 64,
+                  "output_stride": 8, "aspp_channels": 256, "atrous_rates": [12, 24, 36],
+                  "aux_head": True},
+    },
 }
 
 # Parameter counts reported for the RESFlow paper's networks and how close "paper" presets must be.
-PAPER_PARAMETER_COUNTS: dict[str, int] = {"unet": 13_400_000, "fcn_resnet": 23_500_000}
-PAPER_PARAMETER_TOLERANCE: dict[str, float] = {"unet": 0.05, "fcn_resnet": 0.10}
+PAPER_PARAMETER_COUNTS: dict[str, int] = {"unet": 13_400_000, "fcn_resnet": 23_500_000,
+                                          "segnet": 29_400_000, "deeplabv3": 42_500_000}
+PAPER_PARAMETER_TOLERANCE: dict[str, float] = {"unet": 0.05, "fcn_resnet": 0.10, "segnet": 0.03,
+                                               "deeplabv3": 0.03}
 
 
 def segmentation_preset(arch: str, preset: str) -> dict[str, Any]:

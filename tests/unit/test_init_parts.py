@@ -17,16 +17,45 @@ from resflow_mpi.init.hashing import bucket_of, centroid_codes, mean_average_pre
 from tests.conftest import RESFLOW, env
 
 
-@pytest.mark.parametrize("true_k", [3, 4, 6])
-def test_k_selection_finds_known_cluster_count(true_k: int) -> None:
+def _blobs(true_k: int) -> np.ndarray:
+    """40 points around each of ``true_k`` well-separated centres in 8 dimensions."""
     rng = np.random.default_rng(true_k)
     centres = rng.normal(0, 10, (true_k, 8))
-    x = np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+    return np.concatenate([c + rng.normal(0, 0.5, (40, 8)) for c in centres])
+
+
+@pytest.mark.parametrize("true_k", [3, 4, 6])
+def test_k_selection_finds_known_cluster_count(true_k: int) -> None:
+    x = _blobs(true_k)
     choice = choose_k(x, 2, 10)
     assert choice.k == true_k
     assert choice.ks == list(range(2, 11))
     assert all(a >= b for a, b in zip(choice.mean_intra_variance, choice.mean_intra_variance[1:]))
     assert len(np.unique(choice.labels)) == true_k
+
+
+def test_k_min_1_one_elongated_blob_is_one_bucket() -> None:
+    # One anisotropic Gaussian: every split cuts the variance a lot (the elbow rule alone picks
+    # several buckets), but no more than it cuts structureless data of the same spread.
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (150, 8)) * np.array([6, 3, 2, 1, 1, 1, 1, 1])
+    assert choose_k(x, 2, 6).k >= 2
+    choice = choose_k(x, 1, 6)
+    assert choice.k == 1 and (choice.labels == 0).all()
+    assert choice.ks == list(range(1, 7)) and len(choice.mean_intra_variance) == 6
+    assert choice.reference_knee_score is not None and len(choice.reference_knee_score) == 6
+    assert choice.knee_score[0] == choice.reference_knee_score[0] == 1.0
+    assert "k = 1" in choice.reason and "Mono only" in choice.reason
+    assert choose_k(x, 1, 1).k == 1
+
+
+@pytest.mark.parametrize("true_k", [2, 3, 5])
+def test_k_min_1_keeps_real_clusters(true_k: int) -> None:
+    x = _blobs(true_k)
+    choice = choose_k(x, 1, 8)
+    assert choice.k == true_k
+    assert choice.k == choose_k(x, 2, 8).k
+    assert choose_k(x, 2, 8).reference_knee_score is None  # k_min >= 2: the rule is unchanged
 
 
 def test_soft_labels_are_distributions_peaked_on_own_cluster() -> None:

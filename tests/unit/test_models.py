@@ -58,7 +58,39 @@ def test_paper_preset_parameter_count(arch: str) -> None:
     model = build_segmentation(arch, "paper", in_channels=3)
     expected = PAPER_PARAMETER_COUNTS[arch]
     assert abs(count_parameters(model) - expected) <= PAPER_PARAMETER_TOLERANCE[arch] * expected
-    assert PAPER_PARAMETER_TOLERANCE == {"unet": 0.05, "fcn_resnet": 0.10}
+    assert set(PAPER_PARAMETER_COUNTS) == set(ARCHS) == {"unet", "fcn_resnet", "segnet",
+                                                          "deeplabv3"}
+    assert max(PAPER_PARAMETER_TOLERANCE[a] for a in ("segnet", "deeplabv3")) <= 0.03
+
+
+def test_config_arch_choices_are_the_registered_archs() -> None:
+    from typing import get_args, get_type_hints
+
+    from resflow_mpi.config import ModelsConfig
+    from resflow_mpi.models.segmentation import SEGMENTATION_CLASSES
+    hints = get_type_hints(ModelsConfig)
+    assert set(get_args(hints["arch"])) == set(SEGMENTATION_CLASSES) == set(ARCHS)
+    for arch in ARCHS:
+        assert set(get_args(hints["preset"])) == set(SEGMENTATION_PRESETS[arch])
+
+
+def test_deeplab_auxiliary_head_trains_and_is_off_at_inference() -> None:
+    from resflow_mpi.init.segtrain import train_segmenter
+    torch.manual_seed(0)
+    model = build_segmentation("deeplabv3", "tiny", 3)
+    model.train()
+    assert len(model.forward_with_aux(torch.randn(2, 3, 40, 40))) == 2
+    aux_before = [p.detach().clone() for p in model.aux.parameters()]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    y = (rng.random((4, 32, 32)) > 0.5).astype(np.uint8)
+    curve = train_segmenter(model, x, y, steps=2, batch_size=2, lr=1e-2, seed=0)
+    assert len(curve) == 2 and all(np.isfinite(curve))
+    assert any(not torch.equal(a, b) for a, b in zip(aux_before, model.aux.parameters()))
+    assert not model.training
+    assert len(model.forward_with_aux(torch.randn(1, 3, 40, 40))) == 2  # training outputs
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 40, 40)).shape == (1, 1, 40, 40)
 
 
 def test_presets_grow_with_size() -> None:
@@ -90,16 +122,21 @@ def _models_with_inputs() -> list[tuple[str, nn.Module, torch.Tensor]]:
     return [
         ("unet", build_segmentation("unet", "tiny", 3), torch.randn(4, 3, 70, 45)),
         ("fcn_resnet", build_segmentation("fcn_resnet", "tiny", 3), torch.randn(4, 3, 70, 45)),
+        ("segnet", build_segmentation("segnet", "tiny", 3), torch.randn(4, 3, 70, 45)),
+        ("deeplabv3", build_segmentation("deeplabv3", "tiny", 3), torch.randn(4, 3, 70, 45)),
         ("feature_extractor", extractor, torch.randn(4, 4, 90, 77)),
         ("hash_head", build_hash_head(extractor.feat_ch, 24, 5), torch.randn(4, 16, 8, 8)),
     ]
+
+
+MODEL_IDS = ["unet", "fcn_resnet", "segnet", "deeplabv3", "extractor", "hash_head"]
 
 
 def _as_tuple(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return output if isinstance(output, tuple) else (output,)
 
 
-@pytest.mark.parametrize("index", range(4), ids=["unet", "fcn_resnet", "extractor", "hash_head"])
+@pytest.mark.parametrize("index", range(6), ids=MODEL_IDS)
 def test_build_from_spec_round_trip(index: int) -> None:
     _, original, x = _models_with_inputs()[index]
     _randomise_batchnorm(original)
@@ -124,7 +161,8 @@ def test_segmentation_spec_records_preset() -> None:
 
 @pytest.mark.parametrize("spec", [
     {"kind": "classifier", "arch": "unet"},
-    {"kind": "segmentation", "arch": "segnet", "in_channels": 3},
+    {"kind": "segmentation", "arch": "pspnet", "in_channels": 3},
+    {"kind": "segmentation", "arch": "segnet", "in_channels": 3, "depth": 4},
     {"kind": "hash_head", "arch": "hash_cnn", "feat_ch": 8, "n_bits": 16},
     {"kind": "feature_extractor", "arch": "cem_conv", "in_channels": 3, "colour": True},
 ])
@@ -133,7 +171,7 @@ def test_build_from_spec_rejects_bad_specs(spec: dict) -> None:
         build_from_spec(spec)
 
 
-@pytest.mark.parametrize("index", range(4), ids=["unet", "fcn_resnet", "extractor", "hash_head"])
+@pytest.mark.parametrize("index", range(6), ids=MODEL_IDS)
 def test_eval_output_independent_of_batch_mates(index: int) -> None:
     # Bitwise equality does not hold: oneDNN blocks the work differently for N=1 and N=4, which
     # reorders float sums (differences ~1e-7). No batch statistics are involved.
@@ -148,7 +186,7 @@ def test_eval_output_independent_of_batch_mates(index: int) -> None:
         assert torch.equal(repeat, want)  # deterministic in eval mode
 
 
-@pytest.mark.parametrize("index", range(4), ids=["unet", "fcn_resnet", "extractor", "hash_head"])
+@pytest.mark.parametrize("index", range(6), ids=MODEL_IDS)
 def test_channels_last_matches_contiguous(index: int) -> None:
     _, model, x = _models_with_inputs()[index]
     _randomise_batchnorm(model)
