@@ -202,11 +202,17 @@ class MaskStore:
     def _write_results(self, results: Sequence[TileResult], collective: bool,
                        n_calls: Optional[int]) -> None:
         calls = len(results) if n_calls is None else n_calls
-        n_scenes = len(self.scenes)
+        # Collective rounds: every rank learns which scenes the round's k-th calls touch (one
+        # small allgather), so the collective calls are per scene *with data*, never per scene
+        # of the archive: a 1,000-scene job costs what a one-scene job costs per tile.
+        touched: list[list[int]] = []
+        if collective:
+            lists = self.comm.allgather([r.tile.scene for r in results])
+            touched = [sorted({lst[k] for lst in lists if k < len(lst)}) for k in range(calls)]
         for k in range(calls):
             r = results[k] if k < len(results) else None
-            # One collective call per scene dataset in the same order on every rank.
-            for i in range(n_scenes) if collective else ([r.tile.scene] if r else []):
+            # One collective call per touched scene dataset, in the same order on every rank.
+            for i in touched[k] if collective else ([r.tile.scene] if r else []):
                 mine = r is not None and r.tile.scene == i
                 g = self._groups[i]
                 self._write_block(g["mask"], r.tile if mine else None, r.mask if mine else None,
