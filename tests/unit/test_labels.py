@@ -120,20 +120,20 @@ def write_vector(path: Path, polys_map: list[list[tuple[float, float]]], epsg: i
     return path
 
 
-def to_map(polys: list[list[tuple[float, float]]], gt: Sequence[float], epsg: int = UTM
-           ) -> list[list[tuple[float, float]]]:
+def to_map(polys: list[list[tuple[float, float]]], gt: Sequence[float], epsg: int = UTM,
+           scene_epsg: int = UTM) -> list[list[tuple[float, float]]]:
     pts = [[pix(gt, c, r) for c, r in p] for p in polys]
-    if epsg == UTM:
+    if epsg == scene_epsg:
         return pts
-    ct = osr.CoordinateTransformation(srs(UTM), srs(epsg))
+    ct = osr.CoordinateTransformation(srs(scene_epsg), srs(epsg))
     return [[tuple(q[:2]) for q in ct.TransformPoints(p)] for p in pts]
 
 
 def rasterise_full(path: Path, polys_map: list[list[tuple[float, float]]],
-                   gt: Sequence[float]) -> Path:
+                   gt: Sequence[float], epsg: int = UTM) -> Path:
     """The raster route: the same polygons (scene CRS) burnt onto the whole scene grid."""
-    vpath = write_vector(path.with_suffix(".utm.geojson"), polys_map, UTM)
-    make_raster(path, np.zeros((H, W), np.uint8), gt)
+    vpath = write_vector(path.with_suffix(".scene-crs.geojson"), polys_map, epsg)
+    make_raster(path, np.zeros((H, W), np.uint8), gt, epsg)
     out = gdal.Open(str(path), gdal.GA_Update)
     src = gdal.OpenEx(str(vpath), gdal.OF_VECTOR)
     gdal.RasterizeLayer(out, [1], src.GetLayer(0), burn_values=[1])
@@ -153,14 +153,22 @@ def windows() -> list[tuple[int, int, int, int]]:
     return tiles + halo + [(37, 11, 50, 70), (140, 0, 60, 150), (0, 0, W, H)]
 
 
-@pytest.mark.parametrize("rotation_m", [0.0, 0.35])
-def test_geojson_in_4326_matches_raster_route_per_window(tmp_path: Path, rotation_m: float
-                                                         ) -> None:
-    gt = geotransform(rotation_m)
-    scene = make_scene(tmp_path / "scene.tif", gt)
+GEO_GT = (39.0, 2e-5, 0.0, 9.05, 0.0, -2e-5)  # a drone scene in EPSG:4326, about 2 m pixels
+
+
+@pytest.mark.parametrize("gt, scene_epsg, label_epsg", [
+    (geotransform(), UTM, 4326),             # OSM footprints over a UTM scene
+    (geotransform(0.35), UTM, 4326),         # rotated scene grid
+    (GEO_GT, 4326, UTM),                     # geographic scene, projected labels
+])
+def test_vector_labels_in_another_crs_match_raster_route_per_window(
+        tmp_path: Path, gt: tuple[float, ...], scene_epsg: int, label_epsg: int) -> None:
+    scene = make_scene(tmp_path / "scene.tif", gt, scene_epsg)
     polys = polygons_px()
-    raster_label = rasterise_full(tmp_path / "truth.tif", to_map(polys, gt), gt)
-    vector_label = write_vector(tmp_path / "buildings.geojson", to_map(polys, gt, 4326), 4326)
+    raster_label = rasterise_full(tmp_path / "truth.tif", to_map(polys, gt, scene_epsg,
+                                                                 scene_epsg), gt, scene_epsg)
+    vector_label = write_vector(tmp_path / "buildings.geojson",
+                                to_map(polys, gt, label_epsg, scene_epsg), label_epsg)
     rsrc, vsrc = source(raster_label, scene), source(vector_label, scene)
     assert (rsrc.kind, vsrc.kind) == ("raster", "vector")
     full = gdal.Open(str(raster_label)).ReadAsArray()
