@@ -139,7 +139,7 @@ class LabelSource:
         raise NotImplementedError
 
     def check(self, max_cells: int = SUMMARY_CELLS) -> LabelSummary:
-        """Validate the label against its scene (InputError naming file and values) and summarise."""
+        """Validate the label against its scene (InputError naming file and values); summarise."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -236,8 +236,10 @@ def _inputs_entries(cfg: RunConfig, split: str) -> list[SceneEntry]:
         out += [SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
                            Path(p).stem)
                 for p in resolve_scene_inputs([item], split)]
-    seen: set[str] = set()
-    return [e for e in out if not (e.path in seen or seen.add(e.path))]  # type: ignore[func-returns-value]
+    unique: dict[str, SceneEntry] = {}
+    for e in out:
+        unique.setdefault(e.path, e)
+    return list(unique.values())
 
 
 def scenes_for(cfg: RunConfig, purpose: Purpose) -> list[SceneEntry]:

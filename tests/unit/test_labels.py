@@ -201,7 +201,8 @@ def test_vector_check_summary_and_gpkg_layers_where_class_field(tmp_path: Path) 
     full = src.read_window(0, 0, W, H)
     assert set(np.unique(full)) <= {0, 1, 255} and (full == 255).any() and (full == 1).any()
     # where filter: only houses are buildings
-    only = source(gpkg, scene, layer="buildings", where="building = 'house'").read_window(0, 0, W, H)
+    only = source(gpkg, scene, layer="buildings", where="building = 'house'")
+    only = only.read_window(0, 0, W, H)
     assert 0 < int((only == 1).sum()) < int((full == 1).sum())
 
 
@@ -224,7 +225,7 @@ def test_raster_values_0_255_01_and_class_codes(tmp_path: Path) -> None:
     coded[0:5, :] = 9
     m_coded = make_raster(tmp_path / "classes.tif", coded.astype(np.uint16),
                           gdal_type=gdal.GDT_UInt16)
-    with pytest.raises(InputError, match=r"classes.tif: label values 3, 9 are not in labels.values"):
+    with pytest.raises(InputError, match=r"classes.tif: label values 3, 9 are not in labels.val"):
         source(m_coded, scene).check()
     src = source(m_coded, scene, values={"building": [1, 3], "background": [0], "ignore": [9]})
     s = src.check()
