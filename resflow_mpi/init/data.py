@@ -139,11 +139,16 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
     ds = gdal.Open(info.path)
     taken: set[tuple[int, int]] = set()
     out = []
+    sparse = repeats = 0
     for centred in kinds:
-        for _ in range(20):  # tries per crop before giving the slot up
-            c, r = _crop_origin(rng, info, tile_px, cells if centred else None, summary.cell_px,
+        for attempt in range(20):  # tries per crop before giving the slot up
+            # Few building pixels near an edge give few distinct centred crops: fall back to
+            # uniform positions rather than repeating one crop.
+            use_cells = cells if centred and attempt < 10 else None
+            c, r = _crop_origin(rng, info, tile_px, use_cells, summary.cell_px,
                                 summary.building_cells.shape[1])
-            if (c, r) in taken and len(taken) < positions:
+            if (c, r) in taken:
+                repeats += 1
                 continue
             y = src.read_window(c, r, tile_px, tile_px)
             raw = ds.ReadAsArray(c, r, tile_px, tile_px, band_list=list(bands))
@@ -152,16 +157,18 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
             if info.nodata is not None:
                 y[~(raw != info.nodata).any(axis=0)] = IGNORE
             if (y != IGNORE).mean() < min_valid:
+                sparse += 1
                 continue
             w = Window(c, r, tile_px, tile_px)
             out.append((normalize_scene(raw, info, norm), y, tuple(w), info.window_extent(w)))
             taken.add((c, r))
-            rep.building_centred += int(centred)
+            rep.building_centred += int(use_cells is not None)
             break
     rep.taken = len(out)
     if rep.taken < target:
-        rep.warnings.append(f"scene {name}: only {rep.taken} of {target} crops have at least "
-                            f"{min_valid:.0%} labelled pixels (label {src.path}: "
+        rep.warnings.append(f"scene {name}: only {rep.taken} of {target} crops taken ({sparse} "
+                            f"random position(s) had under {min_valid:.0%} labelled pixels, "
+                            f"{repeats} repeated a crop; label {os.path.basename(src.path)}: "
                             f"{summary.ignore_fraction:.0%} ignore)")
     elif target < per_scene:
         rep.warnings.append(f"scene {name}: {per_scene} crops of {tile_px} px asked, it has only "

@@ -42,6 +42,7 @@ _BURN_ORDER = {BACKGROUND: 0, BUILDING: 1, IGNORE: 2}
 _POLYGON_TYPES = {ogr.wkbPolygon, ogr.wkbMultiPolygon, ogr.wkbCurvePolygon, ogr.wkbMultiSurface}
 DEFAULT_RASTER_VALUES = {"building": [1], "background": [0], "ignore": [255]}
 SUMMARY_CELLS = 1024  # the coarse label map used for checks and crop stratification, per side
+_VECTOR_DATASETS: dict[tuple[str, float], gdal.Dataset] = {}  # open vector labels, this process
 
 
 def _first_line(exc: BaseException) -> str:
@@ -318,6 +319,14 @@ class VectorLabelSource(LabelSource):
         self._ds = ds
         self.layer_name = self._pick_layer()
         self._layer = ds.GetLayerByName(self.layer_name)
+        # Sources without a spatial index (GeoJSON, a Shapefile without .qix) scan every feature
+        # on each query (seconds per window for 200k features): such a layer is copied once per
+        # process into an in-memory FlatGeobuf, whose index answers a window in under a ms.
+        self.indexed = bool(self._layer.TestCapability(ogr.OLCFastSpatialFilter))
+        if not self.indexed:
+            copy = _indexed_copy(self.path, ds, self.layer_name)
+            if copy is not None:
+                self._ds, self._layer = copy, copy.GetLayerByName(self.layer_name)
         defn = self._layer.GetLayerDefn()
         fields = [defn.GetFieldDefn(i).GetName() for i in range(defn.GetFieldCount())]
         if spec.class_field is not None:
@@ -349,7 +358,6 @@ class VectorLabelSource(LabelSource):
             osr.CoordinateTransformation(self._layer_srs, scene_srs)
         self._to_layer = None if self._same_crs else \
             osr.CoordinateTransformation(scene_srs, self._layer_srs)
-        self.skipped_geometries = 0
 
     def _pick_layer(self) -> str:
         ds = self._ds
@@ -398,6 +406,8 @@ class VectorLabelSource(LabelSource):
         layer = self._layer
         if bbox[2] < bbox[0]:
             return
+        # The layer may be shared with other scenes' sources: set both filters every time.
+        layer.SetAttributeFilter(self.where)
         layer.SetSpatialFilterRect(*bbox)
         layer.ResetReading()
         cf = self.spec.class_field
@@ -518,6 +528,7 @@ class VectorLabelSource(LabelSource):
         """No feature over the scene: a wrong CRS or file is refused; an empty area is not."""
         layer, name = self._layer, os.path.basename(self.scene.path)
         layer.SetSpatialFilter(None)
+        layer.SetAttributeFilter(self.where)
         matching = layer.GetFeatureCount()
         if matching == 0 and self.where:
             raise InputError(f"{self.path}: no feature of layer {self.layer_name!r} matches the "
@@ -540,20 +551,48 @@ class VectorLabelSource(LabelSource):
         self._ds = None
 
 
+_INDEXED_COPIES: dict[tuple[str, float, str], Optional[gdal.Dataset]] = {}
+
+
+def _indexed_copy(path: str, ds: gdal.Dataset, layer: str) -> Optional[gdal.Dataset]:
+    """An in-memory, spatially indexed FlatGeobuf copy of one layer (once per process); None
+    when the copy fails (the slow, unindexed reads still give the same pixels)."""
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else 0.0, layer)
+    if key not in _INDEXED_COPIES:
+        name = f"/vsimem/resflow-labels-{len(_INDEXED_COPIES)}.fgb"
+        gdal.PushErrorHandler("CPLQuietErrorHandler")
+        try:
+            gdal.VectorTranslate(name, ds, format="FlatGeobuf", layers=[layer],
+                                 layerName=layer)
+            copy = gdal.OpenEx(name, gdal.OF_VECTOR | gdal.OF_READONLY)
+        except RuntimeError:
+            copy = None
+        finally:
+            gdal.PopErrorHandler()
+        _INDEXED_COPIES[key] = copy
+    return _INDEXED_COPIES[key]
+
+
 def open_label_source(spec: LabelSpec, scene: SceneInfo, cfg: LabelsConfig) -> LabelSource:
     """Open a scene's label as a raster or vector source (InputError naming the file)."""
     path = spec.path
     if not path.startswith("/vsi") and not os.path.exists(path):
         raise InputError(f"{path}: label file not found (label of scene {scene.path}); fix the "
                          "manifest entry, labels.file or labels.pattern")
-    try:
-        ds = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_VECTOR | gdal.OF_READONLY)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: not a readable raster or vector label ({_first_line(exc)})"
-                         ) from None
+    key = (os.path.abspath(path), os.path.getmtime(path) if os.path.exists(path) else 0.0)
+    ds = _VECTOR_DATASETS.get(key)
     if ds is None:
-        raise InputError(f"{path}: not a readable raster or vector label")
+        try:
+            ds = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_VECTOR | gdal.OF_READONLY)
+        except RuntimeError as exc:
+            raise InputError(f"{path}: not a readable raster or vector label "
+                             f"({_first_line(exc)})") from None
+        if ds is None:
+            raise InputError(f"{path}: not a readable raster or vector label")
     if ds.GetLayerCount() > 0 and (ds.RasterCount == 0 or spec.layer is not None):
+        # One label file often serves many scenes; some drivers (GeoJSON) parse the whole file
+        # on open, so the handle is kept for the next scene in this process.
+        _VECTOR_DATASETS[key] = ds
         return VectorLabelSource(spec, scene, cfg, ds)
     if ds.RasterCount > 0:
         if spec.where or spec.class_field:
@@ -561,3 +600,44 @@ def open_label_source(spec: LabelSpec, scene: SceneInfo, cfg: LabelsConfig) -> L
                              "(those are for vector labels); map raster values with labels.values")
         return RasterLabelSource(spec, scene, cfg, ds)
     raise InputError(f"{path}: holds neither raster bands nor vector layers")
+
+
+class TruthReader:
+    """Ground truth for `resflow evaluate`: each scene's label opened lazily in this process,
+    read per owned tile window (0 background, 1 building, 255 ignore)."""
+
+    def __init__(self, scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpec]],
+                 cfg: LabelsConfig):
+        if len(scenes) != len(labels):
+            raise ValueError("one label spec (or None) per scene")
+        self.scenes, self.labels, self.cfg = list(scenes), list(labels), cfg
+        self._open: dict[int, LabelSource] = {}
+
+    def source(self, scene_index: int) -> LabelSource:
+        """The scene's label source (InputError when the scene has no label)."""
+        if scene_index not in self._open:
+            spec = self.labels[scene_index]
+            if spec is None:
+                raise InputError(f"{self.scenes[scene_index].path}: scene has no label to "
+                                 "evaluate against; give it one in the manifest, or set "
+                                 "labels.file or labels.pattern")
+            self._open[scene_index] = open_label_source(spec, self.scenes[scene_index], self.cfg)
+        return self._open[scene_index]
+
+    def window(self, scene_index: int, col: int, row: int, width: int, height: int
+               ) -> np.ndarray:
+        """The truth under a scene pixel window, (height, width) uint8."""
+        return self.source(scene_index).read_window(col, row, width, height)
+
+    def check_all(self) -> list[str]:
+        """Check every label against its scene (InputError on the first bad one, before any
+        inference); returns the warnings to print."""
+        warnings: list[str] = []
+        for i in range(len(self.scenes)):
+            warnings += self.source(i).check().warnings
+        return warnings
+
+    def close(self) -> None:
+        for src in self._open.values():
+            src.close()
+        self._open.clear()

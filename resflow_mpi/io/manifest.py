@@ -236,9 +236,13 @@ def _inputs_entries(cfg: RunConfig, split: str) -> list[SceneEntry]:
         out += [SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
                            Path(p).stem)
                 for p in resolve_scene_inputs([item], split)]
+    # A label file (labels.file, or labels.pattern beside another scene) is never a scene, even
+    # when a glob or folder matches it.
+    labels = {os.path.normpath(e.label.path) for e in out if e.label is not None}
     unique: dict[str, SceneEntry] = {}
     for e in out:
-        unique.setdefault(e.path, e)
+        if os.path.normpath(e.path) not in labels:
+            unique.setdefault(e.path, e)
     return list(unique.values())
 
 

@@ -12,7 +12,7 @@ from osgeo import gdal, ogr, osr
 
 from resflow_mpi.config import LabelsConfig
 from resflow_mpi.errors import InputError
-from resflow_mpi.io.labels import LabelSpec, open_label_source
+from resflow_mpi.io.labels import LabelSpec, TruthReader, open_label_source
 from resflow_mpi.io.raster import open_scene
 
 gdal.UseExceptions()
@@ -156,21 +156,25 @@ def windows() -> list[tuple[int, int, int, int]]:
 GEO_GT = (39.0, 2e-5, 0.0, 9.05, 0.0, -2e-5)  # a drone scene in EPSG:4326, about 2 m pixels
 
 
-@pytest.mark.parametrize("gt, scene_epsg, label_epsg", [
-    (geotransform(), UTM, 4326),             # OSM footprints over a UTM scene
-    (geotransform(0.35), UTM, 4326),         # rotated scene grid
-    (GEO_GT, 4326, UTM),                     # geographic scene, projected labels
+@pytest.mark.parametrize("gt, scene_epsg, label_epsg, driver", [
+    (geotransform(), UTM, 4326, "GeoJSON"),        # OSM footprints over a UTM scene
+    (geotransform(), UTM, 4326, "GPKG"),           # the same, from a spatially indexed source
+    (geotransform(0.35), UTM, 4326, "GeoJSON"),    # rotated scene grid
+    (GEO_GT, 4326, UTM, "GPKG"),                   # geographic scene, projected labels
 ])
 def test_vector_labels_in_another_crs_match_raster_route_per_window(
-        tmp_path: Path, gt: tuple[float, ...], scene_epsg: int, label_epsg: int) -> None:
+        tmp_path: Path, gt: tuple[float, ...], scene_epsg: int, label_epsg: int, driver: str
+) -> None:
     scene = make_scene(tmp_path / "scene.tif", gt, scene_epsg)
     polys = polygons_px()
     raster_label = rasterise_full(tmp_path / "truth.tif", to_map(polys, gt, scene_epsg,
                                                                  scene_epsg), gt, scene_epsg)
-    vector_label = write_vector(tmp_path / "buildings.geojson",
-                                to_map(polys, gt, label_epsg, scene_epsg), label_epsg)
+    suffix = {"GeoJSON": "geojson", "GPKG": "gpkg"}[driver]
+    vector_label = write_vector(tmp_path / f"buildings.{suffix}",
+                                to_map(polys, gt, label_epsg, scene_epsg), label_epsg, driver)
     rsrc, vsrc = source(raster_label, scene), source(vector_label, scene)
     assert (rsrc.kind, vsrc.kind) == ("raster", "vector")
+    assert vsrc.indexed == (driver == "GPKG")
     full = gdal.Open(str(raster_label)).ReadAsArray()
     assert 300 < int(full.sum()) < 0.2 * W * H
     empty_windows = 0
@@ -204,6 +208,8 @@ def test_vector_check_summary_and_gpkg_layers_where_class_field(tmp_path: Path) 
     only = source(gpkg, scene, layer="buildings", where="building = 'house'")
     only = only.read_window(0, 0, W, H)
     assert 0 < int((only == 1).sum()) < int((full == 1).sum())
+    # Sources of one file share its handle; each keeps its own filter.
+    assert np.array_equal(src.read_window(0, 0, W, H), full)
 
 
 def test_raster_values_0_255_01_and_class_codes(tmp_path: Path) -> None:
@@ -309,3 +315,17 @@ def test_plausible_label_problems_warn(tmp_path: Path) -> None:
                                    f"{polys[4][2][0]} {polys[4][2][1]})")]
     s = source(write_vector(tmp_path / "mixed.geojson", [], 4326, geoms=mixed), scene).check()
     assert any("1 point/line feature(s)" in w for w in s.warnings)
+
+
+def test_truth_reader_for_evaluate(tmp_path: Path) -> None:
+    scene = make_scene(tmp_path / "scene.tif")
+    polys = polygons_px()
+    raster = rasterise_full(tmp_path / "truth.tif", to_map(polys, geotransform()), geotransform())
+    vector = write_vector(tmp_path / "b.geojson", to_map(polys, geotransform(), 4326), 4326)
+    infos = [open_scene(scene)] * 3
+    reader = TruthReader(infos, [LabelSpec(str(raster)), LabelSpec(str(vector)), None],
+                         LabelsConfig())
+    assert np.array_equal(reader.window(0, 10, 20, 64, 64), reader.window(1, 10, 20, 64, 64))
+    with pytest.raises(InputError, match="scene has no label to evaluate against"):
+        reader.check_all()
+    reader.close()
