@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -16,6 +17,13 @@ from ..pipeline import normalize_scene
 from ..tiling import Window
 
 gdal.UseExceptions()
+
+
+def mask_path_for(scene_path: str) -> str:
+    """<name>_mask.tif beside a scene (the default labels.pattern); kept for callers that have
+    not moved to io.manifest / io.labels yet."""
+    p = Path(scene_path)
+    return str(p.with_name(p.stem + "_mask.tif"))
 
 
 @dataclass

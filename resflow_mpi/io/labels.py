@@ -92,8 +92,9 @@ class ValueMapping:
         return None
 
     def describe(self) -> str:
-        return (f"building {list(self.building)}, background {list(self.background)}, "
-                f"ignore {list(self.ignore)}")
+        return ", ".join(f"{name} [{', '.join(keys)}]" for name, keys in
+                         (("building", self.building), ("background", self.background),
+                          ("ignore", self.ignore)))
 
 
 @dataclass
@@ -589,16 +590,20 @@ def open_label_source(spec: LabelSpec, scene: SceneInfo, cfg: LabelsConfig) -> L
                              f"({_first_line(exc)})") from None
         if ds is None:
             raise InputError(f"{path}: not a readable raster or vector label")
-    if ds.GetLayerCount() > 0 and (ds.RasterCount == 0 or spec.layer is not None):
-        # One label file often serves many scenes; some drivers (GeoJSON) parse the whole file
-        # on open, so the handle is kept for the next scene in this process.
-        _VECTOR_DATASETS[key] = ds
-        return VectorLabelSource(spec, scene, cfg, ds)
-    if ds.RasterCount > 0:
-        if spec.where or spec.class_field:
-            raise InputError(f"{path}: a raster label takes no where filter or class field "
-                             "(those are for vector labels); map raster values with labels.values")
-        return RasterLabelSource(spec, scene, cfg, ds)
+    try:
+        if ds.GetLayerCount() > 0 and (ds.RasterCount == 0 or spec.layer is not None):
+            # One label file often serves many scenes; some drivers (GeoJSON) parse the whole
+            # file on open, so the handle is kept for the next scene in this process.
+            _VECTOR_DATASETS[key] = ds
+            return VectorLabelSource(spec, scene, cfg, ds)
+        if ds.RasterCount > 0:
+            if spec.where or spec.class_field:
+                raise InputError(f"{path}: a raster label takes no where filter or class field "
+                                 "(those are for vector labels); map raster values with "
+                                 "labels.values")
+            return RasterLabelSource(spec, scene, cfg, ds)
+    except RuntimeError as exc:  # any other GDAL complaint about a damaged file
+        raise InputError(f"{path}: damaged label file ({_first_line(exc)})") from None
     raise InputError(f"{path}: holds neither raster bands nor vector layers")
 
 

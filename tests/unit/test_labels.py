@@ -329,3 +329,33 @@ def test_truth_reader_for_evaluate(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="scene has no label to evaluate against"):
         reader.check_all()
     reader.close()
+
+
+@pytest.mark.parametrize("name, driver", [("l.geojson", "GeoJSON"), ("l.gpkg", "GPKG"),
+                                          ("l.tif", None)])
+def test_corrupted_label_files_give_only_input_errors(tmp_path: Path, name: str,
+                                                      driver: Optional[str]) -> None:
+    scene = make_scene(tmp_path / "scene.tif")
+    polys = to_map(polygons_px(), geotransform(), 4326)
+    good = tmp_path / name
+    if driver is None:
+        rasterise_full(good, to_map(polygons_px(), geotransform()), geotransform())
+    else:
+        write_vector(good, polys, 4326, driver)
+    data = bytearray(good.read_bytes())
+    rng = np.random.default_rng(11)
+    for i in range(25):
+        bad = bytearray(data)
+        if i % 3 == 0:
+            bad = bad[:int(rng.integers(1, len(bad)))]
+        else:
+            for pos in rng.integers(0, len(bad), int(rng.integers(1, 40))):
+                bad[pos] = int(rng.integers(0, 256))
+        path = tmp_path / f"bad{i}{good.suffix}"
+        path.write_bytes(bytes(bad))
+        try:
+            src = open_label_source(LabelSpec(str(path)), open_scene(scene), LabelsConfig())
+            src.check()
+            src.read_window(-5, 10, 70, 60)
+        except InputError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
