@@ -144,6 +144,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: only {n} training crop(s) "
                          f"of {tr.tile_px} px could be taken from {len(scenes)} scene(s); give "
                          "larger or more training scenes, or a smaller training.tile_px")
+    if not (tiles.y == 1).any():
+        raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: none of the {n} training "
+                         f"crops holds a building pixel (labels such as {crop_reports[0].label}); "
+                         "check labels.values, labels.where and labels.class_field")
     if rank == 0:
         centred = sum(r.building_centred for r in crop_reports)
         _log(f"{n} training crops of {tr.tile_px}px ({centred} centred on buildings) from "

@@ -101,3 +101,27 @@ def test_metrics_counts_and_baselines() -> None:
     assert iou_f1({"tp": 0, "fp": 0, "fn": 0, "tn": 5}) == {"iou": None, "f1": None}
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_counts(pred, truth[:1])
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ({}, "label holds only the values 0 and 255 (1% 255); by default 1 is building and 255 is "
+         "ignore, so it would train on no building at all; if 255 marks buildings set "
+         "labels.values: {building: [255], background: [0]}"),
+    ({"values": {"building": [1], "background": [0, 255]}},
+     "none of the 16 training crops holds a building pixel"),
+])
+def test_init_refuses_bad_labels_before_training(tmp_path: Path, labels: dict,
+                                                 expected: str) -> None:
+    from tests.conftest import resflow, write_config
+    scene = make_scene(tmp_path / "a.tif", size=(SIDE, SIDE))
+    mask = np.zeros((SIDE, SIDE), np.uint8)
+    mask[100:125, 40:65] = 255
+    make_raster(tmp_path / "a_buildings.tif", mask)
+    cfg = write_config(tmp_path / "init.yaml", scenes={"inputs": [str(scene)], "split": "all"},
+                       labels={"pattern": "{stem}_buildings.tif", **labels},
+                       models={"gallery": str(tmp_path / "g")},
+                       output={"dir": str(tmp_path / "out")})
+    p = resflow(["init", str(cfg)], check=False, timeout=120)
+    errors = [ln for ln in p.stderr.splitlines() if "error:" in ln]
+    assert p.returncode == 2 and len(errors) == 1 and expected in errors[0], p.stderr
+    assert not (tmp_path / "g" / "manifest.json").exists()
