@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal, ogr, osr
@@ -401,7 +401,7 @@ class VectorLabelSource(LabelSource):
         return (min(xs) - mx, min(ys) - my, max(xs) + mx, max(ys) + my)
 
     def _features(self, bbox: tuple[float, float, float, float]
-                  ) -> Iterable[tuple[int, Any, Optional[ogr.Geometry]]]:
+                  ) -> Iterator[tuple[Optional[int], Any, Optional[ogr.Geometry]]]:
         """(class code or None, raw class value, geometry in scene CRS or None if not a polygon)
         for every feature whose envelope meets ``bbox`` (layer CRS)."""
         layer = self._layer
@@ -418,12 +418,12 @@ class VectorLabelSource(LabelSource):
                 code = self.mapping.code_of(raw) if cf is not None else BUILDING
                 geom = feat.GetGeometryRef()
                 if geom is None or ogr.GT_Flatten(geom.GetGeometryType()) not in _POLYGON_TYPES:
-                    yield code, raw, None  # type: ignore[misc]
+                    yield code, raw, None
                     continue
                 geom = geom.Clone()
                 if self._to_scene is not None:
                     geom.Transform(self._to_scene)
-                yield code, raw, geom  # type: ignore[misc]
+                yield code, raw, geom
         except RuntimeError as exc:
             raise InputError(f"{self.path}: reading layer {self.layer_name!r} failed "
                              f"({_first_line(exc)})") from None
