@@ -28,7 +28,8 @@ from .galleries import ModelGallery
 from .io.export import confined, export_scene
 from .io.maskstore import MaskStore, TileResult
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
-from .io.raster import SceneInfo, prepare_scene, resolve_scene_inputs, tile_coverage
+from .io.manifest import scenes_for
+from .io.raster import SceneInfo, prepare_scene, tile_coverage
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .runtime.comm import Communicator
@@ -74,9 +75,10 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
     comm = comm or Communicator(None)
 
     def scene_paths() -> list[str]:
-        paths = resolve_scene_inputs(cfg.scenes.inputs, cfg.scenes.split)
+        paths = [e.path for e in scenes_for(cfg, "predict")]  # label files are never scenes
         if not paths:
-            raise InputError("scenes.inputs: no scenes given (set scenes.inputs in the config)")
+            raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: no scenes to map (set "
+                             "scenes.inputs, or the predict: list of scenes.manifest)")
         return paths
     paths = comm.root_call(scene_paths)
 
