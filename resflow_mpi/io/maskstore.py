@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import h5py
 import numpy as np
 
-from ..errors import OutputError, os_error_cause
+from ..errors import OutputError
+from .oserrors import write_failure
 from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
 
@@ -89,7 +91,7 @@ class MaskStore:
             else:
                 self._check(config_checksum, gallery_checksum)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot lay out the HDF5 output ({os_error_cause(exc)})"
+            raise OutputError(write_failure(Path(path), exc, "cannot lay out the HDF5 output")
                               ) from None
         self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
 
@@ -195,9 +197,8 @@ class MaskStore:
         try:
             self._write_results(results, collective, n_calls)
         except OSError as exc:
-            raise OutputError(f"{self.path}: writing masks failed on rank {self.rank} "
-                              f"({os_error_cause(exc)}); finished tiles are kept, a rerun "
-                              "resumes") from None
+            raise OutputError(write_failure(Path(self.path), exc,
+                                            f"writing masks failed on rank {self.rank}")) from None
 
     def _write_results(self, results: Sequence[TileResult], collective: bool,
                        n_calls: Optional[int]) -> None:
