@@ -57,7 +57,7 @@ def measure(n: int, paths: list[str], gallery: Path, out: Path, tile_px: int, ra
     rss_dir = out / f"rss-{n}"
     rss_dir.mkdir(parents=True, exist_ok=True)
     if env_tree:
-        os.environ["PYTHONPATH"] = env_tree
+        os.environ["RESFLOW_BENCH_TREE"] = env_tree
     run = bk.run_engine(cfg, out / f"out-{n}", ranks=ranks, wrapper=bk.rss_wrapper(rss_dir))
     rss = bk.read_rss(rss_dir)
     r = run.report

@@ -447,6 +447,7 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
                     "outputs": exported.get(i, [])} for i, s in enumerate(scenes)],
         "skipped_scenes": list(skipped),
         "tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
+        "embed_slots": sum(r.get("embed_slots", 0) for r in per_rank),
         "megapixels": pixels / 1e6, "area_km2": area,
         "bytes_read": bytes_read,
         "bytes_written": sum(r["bytes_written"] for r in per_rank),
