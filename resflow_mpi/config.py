@@ -418,7 +418,21 @@ def config_from_dict(raw: Any, source: str = "<config>") -> RunConfig:
             raise ConfigError(f"{source}: unknown section {_short(key)} (valid: {', '.join(SECTIONS)})")
     cfg = RunConfig(**{name: _section(cls, raw.get(name), source, name)
                        for name, cls in SECTIONS.items()})
+    mark_explicit(cfg, {f"{name}.{key}" for name, sec in raw.items()
+                        if isinstance(sec, Mapping) for key in sec})
     return cfg.validate(source)
+
+
+def mark_explicit(cfg: RunConfig, keys: "set[str] | frozenset[str]") -> RunConfig:
+    """Record which dotted keys the user set (in the file or with --set) on ``cfg``."""
+    object.__setattr__(cfg, "_explicit_keys", frozenset(keys))
+    return cfg
+
+
+def explicit_keys(cfg: RunConfig) -> Optional[frozenset[str]]:
+    """The dotted keys the user set explicitly, or None when unknown (a config not built by
+    :func:`config_from_dict`): then every value counts as set."""
+    return getattr(cfg, "_explicit_keys", None)
 
 
 MAX_CONFIG_BYTES = 1 << 20       # a config is a page of text; anything larger is a mistake

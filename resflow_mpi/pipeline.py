@@ -29,7 +29,9 @@ from .io.export import confined, export_scene
 from .io.maskstore import MaskStore, TileResult
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
+from .io.outlock import OutputLock
 from .io.raster import SceneInfo, prepare_scene, tile_coverage
+from .preflight import estimate_summary, gpu_total_bytes, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .runtime.comm import Communicator
@@ -143,6 +145,7 @@ class Job:
     out_dir: Path
     quiet: bool = False
     plan_s: float = 0.0  # scene checks + nodata prescan, over all ranks
+    memory_estimate: Optional[dict[str, Any]] = None
 
     @property
     def scenes(self) -> list[SceneInfo]:
@@ -203,24 +206,53 @@ class Runner(Protocol):
         """Engine-specific entries for the run report."""
 
 
-def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool) -> Job:
-    """Rank 0 checks the output dir and the gallery, all ranks check the scenes; errors reach
-    every rank."""
-    def check() -> Path:
+def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool,
+              binding: Optional[dict[str, Any]], lock: "OutputLock") -> Job:
+    """Rank 0 takes the output directory's lock, checks the gallery against the config (the
+    gallery contract) and the memory budget; all ranks then check the scenes. Errors reach every
+    rank before any work."""
+    b = binding or {}
+
+    def check() -> tuple[Path, RunConfig, dict[str, Any]]:
         out_dir = check_output_dir(cfg.output.dir)
-        ModelGallery(cfg.models.gallery).verify()
-        return out_dir
-    out_dir = comm.root_call(check)
+        lock.acquire()  # held to the end of the job; a second job on out_dir is refused here
+        gallery = ModelGallery(cfg.models.gallery)
+        gallery.verify()
+        resolved, estimate = preflight(
+            cfg, gallery, ranks=comm.size, ranks_per_node=int(b.get("local_size", 1)),
+            device=str(b.get("device", "cpu")), ranks_per_gpu=int(b.get("ranks_sharing_device", 1)),
+            gpu_total_bytes=gpu_total_bytes(str(b.get("device", "cpu"))))
+        return out_dir, resolved, estimate_summary(estimate)
+    out_dir, cfg, estimate = comm.root_call(check)
     t0 = time.perf_counter()
     plan = plan_scenes(cfg, comm)
     job = Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
     job.plan_s = time.perf_counter() - t0
+    job.memory_estimate = estimate
     return job
 
 
-def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
-            quiet: bool = False) -> Optional[dict[str, Any]]:
-    """Map every scene of the config to masks with ``runner``; rank 0 returns the run report."""
+def run_job(cfg: RunConfig, runner: Runner, restart: bool = False, quiet: bool = False,
+            html_report: bool = False) -> Optional[dict[str, Any]]:
+    """Map every scene of the config to masks with ``runner``; rank 0 returns the run report.
+
+    Rank 0 (or Spark's driver) holds ``output.dir``'s lock from before the first write to after
+    the last (report.html included when ``html_report``)."""
+    lock = OutputLock(cfg.output.dir, " ".join(sys.argv))
+    try:
+        report = _run_job(cfg, runner, restart, quiet, lock)
+        if report is not None and html_report and cfg.output.quicklooks:
+            from .report import write_html_report
+            path = write_html_report(cfg.output.dir)
+            if not quiet:
+                print(f"report: {path}", flush=True)
+        return report
+    finally:
+        lock.release()
+
+
+def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
+             lock: "OutputLock") -> Optional[dict[str, Any]]:
     t_start = time.perf_counter()
     comm = runner.comm
     binding = runner.bind(cfg)
@@ -229,7 +261,8 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
         for ln in lines:
             if ln:
                 print(f"[binding] {ln}", file=sys.stderr, flush=True)
-    job = setup_job(cfg, comm, quiet)
+    job = setup_job(cfg, comm, quiet, binding, lock)
+    cfg = job.cfg  # with the gallery's values for keys the user left unset
     store = runner.open_store(job, restart)
     tasks: list[TileTask] = []
     if comm.is_root:
@@ -237,8 +270,8 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
         done = [store.done_mask(i) for i in range(len(job.scenes))]
         tasks = build_tasks(job.plan, cfg, done)
     total = comm.bcast(len(tasks))
+    override = "mono" if cfg.inference.model == "mono" else None
     try:
-        override = "mono" if cfg.inference.model == "mono" else None
         per_worker = runner.map_tiles(job, tasks, store, override)  # type: ignore[arg-type]
     except BaseException:
         if store is not None and comm.size == 1:  # closing is collective: with more ranks,
@@ -251,8 +284,10 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
     if not comm.is_root:
         return None
     assert per_worker is not None
+    lock.check()  # a job that lost its lock must not claim the directory's report
     extra = {"h5_path": job.h5_path, "gallery_checksum": job.gallery.checksum,
              "tiles_total_planned": total, "export_s": export_s, "plan_s": job.plan_s,
+             "memory_estimate": job.memory_estimate,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
              **runner.report_extra()}
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import RunConfig
 from ..errors import OutputError, os_error_cause
-from ..galleries import ModelGallery
+from ..galleries import ModelGallery, resolve_run_config
 from ..io.labels import TruthReader
 from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
@@ -71,10 +71,12 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
     runner.bind(cfg)
     out_dir = Path(out or cfg.output.dir)
 
-    def setup() -> tuple[list[Any], list[Any], list[str]]:
-        ModelGallery(cfg.models.gallery).verify()
-        return evaluation_scenes(cfg)
-    scenes, labels, regions = comm.root_call(setup)
+    def setup() -> tuple[RunConfig, list[Any], list[Any], list[str]]:
+        gallery = ModelGallery(cfg.models.gallery)
+        gallery.verify()
+        resolved = resolve_run_config(gallery, cfg)  # the gallery contract, as for `run`
+        return (resolved, *evaluation_scenes(resolved))
+    cfg, scenes, labels, regions = comm.root_call(setup)
     job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), ModelGallery(cfg.models.gallery),
               out_dir, quiet=True)
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []

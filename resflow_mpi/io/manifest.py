@@ -224,18 +224,27 @@ def _inputs_entries(cfg: RunConfig, split: str) -> list[SceneEntry]:
     """scenes.inputs (globs, folders, lists, archive.json) -> entries; split filters archives."""
     from .raster import resolve_scene_inputs
     out: list[SceneEntry] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        # Plain items are resolved together, so one file listed twice (a symlink, a/../a/x.tif)
+        # is noted and mapped once.
+        out.extend(SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
+                              Path(p).stem) for p in resolve_scene_inputs(plain, split))
+        plain.clear()
     for item in cfg.scenes.inputs:
         if item.endswith(".json") and os.path.isfile(item):
             raw = _read(Path(item))
             if isinstance(raw, list):
+                flush()
                 wanted = {"all": ("train", "predict"), "train": ("train",),
                           "test": ("predict",)}[split]
                 m = load_manifest(item, cfg.labels)
                 out += [e for name in wanted for e in m[name]]
                 continue
-        out += [SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
-                           Path(p).stem)
-                for p in resolve_scene_inputs([item], split)]
+        plain.append(item)
+    if plain:
+        flush()
     # A label file (labels.file, or labels.pattern beside another scene) is never a scene, even
     # when a glob or folder matches it.
     labels = {os.path.normpath(e.label.path) for e in out if e.label is not None}

@@ -23,7 +23,7 @@ def single_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _mask_of(report: dict) -> np.ndarray:
-    mask = [o for o in report["scenes"][0]["outputs"] if o.endswith("_mask.tif")][0]
+    mask = [o for o in report["scenes"][0]["outputs"] if o.endswith(".resflow-mask.tif")][0]
     return gdal.Open(mask).ReadAsArray()
 
 
