@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import GalleryError
 from .models import build_from_spec
-from .stages import StageModels
+from .stages import DTYPE_RANGE, StageModels
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -210,7 +210,11 @@ def gallery_contract(manifest: dict[str, Any]) -> dict[str, Any]:
     }
     contract = {k: v for k, v in found.items() if v is not None}
     if "value_max" in norm:  # null is a real value here: the data type's default divisor
-        contract["normalization.value_max"] = norm["value_max"]
+        vmax = norm["value_max"]
+        dtypes = manifest.get("train_dtypes") or []
+        if vmax is None and len(dtypes) == 1 and dtypes[0] in DTYPE_RANGE:
+            vmax = DTYPE_RANGE[dtypes[0]]  # what the networks saw as 1.0 during training
+        contract["normalization.value_max"] = vmax
     return contract
 
 

@@ -262,6 +262,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                            "code": bits_to_str(centroids[0], cfg.models.hash_bits)}]
     manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
                 "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
+                "train_dtypes": sorted({s.dtype for s in scenes}),
                 "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
                 "preset": cfg.models.preset, "extractor": ext_entry, "hash_head": head_entry,
                 "buckets": bucket_entries, "mono": merged["mono"], "summary": summary,

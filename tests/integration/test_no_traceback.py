@@ -82,7 +82,7 @@ def test_bad_scene(tmp_path: Path, tiny_gallery: Path, name: str, make: Callable
     print(f"{name}: {assert_one_clean_error(run_cli(cfg), *fragments)}")
 
 
-MPI_CASES = ["missing file", "wrong band count", "mixed CRS"]
+MPI_CASES = ["missing file", "wrong band count", "all-nodata scene"]
 
 
 def _mpi_case(tmp_path: Path, gallery: Path, name: str):
