@@ -151,7 +151,9 @@ def two_host_mpirun(hosts: dict[str, str], ranks_per_host: int = 2,
     """mpirun started on host 1, ranks_per_host ranks on each host, all MPI traffic on the veth
     link: processes on host 2 are started by the netns agent (in place of ssh)."""
     subnet = hosts["RESFLOW_NETNS_NET"] + ".0/24"
-    cmd = ["bash", str(TESTCLUSTER / "netns-hosts.sh"), "run",
+    cmd = ["env", f"RESFLOW_NETNS_PREFIX={hosts['RESFLOW_NETNS_PREFIX']}",
+           f"RESFLOW_NETNS_NET={hosts['RESFLOW_NETNS_NET']}",
+           "bash", str(TESTCLUSTER / "netns-hosts.sh"), "run",
            "mpirun", "-n", str(2 * ranks_per_host),
            "--host", f"{hosts['addr1']}:{ranks_per_host},{hosts['addr2']}:{ranks_per_host}",
            "--mca", "plm_rsh_agent", str(TESTCLUSTER / "netns-agent.sh"),

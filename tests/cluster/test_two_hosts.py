@@ -40,10 +40,14 @@ def test_run_over_two_hosts_is_bit_identical_to_one_host(two_hosts: dict[str, st
     print(policy, "tiles per rank", r["load_balance"]["tiles_per_rank"], "veth bytes", sent)
     assert r["ranks"] == 4 and all(s["complete"] for s in r["scenes"])
     assert_same_masks(out, one_host_reference)
-    assert sent > 100_000  # the job's traffic between the hosts crossed the veth link
+    assert sent > 0  # the hosts talked over the veth link
     if policy == "static":
-        # Every rank wrote its own tiles in the collective HDF5 writes, host 2's over the link.
+        # Every rank wrote its own tiles in the collective HDF5 writes: host 2's 16 tiles of
+        # 64 x 64 mask bytes crossed the link.
         assert writer_ranks(out) == {0, 1, 2, 3}
+        assert sent > 16 * 64 * 64
+    # dynamic over TCP: the counter waits for rank 0 to call MPI (launch/README-launch.md), so
+    # rank 0 may map most tiles; the masks must be the same whoever maps them.
 
 
 def test_rank_killed_on_second_host_aborts_job_and_rerun_resumes(two_hosts: dict[str, str],
@@ -52,11 +56,13 @@ def test_rank_killed_on_second_host_aborts_job_and_rerun_resumes(two_hosts: dict
                                                                  tmp_path: Path) -> None:
     out = tmp_path / "out"
     total = report(one_host_reference)["tiles"]
-    args = [RESFLOW, "run", str(cluster_run_config), "--quiet", "--set", f"output.dir={out}"]
-    # Rank 3 (on host 2) SIGKILLs itself after 3 of its tiles: the whole job must stop (a hang
-    # runs into the timeout and fails the test).
+    # One batch (4 tiles) per write round: each rank's 8 tiles take two rounds.
+    args = [RESFLOW, "run", str(cluster_run_config), "--quiet", "--set", f"output.dir={out}",
+            "--set", "parallel.write_round_batches=1"]
+    # Rank 3 (on host 2) SIGKILLs itself after its first write round: the whole job must stop (a
+    # hang runs into the timeout and fails the test).
     p = subprocess.run([*two_host_mpirun(two_hosts, forward=("RESFLOW_FAULT",)), *args],
-                       env=cluster_env({"RESFLOW_FAULT": "kill:3:3"}), capture_output=True,
+                       env=cluster_env({"RESFLOW_FAULT": "kill:3:1"}), capture_output=True,
                        text=True, timeout=180)
     assert p.returncode != 0, "a job that lost a rank must fail"
     assert not (out / "run_report.json").exists()

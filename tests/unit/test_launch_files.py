@@ -1,6 +1,6 @@
 """Launch material in launch/: scripts parse, Slurm/container recipes say what they must, and the
 launchers build their commands as argument lists (checked with --dry-run and stand-in srun/apptainer
-commands, since Slurm and Apptainer are not installed where the tests run)."""
+commands, so these run anywhere; tests/cluster runs the Slurm scripts on a real Slurm cluster)."""
 from __future__ import annotations
 
 import json
