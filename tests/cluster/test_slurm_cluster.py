@@ -72,7 +72,8 @@ def test_scaling_array_ranks_1_and_2_then_merge(slurm_cluster: dict[str, str], t
              str(tiny_gallery)],
             timeout=600, cwd=REPO,
             extra_env={**slurm_cluster, "RESFLOW_VENV": str(VENV), "RESFLOW_SCALING_OUT": str(results),
-                       "RESFLOW_PERF_CACHE": str(tmp_path / "cache")})
+                       "RESFLOW_PERF_CACHE": str(tmp_path / "cache"),
+                       "RESFLOW_SCALING_MODES": "strong"})  # the merged table is the strong one
     array = submitted_id(p.stdout)
     comp = Path(slurm_cluster["STATE"], "jobcomp.txt").read_text().splitlines()
     tasks = [line for line in comp if f" ArrayJobId={array} " in line]

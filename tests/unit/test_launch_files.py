@@ -332,6 +332,17 @@ def test_scaling_array_passes_options_to_the_scaling_study(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     args = json.loads((results / "ranks-1" / "strong" / "args.json").read_text())
     assert args[-3:] == ["--quick", "--gallery", "g d"]
+    assert (results / "ranks-1" / "weak" / "args.json").exists()
+    strong_only = run_script([str(LAUNCH / "slurm-scaling-array.sbatch")],
+                             env_extra={**env, "SLURM_ARRAY_TASK_ID": "1",
+                                        "RESFLOW_SCALING_MODES": "strong"},
+                             path_prefix=tmp_path / "bin")
+    assert strong_only.returncode == 0, strong_only.stderr
+    assert (results / "ranks-2" / "strong").is_dir() and not (results / "ranks-2" / "weak").exists()
+    bad = run_script([str(LAUNCH / "slurm-scaling-array.sbatch")],
+                     env_extra={**env, "RESFLOW_SCALING_MODES": "strong; rm -rf /"},
+                     path_prefix=tmp_path / "bin")
+    assert bad.returncode == 2 and "RESFLOW_SCALING_MODES" in bad.stderr
 
 
 def test_netns_agent_runs_only_in_a_namespace_that_owns_the_address() -> None:
