@@ -25,7 +25,7 @@ PORT="${RESFLOW_SLURM_PORT:-6817}"
 WAIT_S="${RESFLOW_SLURM_WAIT:-60}"
 
 die() { echo "slurm-cluster.sh: $*" >&2; exit 2; }
-usage() { sed -n '5,11s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; }
+usage() { sed -n '5,10s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; }
 
 [[ -n "$ACTION" ]] || { usage; exit 2; }
 [[ "$PORT" =~ ^[0-9]+$ ]] || die "RESFLOW_SLURM_PORT must be a port number, got '$PORT'"
