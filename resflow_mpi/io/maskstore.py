@@ -50,7 +50,11 @@ def _dxpl(collective: bool) -> Any:
 
 
 def parallel_hdf5() -> bool:
-    """True when h5py was built with MPI support (the ``mpio`` driver is available)."""
+    """True when h5py was built with MPI support (the ``mpio`` driver is available) and the user
+    did not ask for serialized writes (``RESFLOW_SERIAL_HDF5=1``: masks go through rank 0 without
+    MPI-IO, for filesystems whose MPI-IO file locking fails, e.g. some NFS mounts)."""
+    if os.environ.get("RESFLOW_SERIAL_HDF5", "") not in ("", "0"):
+        return False
     return bool(h5py.get_config().mpi)
 
 
