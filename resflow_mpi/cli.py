@@ -137,8 +137,9 @@ def cmd_vectorize(args: argparse.Namespace) -> int:
         for r in results:
             print(vec.result_line(r), flush=True)
         code = vec.summarise(results, comm.size)
-        if args.merged and code == 0:
-            merged = vec.merge_layers([r["gpkg"] for r in results], args.merged, args.merged_crs)
+        if getattr(args, "merged", None) and code == 0:
+            merged = vec.merge_layers([r["gpkg"] for r in results], args.merged,
+                                      getattr(args, "merged_crs", "EPSG:4326"))
             print(f"merged {merged['polygons']} polygon(s) of {len(results)} scene(s) in "
                   f"{merged['crs']} -> {merged['path']}", flush=True)
         return code
