@@ -6,19 +6,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from osgeo import gdal
 
 from ..errors import InputError
-from ..io.raster import SceneInfo, open_scene, with_statistics
+from ..io.raster import SceneInfo, WindowReader, open_scene, with_statistics
+from ..io.truth import TruthReader, mask_path_for
 from ..pipeline import normalize_scene
-
-gdal.UseExceptions()
-
-
-def mask_path_for(scene_path: str) -> str:
-    """Ground truth beside a scene: <name>_mask.tif."""
-    p = Path(scene_path)
-    return str(p.with_name(p.stem + "_mask.tif"))
+from ..tiling import Window
 
 
 @dataclass
@@ -49,14 +42,11 @@ def sample_tiles(scenes: Sequence[SceneInfo], scene_ids: Sequence[int], tile_px:
     for sid in scene_ids:
         info = scenes[sid]
         mpath = mask_path_for(info.path)
-        try:
-            mds = gdal.Open(mpath)
-        except RuntimeError:
+        if not Path(mpath).is_file():
             raise InputError(f"{mpath}: ground-truth mask for {info.path} not found or unreadable "
-                             "(init needs <scene>_mask.tif beside each training scene)") from None
-        if (mds.RasterXSize, mds.RasterYSize) != (info.width, info.height):
-            raise InputError(f"{mpath}: mask size differs from its scene {info.path}")
-        ids = gdal.Open(info.path)
+                             "(init needs <scene>_mask.tif beside each training scene)")
+        truth = TruthReader(info)   # checks the mask's size against its scene
+        image = WindowReader(info, bands)
         rows, cols = info.height // tile_px, info.width // tile_px
         rng = np.random.default_rng([seed, sid])
         order = rng.permutation(rows * cols)
@@ -65,18 +55,18 @@ def sample_tiles(scenes: Sequence[SceneInfo], scene_ids: Sequence[int], tile_px:
             if taken >= per_scene:
                 break
             r, c = divmod(int(cell), cols)
-            raw = ids.ReadAsArray(c * tile_px, r * tile_px, tile_px, tile_px, band_list=list(bands))
-            m = mds.ReadAsArray(c * tile_px, r * tile_px, tile_px, tile_px)
+            w = Window(c * tile_px, r * tile_px, tile_px, tile_px)
+            m = truth.read(w.col, w.row, w.width, w.height)
             if (m != 255).mean() < min_valid:
                 continue
-            xs.append(normalize_scene(raw, info, norm))
-            ys.append(m.astype(np.uint8))
+            xs.append(normalize_scene(image.read_window(w), info, norm))
+            ys.append(m)
             sc.append(sid)
-            from ..tiling import Window
-            w = Window(c * tile_px, r * tile_px, tile_px, tile_px)
             wins.append(tuple(w))
             exts.append(info.window_extent(w))
             taken += 1
+        truth.close()
+        image.close()
     if not xs:
         c = len(bands)
         return TileSet(np.zeros((0, c, tile_px, tile_px), np.float32),

@@ -8,6 +8,7 @@ import numpy as np
 from osgeo import gdal
 
 from ..errors import InputError
+from .gdalenv import ensure_configured
 
 
 def mask_path_for(scene_path: str) -> str:
@@ -31,6 +32,7 @@ class TruthReader:
 
     def __init__(self, scene: Any):
         self.path = mask_path_for(scene.path)
+        ensure_configured()
         try:
             self._ds = gdal.OpenEx(self.path, gdal.OF_RASTER | gdal.OF_READONLY)
         except RuntimeError as exc:
