@@ -28,7 +28,8 @@ from .galleries import ModelGallery
 from .io.export import confined, export_scene
 from .io.maskstore import MaskStore, TileResult
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
-from .io.raster import SceneInfo, prepare_scene, resolve_scene_inputs, tile_coverage
+from .io.manifest import scenes_for
+from .io.raster import SceneInfo, prepare_scene, tile_coverage
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .runtime.comm import Communicator
@@ -65,14 +66,24 @@ def check_output_dir(out_dir: str) -> Path:
     return p.resolve()
 
 
-def plan_scenes(cfg: RunConfig) -> ScenePlan:
-    """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene."""
-    paths = resolve_scene_inputs(cfg.scenes.inputs, cfg.scenes.split)
-    if not paths:
-        raise InputError("scenes.inputs: no scenes given (set scenes.inputs in the config)")
-    plan = ScenePlan([])
-    # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
-    for path in paths:
+def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePlan:
+    """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene.
+
+    Header checks and the nodata prescan (which decodes each scene once, at low cost per pixel)
+    are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
+    and every rank gets it."""
+    comm = comm or Communicator(None)
+
+    def scene_paths() -> list[str]:
+        paths = [e.path for e in scenes_for(cfg, "predict")]  # label files are never scenes
+        if not paths:
+            raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: no scenes to map (set "
+                             "scenes.inputs, or the predict: list of scenes.manifest)")
+        return paths
+    paths = comm.root_call(scene_paths)
+
+    def check(path: str) -> tuple[str, Any, Any]:
+        # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
         try:
             info = prepare_scene(path, cfg)
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
@@ -80,16 +91,26 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
             if cov is not None and float(cov.max()) == 0.0:
                 raise InputError(f"{path}: scene is entirely nodata "
                                  f"({info.validity_text(cfg.scenes.bands)})")
-            plan.scenes.append(info)
-            plan.coverage.append(cov)
+            return "ok", info, cov
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
                 raise
-            plan.skipped.append({"path": path, "reason": str(exc)})
-    if not plan.scenes:
-        raise InputError(f"no usable scene among {len(paths)} (all skipped: "
-                         f"{plan.skipped[0]['reason']} ...)")
-    return plan
+            return "skip", path, str(exc)
+    checked = comm.map_split(paths, check)
+
+    def assemble() -> ScenePlan:
+        plan = ScenePlan([])
+        for kind, a, b in checked or []:
+            if kind == "ok":
+                plan.scenes.append(a)
+                plan.coverage.append(b)
+            else:
+                plan.skipped.append({"path": a, "reason": b})
+        if not plan.scenes:
+            raise InputError(f"no usable scene among {len(paths)} (all skipped: "
+                             f"{plan.skipped[0]['reason']} ...)")
+        return plan
+    return comm.root_call(assemble)
 
 
 def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
@@ -121,6 +142,7 @@ class Job:
     gallery: ModelGallery
     out_dir: Path
     quiet: bool = False
+    plan_s: float = 0.0  # scene checks + nodata prescan, over all ranks
 
     @property
     def scenes(self) -> list[SceneInfo]:
@@ -182,13 +204,18 @@ class Runner(Protocol):
 
 
 def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool) -> Job:
-    """Rank 0 checks the output dir, the gallery and the scenes; errors reach every rank."""
-    def check() -> tuple[ScenePlan, Path]:
+    """Rank 0 checks the output dir and the gallery, all ranks check the scenes; errors reach
+    every rank."""
+    def check() -> Path:
         out_dir = check_output_dir(cfg.output.dir)
         ModelGallery(cfg.models.gallery).verify()
-        return plan_scenes(cfg), out_dir
-    plan, out_dir = comm.root_call(check)
-    return Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
+        return out_dir
+    out_dir = comm.root_call(check)
+    t0 = time.perf_counter()
+    plan = plan_scenes(cfg, comm)
+    job = Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
+    job.plan_s = time.perf_counter() - t0
+    return job
 
 
 def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
@@ -225,7 +252,7 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
         return None
     assert per_worker is not None
     extra = {"h5_path": job.h5_path, "gallery_checksum": job.gallery.checksum,
-             "tiles_total_planned": total, "export_s": export_s,
+             "tiles_total_planned": total, "export_s": export_s, "plan_s": job.plan_s,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
              **runner.report_extra()}
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,

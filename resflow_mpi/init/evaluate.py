@@ -14,19 +14,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import RunConfig
-from ..errors import InputError, OutputError, os_error_cause
+from ..errors import OutputError, os_error_cause
 from ..galleries import ModelGallery
-from ..io.truth import TruthReader, require_truth
+from ..io.labels import TruthReader
+from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
-from ..io.raster import prepare_scene, resolve_scene_inputs
+from ..io.raster import prepare_scene
 from ..pipeline import Job, Runner, ScenePlan, build_tasks
-from .segtrain import iou_f1
+from .metrics import add_counts, baselines, confusion_counts, iou_f1
 
 VARIANTS = (("resflow", None), ("mono", "mono"))
-
-
-def region_of(info: Any) -> str:
-    return info.metadata.get("RESFLOW_REGION") or Path(info.path).stem
 
 
 def _zero() -> dict[str, int]:
@@ -38,54 +35,33 @@ class CountingSink:
 
     kind = "local"
 
-    def __init__(self, scenes: Sequence[Any]):
-        self.scenes = list(scenes)
+    def __init__(self, truth: TruthReader, regions: Sequence[str]):
+        self.truth = truth
+        self.regions = list(regions)
         self.counts: dict[str, dict[str, int]] = {}
         self.buckets: dict[str, dict[int, int]] = {}
-        self._truth: dict[int, TruthReader] = {}
 
     def write_results(self, results: Sequence[TileResult], collective: bool = False,
                       n_calls: Optional[int] = None) -> None:
         for r in results:
-            s = r.tile.scene
-            if s not in self._truth:
-                self._truth[s] = TruthReader(self.scenes[s])
-            o = r.tile.owned
-            gt = self._truth[s].read(o.col, o.row, o.width, o.height)
-            v = (gt != 255) & (r.mask != 255)
-            p, t = r.mask == 1, gt == 1
-            region = region_of(self.scenes[s])
-            c = self.counts.setdefault(region, _zero())
-            c["tp"] += int((p & t & v).sum())
-            c["fp"] += int((p & ~t & v).sum())
-            c["fn"] += int((~p & t & v).sum())
-            c["tn"] += int((~p & ~t & v).sum())
+            s, o = r.tile.scene, r.tile.owned
+            gt = self.truth.window(s, o.col, o.row, o.width, o.height)
+            region = self.regions[s]
+            self.counts[region] = add_counts(self.counts.get(region, _zero()),
+                                             confusion_counts(r.mask, gt))
             hist = self.buckets.setdefault(region, {})
             hist[r.bucket] = hist.get(r.bucket, 0) + 1
 
-    def close(self) -> None:
-        for t in self._truth.values():
-            t.close()
-        self._truth.clear()
 
-
-def baselines(c: dict[str, int]) -> dict[str, dict[str, Optional[float]]]:
-    """IoU/F1 of predicting every valid pixel as building, or every pixel as background."""
-    positives, negatives = c["tp"] + c["fn"], c["fp"] + c["tn"]
-    return {"all_building": iou_f1({"tp": positives, "fp": negatives, "fn": 0}),
-            "all_background": iou_f1({"tp": 0, "fp": 0, "fn": positives})}
-
-
-def evaluation_scenes(cfg: RunConfig) -> list[Any]:
-    """The labelled test scenes; an unlabelled one is a one-line error before any work."""
-    split = "test" if cfg.scenes.split == "all" else cfg.scenes.split
-    paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-    if not paths:
-        raise InputError("scenes.inputs: no scenes to evaluate (set scenes.inputs and "
-                         "scenes.split in the config)")
-    scenes = [prepare_scene(p, cfg) for p in paths]
-    require_truth(scenes)
-    return scenes
+def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
+    """The labelled scenes to evaluate, their labels and regions; an unlabelled archive or a bad
+    label is a one-line error before any inference."""
+    entries = require_labels(scenes_for(cfg, "evaluate"), cfg)
+    scenes = [prepare_scene(e.path, cfg) for e in entries]
+    labels = [e.label for e in entries]
+    for warning in TruthReader(scenes, labels, cfg.labels).check_all():
+        print(f"[evaluate] warning: {warning}", file=sys.stderr, flush=True)
+    return scenes, labels, [e.region or Path(e.path).stem for e in entries]
 
 
 def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
@@ -95,19 +71,19 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
     runner.bind(cfg)
     out_dir = Path(out or cfg.output.dir)
 
-    def setup() -> list[Any]:
+    def setup() -> tuple[list[Any], list[Any], list[str]]:
         ModelGallery(cfg.models.gallery).verify()
         return evaluation_scenes(cfg)
-    scenes = comm.root_call(setup)
+    scenes, labels, regions = comm.root_call(setup)
     job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), ModelGallery(cfg.models.gallery),
               out_dir, quiet=True)
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []
     total: dict[str, dict[str, dict[str, int]]] = {}
     used: dict[str, dict[int, int]] = {}
     for variant, override in VARIANTS:
-        sink = CountingSink(scenes)
+        truth = TruthReader(scenes, labels, cfg.labels)
+        sink = CountingSink(truth, regions)
         runner.map_tiles(job, tasks, sink, override)
-        sink.close()
         parts = comm.gather((sink.counts, sink.buckets))
         for counts, hists in parts or []:
             for region, c in counts.items():
@@ -134,7 +110,7 @@ def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
     rows = []
     for region in sorted(total):
         m, r_ = iou_f1(total[region]["mono"]), iou_f1(total[region]["resflow"])
-        base = baselines(total[region]["mono"])
+        base = baselines(total[region]["mono"])  # the truth's counts, same for every variant
         rows.append({"region": region, "mono_iou": m["iou"], "mono_f1": m["f1"],
                      "resflow_iou": r_["iou"], "resflow_f1": r_["f1"],
                      "iou_gap": (r_["iou"] - m["iou"])
