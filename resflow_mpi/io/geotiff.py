@@ -87,12 +87,6 @@ def create(path: Path, width: int, height: int, bands: int, dtype: Any, crs: Crs
     return ds
 
 
-def write_rows(band: gdal.Band, rows: Any, height: int, step: int) -> None:
-    """Write a (height, width) array-like to ``band`` in blocks of ``step`` rows (rows[r0:r1])."""
-    for r0 in range(0, height, step):
-        check_write(band.WriteArray(np.asarray(rows[r0:min(height, r0 + step)]), 0, r0))
-
-
 def check_write(err: int) -> None:
     """Raise GDAL's message when a write returned an error code (exceptions off)."""
     if err != 0:
