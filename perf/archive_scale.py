@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Archive scale: the same pixels as 10, 100 and 1,000 scenes, mapped by the MPI engine.
 
-Each archive holds the same total pixels (``--total-px`` squared), cut into N equal square scenes
-(side total_px / sqrt(N)), so every archive is the same work in tiles. Costs that grow with the
+Each archive holds about the same total pixels (``--total-px`` squared), cut into N equal square
+scenes (side total_px / sqrt(N), rounded to whole tiles), so every archive is about the same work
+in tiles. Costs that grow with the
 archive instead of the work (serial planning on rank 0, per-scene collectives in every write
 round) show as time per tile or peak RSS rising with N. Figures per archive: tiles/s, time per
 tile, planning seconds (scene checks + nodata prescan), write seconds and peak RSS per rank (each
@@ -28,10 +29,12 @@ import benchkit as bk
 EPSG = 32637
 
 
-def write_archive(root: Path, n_scenes: int, total_px: int, seed: int = 0) -> list[str]:
-    """N square uint8 scenes (random texture with bright blocks) covering total_px^2 pixels."""
+def write_archive(root: Path, n_scenes: int, total_px: int, tile_px: int,
+                  seed: int = 0) -> list[str]:
+    """N square uint8 scenes (random texture with bright blocks) covering about total_px^2
+    pixels, each side a whole number of tiles (so every archive has about the same tiles)."""
     from resflow_mpi.synth import write_raster_from_array
-    side = int(round(total_px / math.sqrt(n_scenes)))
+    side = max(1, int(round(total_px / math.sqrt(n_scenes) / tile_px))) * tile_px
     out = root / f"a{n_scenes}x{side}"
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -73,8 +76,8 @@ def measure(n: int, paths: list[str], gallery: Path, out: Path, tile_px: int, ra
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", default="10,100,1000")
-    ap.add_argument("--total-px", type=int, default=3200, help="side of the equivalent one scene")
-    ap.add_argument("--tile-px", type=int, default=128)
+    ap.add_argument("--total-px", type=int, default=2048, help="side of the equivalent one scene")
+    ap.add_argument("--tile-px", type=int, default=64)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--gallery", default=None)
     ap.add_argument("--tree", default=None, help="checkout to run instead of this one")
@@ -86,7 +89,7 @@ def main() -> int:
     gallery = bk.ensure_gallery(args.gallery)
     rows = []
     for n in [int(x) for x in args.counts.split(",")]:
-        paths = write_archive(bk.CACHE_DIR / "archive-scale", n, args.total_px)
+        paths = write_archive(bk.CACHE_DIR / "archive-scale", n, args.total_px, args.tile_px)
         row = measure(n, paths, gallery, out, args.tile_px, args.ranks, args.tree)
         rows.append(row)
         print(f"[archive_scale] {n} scenes of {row['scene_px']} px: {row['tiles']} tiles, "

@@ -30,6 +30,7 @@ from .io.maskstore import MaskStore, TileResult
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
+from .io.outlock import partial_path as job_partial_path
 from .io.raster import SceneInfo, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
@@ -506,7 +507,7 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
     }
     if extra:
         report.update(extra)
-    tmp = out_dir / "run_report.json.partial"
+    tmp = job_partial_path(out_dir / "run_report.json")
     try:
         tmp.write_text(json.dumps(report, indent=1, default=str))
         os.replace(tmp, out_dir / "run_report.json")

@@ -17,6 +17,7 @@ from osgeo import gdal, ogr, osr
 
 from ..errors import ConfigError
 from .gdalenv import ensure_configured
+from .outlock import partial_path as job_partial_path
 
 # Tiled, DEFLATE-compressed GeoTIFF for large label rasters (exported masks).
 TILED_OPTIONS = ("TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE",
@@ -59,8 +60,9 @@ def srs_wkt(crs: Crs) -> str:
 
 
 def partial_path(path: Path) -> Path:
-    """The temporary sibling a file is written under before ``commit`` renames it."""
-    return path.with_name(path.name + ".partial")
+    """The temporary sibling a file is written under before ``commit`` renames it; it carries the
+    job's tag (Slurm job id, or host-pid-start), so two jobs never share a temporary name."""
+    return job_partial_path(path)
 
 
 def create(path: Path, width: int, height: int, bands: int, dtype: Any, crs: Crs,
