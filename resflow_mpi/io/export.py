@@ -23,6 +23,7 @@ BUCKET_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130
                            [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
                            [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
                            [128, 0, 0], [170, 255, 195], [128, 128, 0], [0, 0, 128]], np.uint8)
+OOD_COLOUR = np.array([255, 255, 255], np.uint8)  # bucket -2: out of distribution, mapped by Mono
 
 
 def confined(out_dir: str | Path, name: str) -> Path:
@@ -182,6 +183,7 @@ def _export_buckets(g: h5py.Group, gt: tuple[float, ...], wkt: str, path: Path) 
     rgb = np.zeros((3, rows, cols), np.uint8)
     ok = b >= 0
     rgb[:, ok] = BUCKET_COLOURS[b[ok] % len(BUCKET_COLOURS)].T
+    rgb[:, b == -2] = OOD_COLOUR[:, None]
     tmp = _partial(path)
     ds = gdal.GetDriverByName("GTiff").Create(str(tmp), cols, rows, 3, gdal.GDT_Byte,
                                               ["COMPRESS=DEFLATE"])
@@ -189,7 +191,8 @@ def _export_buckets(g: h5py.Group, gt: tuple[float, ...], wkt: str, path: Path) 
     ds.SetProjection(wkt)
     ds.WriteArray(rgb)
     ds.SetMetadata({"RESFLOW_BUCKETS": ",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}"
-                                                for i, c in enumerate(BUCKET_COLOURS))})
+                                                for i, c in enumerate(BUCKET_COLOURS))
+                    + ",-2=#ffffff (out of distribution: Mono)"})
     ds.FlushCache()
     ds = None
     os.replace(tmp, path)
