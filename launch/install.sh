@@ -8,13 +8,25 @@
 # venv's own pip.conf makes any later numpy 2 request fail loudly instead of breaking the stack.
 #
 # Idempotent: a stamp file records what was installed; a second run only checks and exits.
-# Usage: launch/install.sh [--with-chromium]   (RESFLOW_VENV overrides the venv location)
+# Usage: launch/install.sh [--with-chromium] [--with-slurm]   (RESFLOW_VENV overrides the venv)
+#   --with-chromium  Chromium, for the report screenshots
+#   --with-slurm     Slurm 22.05 (slurmctld, slurmd, client commands) and munge from Debian, for the
+#                    one-machine test cluster (launch/testcluster/, tests/cluster/); on a machine
+#                    with systemd the packages enable their own services, which stay idle without
+#                    /etc/slurm/slurm.conf; the test cluster runs its own daemons from a state folder
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${RESFLOW_VENV:-$ROOT/.venv}"
 WITH_CHROMIUM=0
-[[ "${1:-}" == "--with-chromium" ]] && WITH_CHROMIUM=1
+WITH_SLURM=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-chromium) WITH_CHROMIUM=1 ;;
+    --with-slurm) WITH_SLURM=1 ;;
+    *) echo "install.sh: unknown option '$arg' (valid: --with-chromium, --with-slurm)" >&2; exit 2 ;;
+  esac
+done
 
 APT_PACKAGES=(openmpi-bin libopenmpi-dev python3-mpi4py python3-h5py-mpi python3-gdal gdal-bin
               python3-venv python3-dev)
@@ -35,6 +47,12 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 if [[ $WITH_CHROMIUM == 1 ]] && ! command -v chromium >/dev/null 2>&1; then need_apt+=(chromium); fi
+if [[ $WITH_SLURM == 1 ]]; then
+  # iproute2 and util-linux give the two-host test (ip netns, unshare); usually present already.
+  for p in slurm-wlm munge iproute2 util-linux; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_apt+=("$p")
+  done
+fi
 if [[ ${#need_apt[@]} -gt 0 ]]; then
   log "apt-get install ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -61,8 +61,10 @@ def bench_env(threads: int = 1) -> dict[str, str]:
     """Environment for child processes: MPI as root, ``threads`` BLAS/OpenMP threads, venv on PATH."""
     env = dict(os.environ)
     env.update(MPI_ENV)
+    # RESFLOW_BENCH_TREE: run another checkout of the project (before/after studies).
+    tree = os.environ.get("RESFLOW_BENCH_TREE") or str(REPO)
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)})
+                "PYTHONPATH": os.pathsep.join(p for p in (tree, env.get("PYTHONPATH", "")) if p)})
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 

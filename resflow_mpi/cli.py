@@ -62,11 +62,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.set.append(f"inference.model={args.model}")
     cfg = _load(args)
     from .pipeline import run_job
-    report = run_engine(args.engine, lambda runner: run_job(cfg, runner, restart=args.restart,
-                                                            quiet=args.quiet))
+    report = run_engine(args.engine, lambda runner: run_job(
+        cfg, runner, restart=args.restart, quiet=args.quiet, html_report=args.report_html))
     if report is None:  # ranks other than 0
         return 0
-    _html_report(cfg, args)
     return 0 if all(s["complete"] for s in report["scenes"]) else 3
 
 
@@ -90,16 +89,6 @@ def run_engine(engine: str, work: Any) -> Any:
     with abort_on_error(comm):
         result = work(MPIRunner(comm))
     return result
-
-
-def _html_report(cfg: Any, args: argparse.Namespace) -> None:
-    """Quicklooks + report.html beside the run's outputs (output.quicklooks)."""
-    if not (args.report_html and cfg.output.quicklooks):
-        return
-    from .report import write_html_report
-    path = write_html_report(cfg.output.dir)
-    if not args.quiet:
-        print(f"report: {path}", flush=True)
 
 
 def cmd_init(args: argparse.Namespace) -> int:

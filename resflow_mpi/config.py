@@ -35,6 +35,11 @@ class ScenesConfig:
     inputs: list[str] = _f([], "Scenes: globs, directories, .txt lists of paths, or archive.json "
                                "manifests written by `resflow synth` (required for run/init).")
     split: Literal["all", "train", "test"] = _f("all", "Scenes taken from archive.json manifests.")
+    manifest: Optional[str] = _f(None, "Scene manifest (YAML or JSON): `train:` and `predict:` "
+                                       "lists of {image, label, region} entries; init uses "
+                                       "train, run uses predict, evaluate the labelled predict "
+                                       "scenes. An archive.json from `resflow synth` also works "
+                                       "(train/test). Replaces scenes.inputs and scenes.split.")
     bands: list[int] = _f([1, 2, 3], "1-based band numbers fed to the networks, in order.")
     expect_dtype: Optional[Literal["uint8", "uint16"]] = _f(None, "Refuse scenes of another data "
                                                                   "type (null: uint8 or uint16).")
@@ -50,6 +55,34 @@ class ScenesConfig:
                                               "value ranges of blank fill, in the scenes' units.")
     blank_fill_min_run_px: int = _f(64, "Shortest run of fill pixels (along a row) taken as blank "
                                         "fill, so dark or bright objects are kept.", min=1)
+
+
+@dataclass(frozen=True)
+class LabelsConfig:
+    """Ground truth for init and evaluate: where each scene's label is and what its values mean."""
+
+    file: Optional[str] = _f(None, "One label file for every scene that has none in the manifest "
+                                   "or archive.json: building polygons (GeoJSON, GeoPackage, "
+                                   "Shapefile, any OGR source, any CRS) or a raster on the "
+                                   "scene's grid.")
+    pattern: str = _f("{stem}_mask.tif", "Label beside each scene, by name ({stem}: the scene "
+                                         "file name without extension; relative to the scene's "
+                                         "folder), when neither the manifest nor labels.file "
+                                         "gives one; e.g. {stem}.geojson.")
+    layer: Optional[str] = _f(None, "Vector layer with the polygons (sources with several "
+                                    "layers).")
+    where: Optional[str] = _f(None, "OGR SQL attribute filter for vector labels, e.g. "
+                                    "\"building IS NOT NULL\".")
+    class_field: Optional[str] = _f(None, "Vector attribute whose values labels.values maps "
+                                          "(null: every polygon is a building).")
+    values: Optional[dict[str, list[Union[int, str]]]] = _f(
+        None, "Which label values are building, background and ignore, e.g. {building: [255], "
+              "background: [0]}; values not listed are refused. null: rasters 1 building, 0 "
+              "background, 255 and the raster's nodata ignore (a 0/255 mask is refused).")
+    outside: Literal["background", "ignore"] = _f("background", "What vector labels say where "
+                                                                "no polygon lies.")
+    max_ignore_fraction: float = _f(0.5, "A label that is more than this fraction ignore over "
+                                         "its scene is refused.")
 
 
 @dataclass(frozen=True)
@@ -155,7 +188,11 @@ class TrainingConfig:
     """`resflow init`: embedding, clustering, hashing and per-bucket training."""
 
     tile_px: int = _f(128, "Training crop size in pixels.", min=16)
-    tiles_per_scene: int = _f(48, "Training crops sampled from each training scene.", min=1)
+    tiles_per_scene: int = _f(48, "Training crops sampled from each training scene (random, "
+                                  "seeded, may overlap; the count used is in the gallery "
+                                  "manifest).", min=1)
+    building_crop_fraction: float = _f(0.5, "Share of the crops centred on building pixels, so "
+                                            "rare buildings are not lost; the rest are uniform.")
     val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
     k_min: int = _f(2, "Smallest bucket count tried; 1 also tests for any bucket structure "
                        "(no split beats structureless data by k_min_drop: one bucket, Mono only).",
@@ -201,6 +238,7 @@ class RunConfig:
     """The whole configuration of a run."""
 
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
@@ -255,6 +293,33 @@ class RunConfig:
             raise ConfigError(f"{source}: training.k_min must be <= training.k_max")
         if not 0.0 < self.training.val_fraction < 0.5:
             raise ConfigError(f"{source}: training.val_fraction must be in (0, 0.5)")
+        if self.scenes.manifest is not None and self.scenes.inputs:
+            raise ConfigError(f"{source}: scenes.manifest and scenes.inputs are both set; list "
+                              "every scene in the manifest (train: / predict:) and drop "
+                              "scenes.inputs")
+        if not 0.0 <= self.training.building_crop_fraction <= 1.0:
+            raise ConfigError(f"{source}: training.building_crop_fraction must be in [0, 1]")
+        lab = self.labels
+        if not 0.0 < lab.max_ignore_fraction <= 1.0:
+            raise ConfigError(f"{source}: labels.max_ignore_fraction must be in (0, 1]")
+        if lab.values is not None:
+            bad = sorted(set(lab.values) - {"building", "background", "ignore"})
+            if bad:
+                raise ConfigError(f"{source}: labels.values has unknown class(es) {bad} (valid: "
+                                  "building, background, ignore)")
+            if not lab.values.get("building"):
+                raise ConfigError(f"{source}: labels.values.building must list at least one "
+                                  "value (which label values are buildings)")
+            seen: dict[str, str] = {}
+            for cls, vals in lab.values.items():
+                for v in vals:
+                    if str(v) in seen and seen[str(v)] != cls:
+                        raise ConfigError(f"{source}: labels.values lists {v!r} as both "
+                                          f"{seen[str(v)]} and {cls}")
+                    seen[str(v)] = cls
+        if "{stem}" not in lab.pattern:
+            raise ConfigError(f"{source}: labels.pattern must contain {{stem}} (the scene file "
+                              f"name without extension), got {lab.pattern!r}")
         if self.parallel.writer == "collective" and self.parallel.policy == "dynamic":
             raise ConfigError(f"{source}: parallel.writer=collective needs policy=static (collective "
                               "writes are lock-step); use writer=auto or independent with dynamic")
@@ -272,6 +337,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(get_args(tp)[1])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
@@ -319,6 +386,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise bad()
         return [_coerce(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise bad
+        return {_coerce(k, get_args(tp)[0], where): _coerce(v, get_args(tp)[1], f"{where}.{k}")
+                for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise bad()
@@ -374,7 +446,21 @@ def config_from_dict(raw: Any, source: str = "<config>") -> RunConfig:
             raise ConfigError(f"{source}: unknown section {_short(key)} (valid: {', '.join(SECTIONS)})")
     cfg = RunConfig(**{name: _section(cls, raw.get(name), source, name)
                        for name, cls in SECTIONS.items()})
+    mark_explicit(cfg, {f"{name}.{key}" for name, sec in raw.items()
+                        if isinstance(sec, Mapping) for key in sec})
     return cfg.validate(source)
+
+
+def mark_explicit(cfg: RunConfig, keys: "set[str] | frozenset[str]") -> RunConfig:
+    """Record which dotted keys the user set (in the file or with --set) on ``cfg``."""
+    object.__setattr__(cfg, "_explicit_keys", frozenset(keys))
+    return cfg
+
+
+def explicit_keys(cfg: RunConfig) -> Optional[frozenset[str]]:
+    """The dotted keys the user set explicitly, or None when unknown (a config not built by
+    :func:`config_from_dict`): then every value counts as set."""
+    return getattr(cfg, "_explicit_keys", None)
 
 
 MAX_CONFIG_BYTES = 1 << 20       # a config is a page of text; anything larger is a mistake

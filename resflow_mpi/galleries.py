@@ -33,7 +33,7 @@ from torch import nn
 
 from .errors import GalleryError
 from .models import build_from_spec
-from .stages import OOD_BUCKET, StageModels
+from .stages import DTYPE_RANGE, OOD_BUCKET, StageModels
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -225,3 +225,129 @@ class ImageGallery:
                  "scene": self.scenes[int(self.scene[i])]["name"],
                  "window": [int(v) for v in self.window[i]],
                  "extent": [float(v) for v in self.extent[i]]} for r, i in enumerate(order)]
+
+
+# -- the gallery is the contract -------------------------------------------------------------------
+# What a model gallery was trained with, as dotted run-config keys. A run must use the same values:
+# the networks only mean something on inputs prepared exactly as in training. Tile and halo sizes are
+# not part of the contract: the segmentation networks are fully convolutional and the feature
+# extractor pools every tile to a fixed size, so any tile_px/halo_px the config accepts is valid.
+CONTRACT_KEYS = ("scenes.bands", "normalization.mode", "normalization.value_max",
+                 "normalization.mean", "normalization.std", "models.hash_bits", "models.embed_dim",
+                 "models.arch", "models.preset")
+
+
+def gallery_contract(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The run-config values a gallery's manifest records (keys missing in old manifests are left out)."""
+    norm = manifest.get("normalization") or {}
+    found: dict[str, Any] = {
+        "scenes.bands": manifest.get("bands"),
+        "normalization.mode": norm.get("mode"),
+        "normalization.mean": norm.get("mean"),
+        "normalization.std": norm.get("std"),
+        "models.hash_bits": (manifest.get("hash_head") or {}).get("n_bits"),
+        "models.embed_dim": ((manifest.get("extractor") or {}).get("spec") or {}).get("embed_dim"),
+        "models.arch": manifest.get("arch"),
+        "models.preset": manifest.get("preset"),
+    }
+    contract = {k: v for k, v in found.items() if v is not None}
+    if "value_max" in norm:  # null is a real value here: the data type's default divisor
+        vmax = norm["value_max"]
+        dtypes = manifest.get("train_dtypes") or []
+        if vmax is None and len(dtypes) == 1 and dtypes[0] in DTYPE_RANGE:
+            vmax = DTYPE_RANGE[dtypes[0]]  # what the networks saw as 1.0 during training
+        contract["normalization.value_max"] = vmax
+    return contract
+
+
+def _relevant(key: str, mode: Any) -> bool:
+    """Whether ``key`` changes the network input under normalisation ``mode``."""
+    if key == "normalization.value_max":
+        return mode == "range"
+    if key in ("normalization.mean", "normalization.std"):
+        return mode == "configured"
+    return True
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(a)), abs(float(b)))
+    return a == b
+
+
+def _show(value: Any) -> str:
+    text = "null (the data type's default)" if value is None else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _manifest_of(manifest_or_gallery: "ModelGallery | dict[str, Any]") -> tuple[dict[str, Any], str]:
+    if isinstance(manifest_or_gallery, ModelGallery):
+        return manifest_or_gallery.manifest, str(manifest_or_gallery.root)
+    return manifest_or_gallery, str(manifest_or_gallery.get("_root", "<gallery>"))
+
+
+def _run_value(cfg: Any, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _mismatches(manifest: dict[str, Any], cfg: Any) -> list[tuple[str, Any, Any]]:
+    contract = gallery_contract(manifest)
+    mode = contract.get("normalization.mode", cfg.normalization.mode)
+    out = []
+    for key in CONTRACT_KEYS:
+        if key not in contract or not _relevant(key, mode):
+            continue
+        mine = _run_value(cfg, key)
+        if not _same(mine, contract[key]):
+            out.append((key, mine, contract[key]))
+    return out
+
+
+def check_run_config(manifest_or_gallery: "ModelGallery | dict[str, Any]", cfg: Any) -> None:
+    """Refuse a run config that differs from what the gallery was trained with (one ConfigError
+    naming the key and both values). Compares every key of :data:`CONTRACT_KEYS` the manifest has."""
+    from .errors import ConfigError
+    manifest, root = _manifest_of(manifest_or_gallery)
+    bad = _mismatches(manifest, cfg)
+    if bad:
+        key, mine, theirs = bad[0]
+        more = f" (and {len(bad) - 1} more: {', '.join(k for k, _, _ in bad[1:])})" if len(bad) > 1 else ""
+        raise ConfigError(f"{key} is {_show(mine)} but the gallery {root} was trained with "
+                          f"{_show(theirs)}{more}: remove the setting (the run then uses the "
+                          "gallery's value) or retrain the gallery with `resflow init`")
+
+
+def resolve_run_config(manifest_or_gallery: "ModelGallery | dict[str, Any]", cfg: Any) -> Any:
+    """The run config with every contract value the user did not set taken from the gallery, then
+    checked with :func:`check_run_config`.
+
+    Inheritance rule: a contract key the user set (in the YAML file or with ``--set``) must equal
+    the gallery's value, else the run is refused; a key left unset takes the gallery's value. When
+    the config does not know which keys were set (built in code), nothing is inherited and every
+    difference is refused."""
+    import dataclasses
+    from .config import explicit_keys, mark_explicit
+    manifest, _ = _manifest_of(manifest_or_gallery)
+    explicit = explicit_keys(cfg)
+    if explicit is not None:
+        contract = gallery_contract(manifest)
+        changes: dict[str, dict[str, Any]] = {}
+        for key, _, theirs in _mismatches(manifest, cfg):
+            if key not in explicit:
+                section, name = key.split(".")
+                changes.setdefault(section, {})[name] = theirs
+        # The inherited mode brings the values it needs (e.g. mean/std for mode=configured).
+        mode_key = "normalization.mode"
+        if "normalization" in changes and mode_key not in explicit and mode_key in contract:
+            for key in ("normalization.value_max", "normalization.mean", "normalization.std"):
+                if key in contract and key not in explicit:
+                    changes["normalization"][key.split(".")[1]] = contract[key]
+        if changes:
+            cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **v)
+                                              for s, v in changes.items()})
+            cfg = mark_explicit(cfg.validate("gallery manifest"), explicit)
+    check_run_config(manifest_or_gallery, cfg)
+    return cfg

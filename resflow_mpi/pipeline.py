@@ -28,7 +28,10 @@ from .galleries import ModelGallery
 from .io.export import confined, export_scene
 from .io.maskstore import MaskStore, TileResult
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
-from .io.raster import SceneInfo, prepare_scene, resolve_scene_inputs, tile_coverage
+from .io.manifest import scenes_for
+from .io.outlock import OutputLock
+from .io.raster import SceneInfo, prepare_scene, tile_coverage
+from .preflight import estimate_summary, gpu_total_bytes, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .runtime.comm import Communicator
@@ -65,14 +68,24 @@ def check_output_dir(out_dir: str) -> Path:
     return p.resolve()
 
 
-def plan_scenes(cfg: RunConfig) -> ScenePlan:
-    """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene."""
-    paths = resolve_scene_inputs(cfg.scenes.inputs, cfg.scenes.split)
-    if not paths:
-        raise InputError("scenes.inputs: no scenes given (set scenes.inputs in the config)")
-    plan = ScenePlan([])
-    # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
-    for path in paths:
+def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePlan:
+    """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene.
+
+    Header checks and the nodata prescan (which decodes each scene once, at low cost per pixel)
+    are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
+    and every rank gets it."""
+    comm = comm or Communicator(None)
+
+    def scene_paths() -> list[str]:
+        paths = [e.path for e in scenes_for(cfg, "predict")]  # label files are never scenes
+        if not paths:
+            raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: no scenes to map (set "
+                             "scenes.inputs, or the predict: list of scenes.manifest)")
+        return paths
+    paths = comm.root_call(scene_paths)
+
+    def check(path: str) -> tuple[str, Any, Any]:
+        # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
         try:
             info = prepare_scene(path, cfg)
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
@@ -80,16 +93,26 @@ def plan_scenes(cfg: RunConfig) -> ScenePlan:
             if cov is not None and float(cov.max()) == 0.0:
                 raise InputError(f"{path}: scene is entirely nodata "
                                  f"({info.validity_text(cfg.scenes.bands)})")
-            plan.scenes.append(info)
-            plan.coverage.append(cov)
+            return "ok", info, cov
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
                 raise
-            plan.skipped.append({"path": path, "reason": str(exc)})
-    if not plan.scenes:
-        raise InputError(f"no usable scene among {len(paths)} (all skipped: "
-                         f"{plan.skipped[0]['reason']} ...)")
-    return plan
+            return "skip", path, str(exc)
+    checked = comm.map_split(paths, check)
+
+    def assemble() -> ScenePlan:
+        plan = ScenePlan([])
+        for kind, a, b in checked or []:
+            if kind == "ok":
+                plan.scenes.append(a)
+                plan.coverage.append(b)
+            else:
+                plan.skipped.append({"path": a, "reason": b})
+        if not plan.scenes:
+            raise InputError(f"no usable scene among {len(paths)} (all skipped: "
+                             f"{plan.skipped[0]['reason']} ...)")
+        return plan
+    return comm.root_call(assemble)
 
 
 def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
@@ -121,6 +144,8 @@ class Job:
     gallery: ModelGallery
     out_dir: Path
     quiet: bool = False
+    plan_s: float = 0.0  # scene checks + nodata prescan, over all ranks
+    memory_estimate: Optional[dict[str, Any]] = None
 
     @property
     def scenes(self) -> list[SceneInfo]:
@@ -187,19 +212,53 @@ class Runner(Protocol):
         """Engine-specific entries for the run report."""
 
 
-def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool) -> Job:
-    """Rank 0 checks the output dir, the gallery and the scenes; errors reach every rank."""
-    def check() -> tuple[ScenePlan, Path]:
+def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool,
+              binding: Optional[dict[str, Any]], lock: "OutputLock") -> Job:
+    """Rank 0 takes the output directory's lock, checks the gallery against the config (the
+    gallery contract) and the memory budget; all ranks then check the scenes. Errors reach every
+    rank before any work."""
+    b = binding or {}
+
+    def check() -> tuple[Path, RunConfig, dict[str, Any]]:
         out_dir = check_output_dir(cfg.output.dir)
-        ModelGallery(cfg.models.gallery).verify()
-        return plan_scenes(cfg), out_dir
-    plan, out_dir = comm.root_call(check)
-    return Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
+        lock.acquire()  # held to the end of the job; a second job on out_dir is refused here
+        gallery = ModelGallery(cfg.models.gallery)
+        gallery.verify()
+        resolved, estimate = preflight(
+            cfg, gallery, ranks=comm.size, ranks_per_node=int(b.get("local_size", 1)),
+            device=str(b.get("device", "cpu")), ranks_per_gpu=int(b.get("ranks_sharing_device", 1)),
+            gpu_total_bytes=gpu_total_bytes(str(b.get("device", "cpu"))))
+        return out_dir, resolved, estimate_summary(estimate)
+    out_dir, cfg, estimate = comm.root_call(check)
+    t0 = time.perf_counter()
+    plan = plan_scenes(cfg, comm)
+    job = Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
+    job.plan_s = time.perf_counter() - t0
+    job.memory_estimate = estimate
+    return job
 
 
-def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
-            quiet: bool = False) -> Optional[dict[str, Any]]:
-    """Map every scene of the config to masks with ``runner``; rank 0 returns the run report."""
+def run_job(cfg: RunConfig, runner: Runner, restart: bool = False, quiet: bool = False,
+            html_report: bool = False) -> Optional[dict[str, Any]]:
+    """Map every scene of the config to masks with ``runner``; rank 0 returns the run report.
+
+    Rank 0 (or Spark's driver) holds ``output.dir``'s lock from before the first write to after
+    the last (report.html included when ``html_report``)."""
+    lock = OutputLock(cfg.output.dir, " ".join(sys.argv))
+    try:
+        report = _run_job(cfg, runner, restart, quiet, lock)
+        if report is not None and html_report and cfg.output.quicklooks:
+            from .report import write_html_report
+            path = write_html_report(cfg.output.dir)
+            if not quiet:
+                print(f"report: {path}", flush=True)
+        return report
+    finally:
+        lock.release()
+
+
+def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
+             lock: "OutputLock") -> Optional[dict[str, Any]]:
     t_start = time.perf_counter()
     comm = runner.comm
     binding = runner.bind(cfg)
@@ -208,7 +267,8 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
         for ln in lines:
             if ln:
                 print(f"[binding] {ln}", file=sys.stderr, flush=True)
-    job = setup_job(cfg, comm, quiet)
+    job = setup_job(cfg, comm, quiet, binding, lock)
+    cfg = job.cfg  # with the gallery's values for keys the user left unset
     store = runner.open_store(job, restart)
     tasks: list[TileTask] = []
     if comm.is_root:
@@ -216,8 +276,8 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
         done = [store.done_mask(i) for i in range(len(job.scenes))]
         tasks = build_tasks(job.plan, cfg, done)
     total = comm.bcast(len(tasks))
+    override = "mono" if cfg.inference.model == "mono" else None
     try:
-        override = "mono" if cfg.inference.model == "mono" else None
         per_worker = runner.map_tiles(job, tasks, store, override)  # type: ignore[arg-type]
     except BaseException:
         if store is not None and comm.size == 1:  # closing is collective: with more ranks,
@@ -230,8 +290,10 @@ def run_job(cfg: RunConfig, runner: Runner, restart: bool = False,
     if not comm.is_root:
         return None
     assert per_worker is not None
+    lock.check()  # a job that lost its lock must not claim the directory's report
     extra = {"h5_path": job.h5_path, "gallery_checksum": job.gallery.checksum,
-             "tiles_total_planned": total, "export_s": export_s,
+             "tiles_total_planned": total, "export_s": export_s, "plan_s": job.plan_s,
+             "memory_estimate": job.memory_estimate,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
              **runner.report_extra()}
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,
@@ -428,6 +490,7 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
         "ood_tiles": sum(int(n) for r in per_rank for n in r.get("ood_by_scene", {}).values()),
         "skipped_scenes": list(skipped),
         "tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
+        "embed_slots": sum(r.get("embed_slots", 0) for r in per_rank),
         "megapixels": pixels / 1e6, "area_km2": area,
         "bytes_read": bytes_read,
         "bytes_written": sum(r["bytes_written"] for r in per_rank),

@@ -37,6 +37,7 @@ class PipelineStats:
 
     tiles: int = 0
     tiles_computed: int = 0
+    embed_slots: int = 0      # batch slots the embedding/hashing calls computed (padding included)
     pixels: int = 0
     area_km2: float = 0.0     # ground area of the owned windows (each scene in its own CRS)
     bytes_read: int = 0
@@ -165,6 +166,7 @@ class TileProcessor:
             x = self.stages.on_device(batch.x[i:i + bs])  # uploaded once on a GPU
             _, codes, buckets = self.stages.embed_and_hash(x)
             self.stats.tiles_computed += len(x)
+            self.stats.embed_slots += self.stages.batch_size
             pend = [PendingTile(item, xi, c, int(b))
                     for item, xi, c, b in zip(work[i:i + bs], x, codes, buckets)]
             for p, prob in queues.push(pend):

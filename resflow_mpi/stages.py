@@ -15,16 +15,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from .dtypes import DTYPE_RANGE  # float pixels have none: a float scene needs value_max
 from .errors import InputError
 from .models.hashing import assign_buckets, codes_to_bits, hamming_distance, pack_bits
 
 # Bucket value of a tile whose code is out of distribution (farther from its nearest bucket's
 # centroid than that bucket's threshold): it is mapped by Mono. -1 stays "not computed / nodata".
 OOD_BUCKET = -2
-
-# Divisors of mode=range by data type. Float pixels have no natural range (reflectance 0-1, DN
-# 0-255, radiance): a float scene needs normalization.value_max, checked before work.
-DTYPE_RANGE = {"uint8": 255.0, "uint16": 2047.0}
 
 
 def normalize(raw: np.ndarray, dtype: str, mode: str = "range", value_max: Optional[float] = None,

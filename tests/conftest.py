@@ -91,7 +91,9 @@ def run_config(tmp_path: Path, tiny_archive: Path, tiny_gallery: Path):
 
 def pytest_configure(config: pytest.Config) -> None:
     for m in ("mpi: runs under mpirun", "spark: needs pyspark + Java",
-              "gpu: needs a CUDA device", "slow: takes more than ~30 s"):
+              "gpu: needs a CUDA device", "slow: takes more than ~30 s",
+              "cluster: needs root + Slurm/munge (launch/install.sh --with-slurm) or network "
+              "namespaces; a real one-machine cluster (tests/cluster)"):
         config.addinivalue_line("markers", m)
     os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
     shutil.which("mpirun")

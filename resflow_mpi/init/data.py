@@ -1,24 +1,21 @@
-"""Training tiles: windows sampled from training scenes with their ground-truth masks (GDAL reads)."""
+"""Training crops: random seeded windows of the training scenes with their labels (io.labels)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Sequence
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal
 
+from ..config import LabelsConfig
 from ..errors import InputError
-from ..io.raster import SceneInfo, open_scene, with_statistics
+from ..io.labels import IGNORE, LabelSource, LabelSpec, LabelSummary, open_label_source
+from ..io.raster import SceneInfo, prepare_scene
 from ..pipeline import normalize_scene
+from ..tiling import Window
 
 gdal.UseExceptions()
-
-
-def mask_path_for(scene_path: str) -> str:
-    """Ground truth beside a scene: <name>_mask.tif."""
-    p = Path(scene_path)
-    return str(p.with_name(p.stem + "_mask.tif"))
 
 
 @dataclass
@@ -36,55 +33,165 @@ class TileSet:
 
     @staticmethod
     def concat(parts: Sequence["TileSet"]) -> "TileSet":
-        parts = [p for p in parts if len(p.x)]
+        full = [p for p in parts if len(p.x)]
+        if not full:
+            return parts[0]
+        parts = full
         return TileSet(*(np.concatenate([getattr(p, f) for p in parts])
                          for f in ("x", "y", "scene", "window", "extent")))
 
 
-def sample_tiles(scenes: Sequence[SceneInfo], scene_ids: Sequence[int], tile_px: int,
-                 per_scene: int, bands: Sequence[int], norm: Any, seed: int,
-                 min_valid: float = 0.9) -> TileSet:
-    """Up to ``per_scene`` non-overlapping grid windows per scene, mostly valid, reproducibly."""
+@dataclass
+class SceneCrops:
+    """What one scene gave to training: counts, the label it came from, and warnings."""
+
+    scene: str
+    label: str
+    label_kind: str
+    requested: int
+    taken: int
+    building_centred: int
+    capacity: int               # crops its valid area holds without overlap
+    building_fraction: float    # of the scene's label
+    ignore_fraction: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def _empty_tiles(n_bands: int, tile_px: int) -> TileSet:
+    return TileSet(np.zeros((0, n_bands, tile_px, tile_px), np.float32),
+                   np.zeros((0, tile_px, tile_px), np.uint8), np.zeros(0, int),
+                   np.zeros((0, 4), int), np.zeros((0, 4)))
+
+
+def _crop_origin(rng: np.random.Generator, info: SceneInfo, tile_px: int,
+                 building_cells: Optional[np.ndarray], cell_px: int, grid_cols: int
+                 ) -> tuple[int, int]:
+    """Top-left (col, row) of a crop: uniform, or centred on a random pixel of a random coarse
+    cell that holds building (flat indices into a grid of ``grid_cols`` columns)."""
+    max_c, max_r = info.width - tile_px, info.height - tile_px
+    if building_cells is None:
+        return int(rng.integers(0, max_c + 1)), int(rng.integers(0, max_r + 1))
+    gr, gc = divmod(int(building_cells[rng.integers(len(building_cells))]), grid_cols)
+    cy = min(info.height - 1, gr * cell_px + int(rng.integers(cell_px)))
+    cx = min(info.width - 1, gc * cell_px + int(rng.integers(cell_px)))
+    return int(np.clip(cx - tile_px // 2, 0, max_c)), int(np.clip(cy - tile_px // 2, 0, max_r))
+
+
+def sample_tiles(scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpec]],
+                 scene_ids: Sequence[int], tile_px: int, per_scene: int, bands: Sequence[int],
+                 norm: Any, labels_cfg: LabelsConfig, seed: int,
+                 building_fraction: float = 0.5, min_valid: float = 0.9,
+                 ) -> tuple[TileSet, list[SceneCrops]]:
+    """``per_scene`` random crops per scene (seeded; crops may overlap), with their labels.
+
+    Each label is checked against its scene first (io.labels: InputError naming file and
+    values). ``building_fraction`` of the crops are centred on a random building pixel (from
+    the label's coarse building map) so rare buildings are not lost; the rest are uniform. A
+    crop needs ``min_valid`` of its pixels labelled (not ignore, not image nodata)."""
     xs, ys, sc, wins, exts = [], [], [], [], []
+    reports: list[SceneCrops] = []
     for sid in scene_ids:
-        info = scenes[sid]
-        mpath = mask_path_for(info.path)
+        info, spec = scenes[sid], labels[sid]
+        if spec is None:
+            raise InputError(f"{info.path}: training scene has no label; give it one in the "
+                             "manifest (label:), or set labels.file or labels.pattern")
+        src = open_label_source(spec, info, labels_cfg)
         try:
-            mds = gdal.Open(mpath)
-        except RuntimeError:
-            raise InputError(f"{mpath}: ground-truth mask for {info.path} not found or unreadable "
-                             "(init needs <scene>_mask.tif beside each training scene)") from None
-        if (mds.RasterXSize, mds.RasterYSize) != (info.width, info.height):
-            raise InputError(f"{mpath}: mask size differs from its scene {info.path}")
-        ids = gdal.Open(info.path)
-        rows, cols = info.height // tile_px, info.width // tile_px
-        rng = np.random.default_rng([seed, sid])
-        order = rng.permutation(rows * cols)
-        taken = 0
-        for cell in order:
-            if taken >= per_scene:
-                break
-            r, c = divmod(int(cell), cols)
-            raw = ids.ReadAsArray(c * tile_px, r * tile_px, tile_px, tile_px, band_list=list(bands))
-            m = mds.ReadAsArray(c * tile_px, r * tile_px, tile_px, tile_px)
-            if (m != 255).mean() < min_valid:
-                continue
-            xs.append(normalize_scene(raw, info, norm))
-            ys.append(m.astype(np.uint8))
+            summary = src.check()
+            tiles, rep = _scene_crops(info, src, summary, sid, tile_px, per_scene, bands, norm,
+                                      seed, building_fraction, min_valid)
+        finally:
+            src.close()
+        rep.warnings[:0] = summary.warnings
+        reports.append(rep)
+        for x, y, window, extent in tiles:
+            xs.append(x)
+            ys.append(y)
             sc.append(sid)
-            from ..tiling import Window
-            w = Window(c * tile_px, r * tile_px, tile_px, tile_px)
-            wins.append(tuple(w))
-            exts.append(info.window_extent(w))
-            taken += 1
+            wins.append(window)
+            exts.append(extent)
     if not xs:
-        c = len(bands)
-        return TileSet(np.zeros((0, c, tile_px, tile_px), np.float32),
-                       np.zeros((0, tile_px, tile_px), np.uint8), np.zeros(0, int),
-                       np.zeros((0, 4), int), np.zeros((0, 4)))
-    return TileSet(np.stack(xs), np.stack(ys), np.asarray(sc), np.asarray(wins), np.asarray(exts))
+        return _empty_tiles(len(bands), tile_px), reports
+    return (TileSet(np.stack(xs), np.stack(ys), np.asarray(sc), np.asarray(wins),
+                    np.asarray(exts)), reports)
 
 
-def open_scenes(paths: Sequence[str], bands: Sequence[int], mode: str = "range") -> list[SceneInfo]:
-    """Header checks for every scene (fail fast, naming the file), statistics when needed."""
-    return [with_statistics(open_scene(p, bands), bands, mode) for p in paths]
+def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: int,
+                 tile_px: int, per_scene: int, bands: Sequence[int], norm: Any, seed: int,
+                 building_fraction: float, min_valid: float,
+                 ) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple[int, ...], tuple[float, ...]]],
+                            SceneCrops]:
+    name = os.path.basename(info.path)
+    valid_px = info.width * info.height * (1.0 - summary.ignore_fraction)
+    capacity = int(valid_px // (tile_px * tile_px))
+    rep = SceneCrops(info.path, src.path, src.kind, per_scene, 0, 0, capacity,
+                     summary.building_fraction, summary.ignore_fraction)
+    if info.width < tile_px or info.height < tile_px:
+        rep.warnings.append(f"scene {name} ({info.width}x{info.height} px) is smaller than "
+                            f"training.tile_px={tile_px}; no crops taken from it")
+        return [], rep
+    positions = (info.width - tile_px + 1) * (info.height - tile_px + 1)
+    target = min(per_scene, positions)
+    cells = np.flatnonzero(summary.building_cells.ravel())
+    n_build = int(round(target * building_fraction)) if len(cells) else 0
+    rng = np.random.default_rng([seed, sid])
+    kinds = rng.permutation(np.r_[np.ones(n_build, bool), np.zeros(target - n_build, bool)])
+    ds = gdal.Open(info.path)
+    taken: set[tuple[int, int]] = set()
+    out = []
+    sparse = repeats = 0
+    for centred in kinds:
+        for attempt in range(20):  # tries per crop before giving the slot up
+            # Few building pixels near an edge give few distinct centred crops: fall back to
+            # uniform positions rather than repeating one crop.
+            use_cells = cells if centred and attempt < 10 else None
+            c, r = _crop_origin(rng, info, tile_px, use_cells, summary.cell_px,
+                                summary.building_cells.shape[1])
+            if (c, r) in taken:
+                repeats += 1
+                continue
+            y = src.read_window(c, r, tile_px, tile_px)
+            raw = ds.ReadAsArray(c, r, tile_px, tile_px, band_list=list(bands))
+            if raw.ndim == 2:
+                raw = raw[None]
+            if info.nodata is not None:
+                y[~(raw != info.nodata).any(axis=0)] = IGNORE
+            if (y != IGNORE).mean() < min_valid:
+                sparse += 1
+                continue
+            w = Window(c, r, tile_px, tile_px)
+            out.append((normalize_scene(raw, info, norm), y, tuple(w), info.window_extent(w)))
+            taken.add((c, r))
+            rep.building_centred += int(use_cells is not None)
+            break
+    rep.taken = len(out)
+    if rep.taken < target:
+        rep.warnings.append(f"scene {name}: only {rep.taken} of {target} crops taken ({sparse} "
+                            f"random position(s) had under {min_valid:.0%} labelled pixels, "
+                            f"{repeats} repeated a crop; label {os.path.basename(src.path)}: "
+                            f"{summary.ignore_fraction:.0%} ignore)")
+    elif target < per_scene:
+        rep.warnings.append(f"scene {name}: {per_scene} crops of {tile_px} px asked, it has only "
+                            f"{positions} distinct positions; took {target}")
+    return out, rep
+
+
+def crop_warnings(reports: Sequence[SceneCrops], per_scene: int, tile_px: int) -> list[str]:
+    """Warning lines for the init log: per-scene problems, and one line when the crop request
+    exceeds what the scenes hold without overlap."""
+    lines = [w for r in reports for w in r.warnings]
+    over = [r for r in reports if r.taken and per_scene > r.capacity]
+    if over:
+        worst = min(over, key=lambda r: r.capacity)
+        lines.append(f"training.tiles_per_scene={per_scene} is more than {len(over)} of "
+                     f"{len(reports)} training scene(s) hold without overlap (e.g. "
+                     f"{os.path.basename(worst.scene)}: {worst.capacity} crops of {tile_px} px); "
+                     f"their crops overlap (random positions, each valid pixel in "
+                     f"~{per_scene / max(worst.capacity, 1):.1f} crops there)")
+    return lines
+
+
+def open_scenes(paths: Sequence[str], cfg: Any) -> list[SceneInfo]:
+    """Every scene opened with the run config's input semantics (nodata override, blank fill,
+    float range, statistics), failing fast with the file named."""
+    return [prepare_scene(p, cfg) for p in paths]

@@ -23,14 +23,15 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..config import RunConfig
+from ..config import RunConfig, explicit_keys, mark_explicit
 from ..errors import InputError, OutputError, os_error_cause
-from ..galleries import MANIFEST, ModelGallery
+from ..galleries import MANIFEST, ModelGallery, resolve_run_config
+from ..io.labels import TruthReader
+from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
-from ..io.raster import prepare_scene, resolve_scene_inputs
-from ..io.truth import TruthReader, require_truth
+from ..io.raster import prepare_scene
 from ..pipeline import Job, Runner, ScenePlan, build_tasks
-from .segtrain import iou_f1
+from .metrics import baselines, confusion_counts
 
 # Model passes: (column name, bucket_override for pipeline.build_stages).
 PASSES = (("resflow", "buckets"), ("mono", "mono"))
@@ -42,10 +43,6 @@ LABELS = {"all_building": "All-building", "all_background": "All-background", "m
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 COUNT_KEYS = ("tp", "fp", "fn", "tn")
-
-
-def region_of(info: Any) -> str:
-    return info.metadata.get("RESFLOW_REGION") or Path(info.path).stem
 
 
 def _zero() -> dict[str, int]:
@@ -60,41 +57,28 @@ class CountingSink:
 
     kind = "local"
 
-    def __init__(self, scenes: Sequence[Any], centroids: Optional[np.ndarray] = None):
-        self.scenes = list(scenes)
+    def __init__(self, truth: TruthReader, centroids: Optional[np.ndarray] = None):
+        self.truth = truth
         self.centroids = centroids
         self.tiles: list[tuple[int, ...]] = []
-        self._truth: dict[int, TruthReader] = {}
 
     def write_results(self, results: Sequence[TileResult], collective: bool = False,
                       n_calls: Optional[int] = None) -> None:
         for r in results:
-            s = r.tile.scene
-            if s not in self._truth:
-                self._truth[s] = TruthReader(self.scenes[s])
-            o = r.tile.owned
-            gt = self._truth[s].read(o.col, o.row, o.width, o.height)
-            v = (gt != 255) & (r.mask != 255)
-            p, t = r.mask == 1, gt == 1
+            s, o = r.tile.scene, r.tile.owned
+            c = confusion_counts(r.mask, self.truth.window(s, o.col, o.row, o.width, o.height))
             dist = -1
             if self.centroids is not None and 0 <= r.bucket < len(self.centroids):
                 xor = np.bitwise_xor(np.asarray(r.code, np.uint8), self.centroids[r.bucket])
                 dist = int(np.unpackbits(xor).sum())
             self.tiles.append((s, r.tile.index, int(r.bucket), dist,
-                               int((p & t & v).sum()), int((p & ~t & v).sum()),
-                               int((~p & t & v).sum()), int((~p & ~t & v).sum())))
+                               c["tp"], c["fp"], c["fn"], c["tn"]))
 
     def close(self) -> None:
-        for t in self._truth.values():
-            t.close()
-        self._truth.clear()
+        self.truth.close()
 
 
-def baselines(c: dict[str, int]) -> dict[str, dict[str, Optional[float]]]:
-    """IoU/F1 of predicting every valid pixel as building, or every pixel as background."""
-    positives, negatives = c["tp"] + c["fn"], c["fp"] + c["tn"]
-    return {"all_building": iou_f1({"tp": positives, "fp": negatives, "fn": 0}),
-            "all_background": iou_f1({"tp": 0, "fp": 0, "fn": positives})}
+__all__ = ["CountingSink", "baselines", "run_evaluate", "write_evaluation", "summarize_region"]
 
 
 # -- per-tile counts -> tables ------------------------------------------------------------------
@@ -109,14 +93,14 @@ class RegionTiles:
     buckets: np.ndarray
 
 
-def region_tiles(per_pass: dict[str, list[tuple[int, ...]]], scenes: Sequence[Any],
+def region_tiles(per_pass: dict[str, list[tuple[int, ...]]], regions: Sequence[str],
                  thresholds: Optional[np.ndarray]) -> dict[str, RegionTiles]:
     """Join the passes' per-tile records by tile; add the baselines and RESFlow+routing columns."""
     rows = {name: {(t[0], t[1]): t for t in tiles} for name, tiles in per_pass.items()}
     keys = sorted(rows["resflow"])
     by_region: dict[str, list[tuple[int, int]]] = {}
     for key in keys:
-        by_region.setdefault(region_of(scenes[key[0]]), []).append(key)
+        by_region.setdefault(regions[key[0]], []).append(key)
     out = {}
     for region, ks in by_region.items():
         counts = {name: np.array([rows[name][k][4:8] for k in ks], np.int64).reshape(-1, 4)
@@ -216,16 +200,15 @@ def _interval(samples: np.ndarray, lo: float, hi: float) -> Optional[list[float]
 
 
 # -- running -----------------------------------------------------------------------------------
-def evaluation_scenes(cfg: RunConfig) -> list[Any]:
-    """The labelled test scenes; an unlabelled one is a one-line error before any work."""
-    split = "test" if cfg.scenes.split == "all" else cfg.scenes.split
-    paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-    if not paths:
-        raise InputError("scenes.inputs: no scenes to evaluate (set scenes.inputs and "
-                         "scenes.split in the config)")
-    scenes = [prepare_scene(p, cfg) for p in paths]
-    require_truth(scenes)
-    return scenes
+def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
+    """The labelled scenes to evaluate, their labels and regions; an unlabelled archive or a bad
+    label is a one-line error before any inference."""
+    entries = require_labels(scenes_for(cfg, "evaluate"), cfg)
+    scenes = [prepare_scene(e.path, cfg) for e in entries]
+    labels = [e.label for e in entries]
+    for warning in TruthReader(scenes, labels, cfg.labels).check_all():
+        print(f"[evaluate] warning: {warning}", file=sys.stderr, flush=True)
+    return scenes, labels, [e.region or Path(e.path).stem for e in entries]
 
 
 def seed_configs(cfg: RunConfig, seeds: int) -> list[RunConfig]:
@@ -233,9 +216,11 @@ def seed_configs(cfg: RunConfig, seeds: int) -> list[RunConfig]:
     out = []
     for i in range(seeds):
         gallery = cfg.models.gallery if i == 0 else f"{cfg.models.gallery.rstrip('/')}-seed{i}"
-        out.append(dataclasses.replace(
+        scfg = dataclasses.replace(
             cfg, models=dataclasses.replace(cfg.models, gallery=gallery),
-            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + i)))
+            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + i))
+        keys = explicit_keys(cfg)
+        out.append(mark_explicit(scfg, keys) if keys is not None else scfg)
     return out
 
 
@@ -250,18 +235,24 @@ def _gallery_matches(cfg: RunConfig) -> bool:
             and m.get("preset") == cfg.models.preset)
 
 
-def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], out_dir: Path
+def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: list[Any],
+                     regions: list[str], out_dir: Path
                      ) -> Optional[tuple[dict[str, RegionTiles], dict[str, Any]]]:
     """Every pass over the test scenes with cfg's gallery; rank 0 gets the joined tiles."""
     comm = runner.comm
-    comm.root_call(lambda: ModelGallery(cfg.models.gallery).verify())
+
+    def check() -> RunConfig:
+        g = ModelGallery(cfg.models.gallery)
+        g.verify()
+        return resolve_run_config(g, cfg)  # the gallery contract, as for `run`
+    cfg = comm.root_call(check)
     gallery = ModelGallery(cfg.models.gallery)
     job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), gallery, out_dir, quiet=True)
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []
     passes = list(PASSES) + ([WIDE_PASS] if gallery.manifest.get("mono_wide") else [])
     per_pass: dict[str, list[tuple[int, ...]]] = {}
     for name, override in passes:
-        sink = CountingSink(scenes, gallery.centroids)
+        sink = CountingSink(TruthReader(scenes, labels, cfg.labels), gallery.centroids)
         runner.map_tiles(job, tasks, sink, override)
         sink.close()
         parts = comm.gather(sink.tiles)
@@ -278,7 +269,7 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], out_dir:
             "budget": m.get("budget"),
             "ood_thresholds": None if thresholds is None else [int(t) for t in thresholds],
             "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou")}
-    return region_tiles(per_pass, scenes, thresholds), info
+    return region_tiles(per_pass, regions, thresholds), info
 
 
 def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
@@ -291,7 +282,7 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
     comm = runner.comm
     runner.bind(cfg)
     out_dir = Path(out or cfg.output.dir)
-    scenes = comm.root_call(lambda: evaluation_scenes(cfg))
+    scenes, labels, regions = comm.root_call(lambda: evaluation_scenes(cfg))
     per_seed: list[dict[str, RegionTiles]] = []
     infos: list[dict[str, Any]] = []
     for scfg in seed_configs(cfg, seeds):
@@ -300,7 +291,7 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
                 print(f"[evaluate] training seed {scfg.training.seed} into {scfg.models.gallery}",
                       file=sys.stderr, flush=True)
             run_init(scfg, comm)
-        got = evaluate_gallery(scfg, runner, scenes, out_dir)
+        got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir)
         if got is not None:
             per_seed.append(got[0])
             infos.append(got[1])

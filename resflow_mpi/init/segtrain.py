@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .metrics import add_counts, confusion_counts, iou_f1
+
 # Loss weight of each training output: the main logits, then an auxiliary head's.
 AUX_LOSS_WEIGHTS = (1.0, 0.5)
 
@@ -80,26 +82,13 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
 @torch.inference_mode()
 def confusion(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 16,
               threshold: float = 0.5) -> dict[str, int]:
-    """TP/FP/FN/TN over valid pixels."""
-    tp = fp = fn = tn = 0
+    """TP/FP/FN/TN over valid pixels (y != 255)."""
+    total: dict[str, int] = {}
     model.eval()
     for i in range(0, len(x), batch_size):
         p = torch.sigmoid(model(torch.from_numpy(x[i:i + batch_size])))[:, 0].numpy() > threshold
-        t = y[i:i + batch_size]
-        v = t != 255
-        tp += int((p & (t == 1) & v).sum())
-        fp += int((p & (t == 0) & v).sum())
-        fn += int((~p & (t == 1) & v).sum())
-        tn += int((~p & (t == 0) & v).sum())
-    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn}
-
-
-def iou_f1(c: dict[str, int]) -> dict[str, Optional[float]]:
-    """IoU and F1 of the building class from confusion counts."""
-    tp, fp, fn = c["tp"], c["fp"], c["fn"]
-    iou = tp / (tp + fp + fn) if tp + fp + fn else None
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
-    return {"iou": iou, "f1": f1}
+        add_counts(total, confusion_counts(p.astype(np.uint8), y[i:i + batch_size]))
+    return add_counts(total, {})
 
 
 def metrics(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""`resflow init`: scenes + masks -> image gallery + model gallery, MPI-parallel where it pays.
+"""`resflow init`: scenes + labels -> image gallery + model gallery, MPI-parallel where it pays.
 
-1. Ranks sample training tiles from their share of the training scenes (GDAL windows); allgather.
+1. Ranks check the labels of their share of the training scenes (io.labels) and take random,
+   building-stratified crops (GDAL windows); allgather.
 2. Rank 0 trains the CEM (conv autoencoder whose embedding also predicts a 4x4 thumbnail, so the
    embedding itself is learned), embeds all tiles, clusters them (agglomerative, k by the elbow of
    the intra-cluster variance curve), trains the hash head on soft cluster labels, derives bucket
@@ -16,6 +17,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -29,16 +31,16 @@ import torch
 import torch.nn.functional as F
 
 from ..config import RunConfig
-from ..errors import InputError, OutputError, os_error_cause
+from ..errors import InputError, OutputError, ResflowError, os_error_cause
 from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module
-from ..io.raster import resolve_scene_inputs
+from ..io.manifest import scenes_for
 from ..models import build_feature_extractor, build_hash_head, build_segmentation
 from ..models.embedding import ConvAutoencoder
 from ..runtime.comm import resolve_comm
 from ..runtime.device import usable_cores
 from ..tiling import split_block
 from .clustering import choose_k, soft_labels
-from .data import TileSet, open_scenes, sample_tiles
+from .data import TileSet, crop_warnings, open_scenes, sample_tiles
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
 from .segtrain import metrics, train_segmenter, train_selected
@@ -195,19 +197,43 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         except OSError as exc:
             raise OutputError(f"{gallery}: cannot create the gallery directory "
                               f"({os_error_cause(exc)})") from None
-        split = "train"  # init always learns from the training split of manifests
-        paths = resolve_scene_inputs(cfg.scenes.inputs, split)
-        if not paths:
-            raise InputError("scenes.inputs: no training scenes found")
-        return open_scenes(paths, cfg.scenes.bands, cfg.normalization.mode)
-    scenes = comm.root_call(training_scenes)
+        entries = scenes_for(cfg, "train")  # init learns from the train scenes
+        if not entries:
+            raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: no training scenes "
+                             "found (the manifest's train: list, or an archive's train split)")
+        scenes = open_scenes([e.path for e in entries], cfg)
+        return scenes, [e.label for e in entries]
+    scenes, label_specs = comm.root_call(training_scenes)
     mine = list(split_block(len(scenes), rank, size))
-    part = sample_tiles(scenes, mine, tr.tile_px, tr.tiles_per_scene, cfg.scenes.bands,
-                        cfg.normalization, tr.seed)
-    tiles = TileSet.concat(comm.allgather(part))
+    # Every rank checks the labels of its own scenes before any training; the first error
+    # (in scene order) is raised on every rank.
+    part, reports, err = None, [], None
+    try:
+        part, reports = sample_tiles(scenes, label_specs, mine, tr.tile_px, tr.tiles_per_scene,
+                                     cfg.scenes.bands, cfg.normalization, cfg.labels, tr.seed,
+                                     tr.building_crop_fraction)
+    except ResflowError as exc:
+        err = exc
+    comm.raise_first(err)
+    gathered = comm.allgather((part, reports))
+    tiles = TileSet.concat([p for p, _ in gathered])
+    crop_reports = [r for _, rs in gathered for r in rs]
     n, in_ch = len(tiles.x), tiles.x.shape[1]
     if rank == 0:
-        _log(f"{n} training tiles of {tr.tile_px}px from {len(scenes)} scene(s) on {size} rank(s)")
+        for line in crop_warnings(crop_reports, tr.tiles_per_scene, tr.tile_px):
+            _log(f"warning: {line}")
+    if n < 2:
+        raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: only {n} training crop(s) "
+                         f"of {tr.tile_px} px could be taken from {len(scenes)} scene(s); give "
+                         "larger or more training scenes, or a smaller training.tile_px")
+    if not (tiles.y == 1).any():
+        raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: none of the {n} training "
+                         f"crops holds a building pixel (labels such as {crop_reports[0].label}); "
+                         "check labels.values, labels.where and labels.class_field")
+    if rank == 0:
+        centred = sum(r.building_centred for r in crop_reports)
+        _log(f"{n} training crops of {tr.tile_px}px ({centred} centred on buildings) from "
+             f"{len(scenes)} scene(s) on {size} rank(s)")
     rng = np.random.default_rng(tr.seed)
     is_val = np.zeros(n, bool)
     is_val[rng.permutation(n)[:max(1, int(round(n * tr.val_fraction)))]] = True
@@ -337,15 +363,22 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         bucket_entries.append(entry)
     manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
                 "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
+                "train_dtypes": sorted({s.dtype for s in scenes}),
                 "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
                 "preset": cfg.models.preset, "extractor": ext_entry, "hash_head": head_entry,
                 "buckets": bucket_entries, "mono": merged["mono"],
                 **({"mono_wide": merged["mono-wide"]} if "mono-wide" in merged else {}),
                 "bucket_mode": tr.bucket_mode, "mono_budget": tr.mono_budget,
                 "budget": plan.record(), "summary": summary,
+                "training_crops": {
+                    "requested_per_scene": tr.tiles_per_scene, "used": int(n),
+                    "building_centred": sum(r.building_centred for r in crop_reports),
+                    "per_scene": [dataclasses.asdict(r) for r in crop_reports],
+                    "warnings": crop_warnings(crop_reports, tr.tiles_per_scene, tr.tile_px)},
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     scene_meta = [{"name": Path(s.path).stem, "path": s.path, "epsg": s.epsg,
-                   "acquisition": {kk: v for kk, v in s.metadata.items()}} for s in scenes]
+                   "label": label_specs[i].path if label_specs[i] else None,
+                   "acquisition": dict(s.metadata)} for i, s in enumerate(scenes)]
     ImageGallery.write(gallery / "images.h5", codes, tiles.scene, tiles.window, tiles.extent,
                        buckets, cfg.models.hash_bits, scene_meta)
     tmp = gallery / (MANIFEST + ".tmp")

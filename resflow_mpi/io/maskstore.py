@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import h5py
 import numpy as np
 
-from ..errors import OutputError, os_error_cause
+from ..errors import OutputError
+from .oserrors import write_failure
 from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
 
@@ -48,7 +50,11 @@ def _dxpl(collective: bool) -> Any:
 
 
 def parallel_hdf5() -> bool:
-    """True when h5py was built with MPI support (the ``mpio`` driver is available)."""
+    """True when h5py was built with MPI support (the ``mpio`` driver is available) and the user
+    did not ask for serialized writes (``RESFLOW_SERIAL_HDF5=1``: masks go through rank 0 without
+    MPI-IO, for filesystems whose MPI-IO file locking fails, e.g. some NFS mounts)."""
+    if os.environ.get("RESFLOW_SERIAL_HDF5", "") not in ("", "0"):
+        return False
     return bool(h5py.get_config().mpi)
 
 
@@ -89,7 +95,7 @@ class MaskStore:
             else:
                 self._check(config_checksum, gallery_checksum)
         except OSError as exc:
-            raise OutputError(f"{path}: cannot lay out the HDF5 output ({os_error_cause(exc)})"
+            raise OutputError(write_failure(Path(path), exc, "cannot lay out the HDF5 output")
                               ) from None
         self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
 
@@ -195,18 +201,23 @@ class MaskStore:
         try:
             self._write_results(results, collective, n_calls)
         except OSError as exc:
-            raise OutputError(f"{self.path}: writing masks failed on rank {self.rank} "
-                              f"({os_error_cause(exc)}); finished tiles are kept, a rerun "
-                              "resumes") from None
+            raise OutputError(write_failure(Path(self.path), exc,
+                                            f"writing masks failed on rank {self.rank}")) from None
 
     def _write_results(self, results: Sequence[TileResult], collective: bool,
                        n_calls: Optional[int]) -> None:
         calls = len(results) if n_calls is None else n_calls
-        n_scenes = len(self.scenes)
+        # Collective rounds: every rank learns which scenes the round's k-th calls touch (one
+        # small allgather), so the collective calls are per scene *with data*, never per scene
+        # of the archive: a 1,000-scene job costs what a one-scene job costs per tile.
+        touched: list[list[int]] = []
+        if collective:
+            lists = self.comm.allgather([r.tile.scene for r in results])
+            touched = [sorted({lst[k] for lst in lists if k < len(lst)}) for k in range(calls)]
         for k in range(calls):
             r = results[k] if k < len(results) else None
-            # One collective call per scene dataset in the same order on every rank.
-            for i in range(n_scenes) if collective else ([r.tile.scene] if r else []):
+            # One collective call per touched scene dataset, in the same order on every rank.
+            for i in touched[k] if collective else ([r.tile.scene] if r else []):
                 mine = r is not None and r.tile.scene == i
                 g = self._groups[i]
                 self._write_block(g["mask"], r.tile if mine else None, r.mask if mine else None,

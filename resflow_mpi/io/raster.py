@@ -15,6 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from osgeo import gdal, osr
 
+from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
 from .naming import inside_output_dir, is_label_name, is_output_name
@@ -257,6 +258,8 @@ def prepare_scene(path: str | Path, cfg: Any) -> SceneInfo:
     info = open_scene(path, bands, cfg.scenes.expect_dtype, PixelRules.from_scenes_config(cfg.scenes))
     if info.dtype == "float32":
         check_float_range(info, bands, cfg.normalization)
+    elif cfg.normalization.mode == "range":
+        check_integer_range(info, bands, cfg.normalization)
     return with_statistics(info, bands, cfg.normalization.mode)
 
 
@@ -481,6 +484,35 @@ def check_float_range(info: SceneInfo, bands: Sequence[int], norm: Any,
                          "the range the models were trained on, or declare the outliers nodata "
                          "(scenes.nodata)")
     return lo, hi
+
+
+# Share of sampled valid pixels allowed above the range (a few saturated specular pixels).
+OVER_RANGE_TOLERANCE = 0.001
+
+
+def check_integer_range(info: SceneInfo, bands: Sequence[int], norm: Any,
+                        sample_px: int = 512) -> float:
+    """Refuse an integer scene whose sampled valid pixels exceed the divisor the networks expect
+    (``normalization.value_max``, else the data type's default: 255 for uint8, 2047 for 11-bit
+    uint16), since they would be clipped into saturation; return the sampled maximum."""
+    default = DTYPE_RANGE.get(info.dtype)
+    limit = norm.value_max if norm.value_max else default
+    if limit is None:
+        return 0.0
+    arr, valid = _sample(info, bands, sample_px)
+    v = arr[:, valid]
+    if v.size == 0:
+        return 0.0
+    over = float((v > limit).any(0).mean())
+    hi = float(v.max())
+    if over > OVER_RANGE_TOLERANCE:
+        source = ("normalization.value_max" if norm.value_max else
+                  f"the {info.dtype} default, or the gallery's training range")
+        raise InputError(f"{info.path}: {info.dtype} values up to {hi:g} ({over:.1%} of sampled "
+                         f"pixels) exceed {limit:g} ({source}), the value the models take as "
+                         "full scale; set normalization.value_max to the sensor's full scale "
+                         "(e.g. 4095 for 12-bit) and train a gallery on such scenes")
+    return hi
 
 
 def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneInfo:

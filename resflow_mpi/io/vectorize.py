@@ -14,7 +14,8 @@ from xml.sax.saxutils import escape
 
 from osgeo import gdal, ogr, osr
 
-from ..errors import InputError, OutputError, ResflowError, os_error_cause
+from ..errors import InputError, OutputError, ResflowError
+from .oserrors import write_failure
 from .naming import MASK, output_file_name
 
 gdal.UseExceptions()
@@ -180,8 +181,7 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
                                  layerCreationOptions=["RFC7946=YES"])
             os.replace(json_tmp, geojson_path)
     except RuntimeError as exc:
-        raise OutputError(f"{out_gpkg}: vectorizing {mask_tif} failed "
-                          f"({os_error_cause(exc)})") from None
+        raise OutputError(write_failure(out_gpkg, exc, f"vectorizing {mask_tif} failed")) from None
     finally:
         selector = None
         ds = None
@@ -242,8 +242,7 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
         out_ds = None
         os.replace(tmp, out_path)
     except RuntimeError as exc:
-        raise OutputError(f"{out_path}: merging polygon layers failed "
-                          f"({os_error_cause(exc)})") from None
+        raise OutputError(write_failure(out_path, exc, "merging polygon layers failed")) from None
     finally:
         tmp.unlink(missing_ok=True)
     return {"path": str(out_path), "polygons": count, "crs": target_crs}

@@ -46,8 +46,8 @@ class MPIRunner:
         if writer == "auto":
             writer = "collective" if self.policy == "static" else "independent"
         if self.comm.size > 1 and not parallel_hdf5():
-            self.note = (f"h5py has no MPI support: writer {writer} replaced by a serialized "
-                         "gather to rank 0")
+            self.note = (f"h5py has no MPI support (or RESFLOW_SERIAL_HDF5=1): writer {writer} "
+                         "replaced by a serialized gather to rank 0")
             writer = "gather"
         return writer
 

@@ -175,6 +175,15 @@ def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
                            done.value[index])
 
 
+def node_tickets(job: SparkJob) -> TicketFolder:
+    """This executor node's ticket folder (``<ticket_dir>/<host>``), made on first use from the
+    node's OWN devices: nodes need not match the driver, and no folder spans two nodes."""
+    cfg = job.cfg
+    devices, per_device = ticket_layout(cfg.inference.device, cfg.spark.tickets_per_device,
+                                        cfg.spark.cpu_slots)
+    return TicketFolder.create(Path(job.ticket_dir) / socket.gethostname(), devices, per_device)
+
+
 def compute_partition(partition: int, tasks: Iterable[TileTask],
                       job: SparkJob) -> Iterator[tuple[int, Any]]:
     """mapPartitions: hold a ticket, build the stages once, emit (scene, encoded result) records.
@@ -192,7 +201,7 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
     try:
         if todo:
             cfg = job.cfg
-            with TicketFolder(job.ticket_dir).ticket() as ticket:
+            with node_tickets(job).ticket() as ticket:
                 device = use_device(ticket.device, job.threads)
                 binding.update(device=ticket.device, ticket=ticket.name)
                 stages = build_stages(cfg, ModelGallery(cfg.models.gallery), device,
@@ -343,16 +352,13 @@ class SparkRunner:
     def map_tiles(self, job: Job, tasks: Sequence[TileTask], sink: ResultSink,
                   bucket_override: Optional[str] = None) -> Optional[list[dict[str, Any]]]:
         cfg, scenes, t = job.cfg, job.scenes, job.cfg.tiling
-        devices, per_device = ticket_layout(cfg.inference.device, cfg.spark.tickets_per_device,
-                                            cfg.spark.cpu_slots)
         ticket_dir = Path(cfg.spark.ticket_dir or job.out_dir / "tickets")
-        folder = TicketFolder.create(ticket_dir, devices, per_device)
         spark_job = SparkJob(cfg, tuple(scenes), str(ticket_dir),
                              cfg.inference.threads_per_rank or 1, bucket_override)
         sc = self._context(cfg)
         n_cores = sc.defaultParallelism
         _say(job.quiet, f"[spark] {cfg.spark.master}: {len(scenes)} scene(s) over {n_cores} "
-                        f"partition(s), tickets {folder.ticket_names}")
+                        f"partition(s), ticket folders per node under {ticket_dir}")
         # The RDD holds scene paths (as in the paper); executors re-derive the tiles of each
         # scene, skipping the ones the driver's plan no longer lists (finished on resume).
         todo: list[Optional[np.ndarray]] = []
@@ -391,7 +397,10 @@ class SparkRunner:
                                 f"{time.perf_counter() - t0:.2f} s")
         self.extra.update({"master": cfg.spark.master, "merge_write_s": write_s,
                            "merge_bytes_written": getattr(sink, "bytes_written", 0),
-                           "ticket_dir": str(ticket_dir), "tickets": folder.ticket_names})
+                           "ticket_dir": str(ticket_dir),
+                           "tickets": {p.name: TicketFolder(p).ticket_names
+                                       for p in sorted(ticket_dir.iterdir())
+                                       if (p / "layout.json").is_file()}})
         return per_partition
 
     def export(self, job: Job, complete: Sequence[int]) -> dict[int, list[str]]:

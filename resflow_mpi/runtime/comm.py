@@ -8,12 +8,14 @@ split work), so all ranks exit cleanly with one line; anything else aborts the j
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
+PROGRESS_POLL_S = 0.001  # rank 0's counter progress thread (multi-node jobs only)
 
 
 class WorkCounter:
@@ -34,7 +36,25 @@ class WorkCounter:
             self._win.Lock(0, MPI.LOCK_EXCLUSIVE)
             self._win.Put([np.zeros(1, np.int64), MPI.INT64_T], 0)
             self._win.Unlock(0)
+        # Across nodes over TCP (no network atomics), a Fetch_and_op on rank 0's memory completes
+        # only when rank 0 enters MPI; while it computes, the other ranks wait and rank 0 maps
+        # nearly every tile. A progress thread on rank 0 keeps the counter answering.
+        node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=mpi_comm.Get_rank())
+        spans_nodes = node.Get_size() < mpi_comm.Get_size()
+        node.Free()
+        self._stop = threading.Event()
+        self._progress: Optional[threading.Thread] = None
+        if (spans_nodes and mpi_comm.Get_rank() == 0
+                and MPI.Query_thread() == MPI.THREAD_MULTIPLE):
+            self._progress = threading.Thread(target=self._serve, args=(mpi_comm,),
+                                              name="resflow-counter", daemon=True)
+            self._progress.start()
         mpi_comm.Barrier()
+
+    def _serve(self, mpi_comm: Any) -> None:
+        MPI = self._MPI
+        while not self._stop.wait(PROGRESS_POLL_S):
+            mpi_comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG)
 
     def add(self, n: int) -> int:
         """Atomically add ``n``; return the value before."""
@@ -54,6 +74,9 @@ class WorkCounter:
     def free(self) -> None:
         """Collective under MPI."""
         if self._win is not None:
+            self._stop.set()
+            if self._progress is not None:
+                self._progress.join()
             self._win.Free()
             self._win = None
 

@@ -23,7 +23,7 @@ def single_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _mask_of(report: dict) -> np.ndarray:
-    mask = [o for o in report["scenes"][0]["outputs"] if o.endswith("_mask.tif")][0]
+    mask = [o for o in report["scenes"][0]["outputs"] if o.endswith(".resflow-mask.tif")][0]
     return gdal.Open(mask).ReadAsArray()
 
 
@@ -87,4 +87,5 @@ def test_new_architectures_through_init_and_run(arch: str, single_archive: Path,
                        models={"gallery": str(gallery), "arch": other},
                        output={"dir": str(tmp_path / "out-bad")})
     p = resflow(["run", str(bad), "--quiet"], check=False)
-    assert p.returncode != 0 and f"the config asks for '{other}'" in p.stderr, p.stderr
+    assert p.returncode != 0 and f'models.arch is "{other}"' in p.stderr, p.stderr
+    assert f'was trained with "{arch}"' in p.stderr, p.stderr

@@ -73,3 +73,33 @@ def test_rerun_with_other_config_refused_unless_restart(tmp_path: Path, run_conf
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
     assert report["tiles"] == 0 and all(s["complete"] for s in report["scenes"])
     assert rerun.returncode == 0
+
+
+def test_sigint_to_mpirun_ends_with_a_line_and_the_rerun_resumes(tmp_path: Path,
+                                                                  run_config) -> None:
+    """Ctrl-C (or Slurm's SIGTERM at the time limit) mid-run: one line saying how to resume,
+    nothing looks complete, and the same command then finishes the job."""
+    import signal
+    import time
+    cfg = run_config("int.yaml", tiling={"tile_px": 32, "halo_px": 8}, scenes={"split": "all"},
+                     parallel={"write_round_batches": 1})
+    out = tmp_path / "out"
+    p = subprocess.Popen(["mpirun", "-n", "2", "--oversubscribe", RESFLOW, "run", str(cfg)],
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    assert p.stderr is not None
+    for line in p.stderr:  # wait for the first progress line: tiles are being written
+        if line.startswith("[progress]") or time.monotonic() > deadline:
+            break
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert "Traceback" not in err, err
+    stop_lines = [ln for ln in err.splitlines() if "error: stopped by" in ln]
+    assert stop_lines and "rerun the same command to resume" in stop_lines[0], err
+    assert not (out / "run_report.json").exists()
+    resflow(["run", str(cfg), "--quiet"], ranks=2)
+    report = json.loads((out / "run_report.json").read_text())
+    assert all(s["complete"] for s in report["scenes"])
+    total = sum(-(-s["width"] // 32) * -(-s["height"] // 32) for s in report["scenes"])
+    assert report["tiles"] < total  # the rerun computed only what the interrupted run had not

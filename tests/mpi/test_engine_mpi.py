@@ -117,3 +117,31 @@ def test_nodata_in_input_is_nodata_in_mask(engine_runs: dict) -> None:
             assert (mask[~nodata] != 255).all()         # every valid pixel was mapped
             seen_nodata |= bool(nodata.any())
     assert seen_nodata, "the tiny archive should contain a nodata collar"
+
+
+def test_serialized_hdf5_fallback_is_bit_identical(engine_runs: dict, tmp_path: Path) -> None:
+    """Without parallel HDF5 (h5py lacking MPI, or RESFLOW_SERIAL_HDF5=1) every rank still
+    computes; masks reach rank 0, which writes an ordinary file: same outputs."""
+    import os
+    import subprocess
+
+    from tests.conftest import RESFLOW, env
+    cfg = engine_runs[("ref",)].parent / "run.yaml"
+    out = tmp_path / "serial"
+    e = env()
+    e["RESFLOW_SERIAL_HDF5"] = "1"
+    p = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", "-x", "RESFLOW_SERIAL_HDF5",
+                        RESFLOW, "run", str(cfg), "--quiet", "--set", f"output.dir={out}"],
+                       env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    report = json.loads((out / "run_report.json").read_text())
+    assert report["writer"] == "gather" and "no MPI support" in report["note"]
+    assert sorted(report["load_balance"]["tiles_per_rank"])[0] > 0  # both ranks computed
+    with h5py.File(out / "masks.h5", "r") as f:
+        assert f.attrs["driver"] != "mpio"
+    ref = read_outputs(engine_runs[("ref",)])
+    got = read_outputs(out)
+    for i, (m, b, _, c) in ref.items():
+        assert np.array_equal(got[i][0], m) and np.array_equal(got[i][1], b)
+        assert np.array_equal(got[i][3], c)
+    assert os.path.getsize(out / "masks.h5") > 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,36 +16,45 @@ from resflow_mpi.galleries import ModelGallery
 from resflow_mpi.init.evaluate import (CountingSink, RegionTiles, region_tiles, summarize_region,
                                        write_evaluation)
 from resflow_mpi.init.workflow import plan_training
+from resflow_mpi.io.labels import LabelSpec, TruthReader
 from resflow_mpi.io.maskstore import TileResult
+from resflow_mpi.io.raster import prepare_scene
 from resflow_mpi.stages import OOD_BUCKET, route_out_of_distribution
 from resflow_mpi.tiling import tile_grid
 
 gdal.UseExceptions()
 
 
-def _scene(tmp_path: Path, name: str, region: str, truth: np.ndarray) -> SimpleNamespace:
-    """A real GeoTIFF scene and its <name>_mask.tif ground truth."""
+def _truth_reader(tmp_path: Path, truth: np.ndarray) -> TruthReader:
+    """A real georeferenced 3-band GeoTIFF scene and its mask GeoTIFF, read as `evaluate` does."""
+    from osgeo import osr
     h, w = truth.shape
     drv = gdal.GetDriverByName("GTiff")
-    for path, arr in ((tmp_path / f"{name}.tif", np.zeros((h, w), np.uint8)),
-                      (tmp_path / f"{name}_mask.tif", truth)):
-        ds = drv.Create(str(path), w, h, 1, gdal.GDT_Byte)
-        ds.GetRasterBand(1).WriteArray(arr)
+    srs = osr.SpatialReference()
+    srs.ImportFromEPSG(32633)
+    for path, arr in ((tmp_path / "s.tif", np.full((3, h, w), 90, np.uint8)),
+                      (tmp_path / "s_mask.tif", truth[None])):
+        ds = drv.Create(str(path), w, h, arr.shape[0], gdal.GDT_Byte)
+        ds.SetGeoTransform((500000.0, 0.5, 0.0, 1000000.0, 0.0, -0.5))
+        ds.SetProjection(srs.ExportToWkt())
+        for b in range(arr.shape[0]):
+            ds.GetRasterBand(b + 1).WriteArray(arr[b])
         ds = None
-    return SimpleNamespace(path=str(tmp_path / f"{name}.tif"), width=w, height=h,
-                           metadata={"RESFLOW_REGION": region})
+    cfg = config_from_dict({}, "<test>")
+    scene = prepare_scene(str(tmp_path / "s.tif"), cfg)
+    return TruthReader([scene], [LabelSpec(str(tmp_path / "s_mask.tif"))], cfg.labels)
 
 
 def test_counting_sink_gives_exact_counts_against_real_truth(tmp_path: Path) -> None:
     truth = np.zeros((8, 8), np.uint8)
     truth[:4, :] = 1                 # top half buildings
     truth[7, 7] = 255                # one ignored pixel
-    scene = _scene(tmp_path, "s", "r1", truth)
+    reader = _truth_reader(tmp_path, truth)
     tiles = list(tile_grid(0, 8, 8, 4, 0))           # four 4x4 tiles
     pred = np.zeros((8, 8), np.uint8)
     pred[:, :4] = 1                  # left half predicted
     pred[0, 0] = 255                 # one nodata prediction
-    sink = CountingSink([scene], centroids=np.array([[0b10100000]], np.uint8))
+    sink = CountingSink(reader, centroids=np.array([[0b10100000]], np.uint8))
     results = [TileResult(t, pred[t.owned.row:t.owned.row + 4, t.owned.col:t.owned.col + 4].copy(),
                           0, np.array([0b10100011], np.uint8)) for t in tiles]
     sink.write_results(results)
@@ -63,13 +71,13 @@ def _record(scene: int, index: int, bucket: int, dist: int, c: tuple[int, int, i
 
 
 def test_known_counts_give_known_iou_f1_baselines_and_routing(tmp_path: Path) -> None:
-    scenes = [SimpleNamespace(path="a.tif", metadata={"RESFLOW_REGION": "R"})]
+    regions = ["R"]
     # Two tiles. RESFlow: tp 10 fp 5 fn 5 / tp 0 fp 10 fn 10; Mono: tp 8 fp 2 fn 7 / tp 6 fp 1 fn 4.
     per_pass = {
         "resflow": [_record(0, 0, 0, 1, (10, 5, 5, 80)), _record(0, 1, 1, 9, (0, 10, 10, 80))],
         "mono": [_record(0, 0, 0, 0, (8, 2, 7, 83)), _record(0, 1, 0, 0, (6, 1, 4, 89))],
     }
-    tiles = region_tiles(per_pass, scenes, thresholds=np.array([3, 3]))
+    tiles = region_tiles(per_pass, regions, thresholds=np.array([3, 3]))
     r = tiles["R"]
     assert r.flagged.tolist() == [False, True]           # tile 1 is 9 bits from its centroid
     assert r.counts["resflow_routed"].tolist() == [[10, 5, 5, 80], [6, 1, 4, 89]]

@@ -137,6 +137,13 @@ def test_model_gallery_round_trip(tiny_gallery: Path) -> None:
     assert manifest["mono"]["train_tiles"] >= max(b["train_tiles"] for b in g.buckets)
     gal = ImageGallery(tiny_gallery / "images.h5")
     assert len(gal.codes) == manifest["summary"]["n_tiles"]
+    crops = manifest["training_crops"]
+    assert crops["used"] == manifest["summary"]["n_tiles"] == sum(
+        s["taken"] for s in crops["per_scene"])
+    assert crops["requested_per_scene"] == 16 and len(crops["per_scene"]) == 6
+    assert all(s["label"].endswith("_mask.tif") and s["label_kind"] == "raster"
+               for s in crops["per_scene"])
+    assert 0 < crops["building_centred"] <= crops["used"]
 
 
 def test_gallery_refusals(tiny_gallery: Path, tmp_path: Path) -> None:

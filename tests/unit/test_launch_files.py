@@ -1,6 +1,6 @@
 """Launch material in launch/: scripts parse, Slurm/container recipes say what they must, and the
 launchers build their commands as argument lists (checked with --dry-run and stand-in srun/apptainer
-commands, since Slurm and Apptainer are not installed where the tests run)."""
+commands, so these run anywhere; tests/cluster runs the Slurm scripts on a real Slurm cluster)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = REPO / "launch"
 SHELL_SCRIPTS = sorted([*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")])
+TESTCLUSTER_SCRIPTS = sorted((LAUNCH / "testcluster").glob("*.sh"))
 SBATCH_SCRIPTS = sorted(LAUNCH.glob("*.sbatch"))
 # The venv running these tests holds the real `resflow` console script.
 VENV = Path(sys.prefix)
@@ -64,11 +65,14 @@ def def_sections(path: Path) -> dict[str, str]:
     return sections
 
 
-def recording_command(bin_dir: Path, name: str, log: Path) -> None:
-    """Put an executable NAME in bin_dir that appends its arguments (one per line) to log."""
+def recording_command(bin_dir: Path, name: str, log: Path, mpi_list: str = "pmix none pmi2") -> None:
+    """Put an executable NAME in bin_dir that appends its arguments (one per line) to log; as srun,
+    `--mpi=list` answers with the plugin names in mpi_list (like Slurm's listing) unrecorded."""
     bin_dir.mkdir(exist_ok=True)
     exe = bin_dir / name
-    exe.write_text(f'#!/bin/bash\n{{ echo "{name}"; printf "%s\\n" "$@"; echo "--"; }} >> "{log}"\n')
+    listing = "MPI plugin types are...\\n" + "".join(f"\\t{m}\\n" for m in mpi_list.split())
+    exe.write_text(f'#!/bin/bash\nif [[ "$1" == --mpi=list ]]; then printf "{listing}" >&2; exit 0; fi\n'
+                   f'{{ echo "{name}"; printf "%s\\n" "$@"; echo "--"; }} >> "{log}"\n')
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
 
 
@@ -88,11 +92,13 @@ def test_every_launch_script_is_found_and_executable() -> None:
     names = {p.name for p in SHELL_SCRIPTS}
     assert {"install.sh", "mpirun.sh", "spark-submit.sh", "slurm-1node.sbatch",
             "slurm-multinode.sbatch", "slurm-scaling-array.sbatch"} <= names
-    for script in SHELL_SCRIPTS:
+    assert {p.name for p in TESTCLUSTER_SCRIPTS} == {"slurm-cluster.sh", "netns-hosts.sh",
+                                                     "netns-agent.sh"}
+    for script in SHELL_SCRIPTS + TESTCLUSTER_SCRIPTS:
         assert os.access(script, os.X_OK), f"{script.name} is not executable (chmod +x)"
 
 
-@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS + TESTCLUSTER_SCRIPTS, ids=lambda p: p.name)
 def test_shell_script_syntax(script: Path) -> None:
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -106,8 +112,11 @@ def test_sbatch_requests_resources_and_uses_srun(script: Path) -> None:
     assert re.search(r"--nodes=\d+", joined)
     assert re.search(r"--ntasks(-per-node)?=\d+", joined)
     assert re.search(r"--time=[\d:-]+", joined)
-    srun_lines = [ln for ln in code_lines(script) if re.search(r"\bsrun\b", ln)]
-    assert srun_lines and all("--mpi=pmix" in ln for ln in srun_lines)
+    # Every srun starts ranks with the plugin the script picked from `srun --mpi=list`.
+    srun_lines = [ln for ln in code_lines(script) if re.search(r"\bsrun\b", ln)
+                  and "--mpi=list" not in ln and not ln.startswith("echo ")]
+    assert srun_lines and all('--mpi="$SRUN_MPI"' in ln for ln in srun_lines)
+    assert any("srun --mpi=list" in ln for ln in code_lines(script))
 
 
 def test_gpu_sbatch_scripts_bind_one_gpu_per_rank() -> None:
@@ -271,7 +280,10 @@ def test_spark_submit_needs_config_and_master(tmp_path: Path) -> None:
     assert '--set "spark.master=$SPARK_MASTER"' in text and "--engine spark" in text
 
 
-LAUNCH_TEXT_FILES = SHELL_SCRIPTS + [LAUNCH / "resflow.def", LAUNCH / "Dockerfile"]
+LAUNCH_TEXT_FILES = SHELL_SCRIPTS + [LAUNCH / "resflow.def", LAUNCH / "Dockerfile"] + [
+    p for p in TESTCLUSTER_SCRIPTS if p.name != "netns-agent.sh"]
+# netns-agent.sh stands in for ssh as Open MPI's plm_rsh_agent: like sshd it must hand the command
+# line Open MPI quoted for a remote shell to a shell (bash -c), so it alone is exempt.
 
 
 @pytest.mark.parametrize("path", LAUNCH_TEXT_FILES, ids=lambda p: p.name)
@@ -280,3 +292,67 @@ def test_no_launch_file_evaluates_strings_as_shell_code(path: Path) -> None:
     offenders = [ln for ln in code_lines(path)
                  if re.search(r"\beval\b|\b(ba|z|da)?sh\s+-c\b|\bsource\s+<\(", ln)]
     assert offenders == []
+
+
+@pytest.mark.parametrize("listed, override, expected", [
+    ("pmix pmix_v4 none pmi2", "", "pmix"),   # Debian 12's Slurm 22.05
+    ("none pmi2 cray_shasta", "", "pmi2"),    # a Slurm built without PMIx
+    ("pmix none pmi2", "none", "none"),       # RESFLOW_SRUN_MPI wins
+])
+def test_sbatch_picks_srun_mpi_plugin_from_the_list(tmp_path: Path, listed: str, override: str,
+                                                    expected: str) -> None:
+    log = tmp_path / "calls.log"
+    recording_command(tmp_path / "bin", "srun", log, mpi_list=listed)
+    config = tmp_path / "cfg.yaml"
+    config.write_text("output: {dir: out}\n")
+    extra = {"SLURM_CPUS_PER_TASK": "1", "RESFLOW_SHOW_BINDING": "0"}
+    if override:
+        extra["RESFLOW_SRUN_MPI"] = override
+    result = run_script([str(LAUNCH / "slurm-1node.sbatch"), str(config)], env_extra=extra,
+                        path_prefix=tmp_path / "bin")
+    assert result.returncode == 0, result.stderr
+    (run,) = recorded_calls(log)
+    assert run[1] == f"--mpi={expected}"
+    assert f"srun --mpi={expected}" in result.stdout
+
+
+def test_scaling_array_passes_options_to_the_scaling_study(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    recording_command(tmp_path / "bin", "srun", log)
+    (tmp_path / "perf").mkdir()
+    (tmp_path / "perf" / "scaling.py").write_text(
+        "import json, pathlib, sys\n"
+        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True)\n"
+        "(out / 'args.json').write_text(json.dumps(sys.argv[1:]))\n")
+    results = tmp_path / "results"
+    env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1", "RESFLOW_ROOT": str(tmp_path),
+           "RESFLOW_SCALING_OUT": str(results)}
+    result = run_script([str(LAUNCH / "slurm-scaling-array.sbatch"), "--quick", "--gallery", "g d"],
+                        env_extra=env, path_prefix=tmp_path / "bin")
+    assert result.returncode == 0, result.stderr
+    args = json.loads((results / "ranks-1" / "strong" / "args.json").read_text())
+    assert args[-3:] == ["--quick", "--gallery", "g d"]
+    assert (results / "ranks-1" / "weak" / "args.json").exists()
+    strong_only = run_script([str(LAUNCH / "slurm-scaling-array.sbatch")],
+                             env_extra={**env, "SLURM_ARRAY_TASK_ID": "1",
+                                        "RESFLOW_SCALING_MODES": "strong"},
+                             path_prefix=tmp_path / "bin")
+    assert strong_only.returncode == 0, strong_only.stderr
+    assert (results / "ranks-2" / "strong").is_dir() and not (results / "ranks-2" / "weak").exists()
+    bad = run_script([str(LAUNCH / "slurm-scaling-array.sbatch")],
+                     env_extra={**env, "RESFLOW_SCALING_MODES": "strong; rm -rf /"},
+                     path_prefix=tmp_path / "bin")
+    assert bad.returncode == 2 and "RESFLOW_SCALING_MODES" in bad.stderr
+
+
+def test_netns_agent_runs_only_in_a_namespace_that_owns_the_address() -> None:
+    agent = LAUNCH / "testcluster" / "netns-agent.sh"
+    bad = subprocess.run(["bash", str(agent), "not-an-ip", "true"], capture_output=True, text=True)
+    assert bad.returncode == 255 and "IPv4" in bad.stderr
+    none = subprocess.run(["bash", str(agent), "192.0.2.254", "true"], capture_output=True, text=True)
+    assert none.returncode == 255 and "no network namespace owns 192.0.2.254" in none.stderr
+
+
+def test_install_script_rejects_unknown_options() -> None:
+    result = run_script([str(LAUNCH / "install.sh"), "--with-slurmm"])
+    assert result.returncode == 2 and "--with-slurm" in result.stderr

@@ -1,0 +1,294 @@
+"""Which scenes each command uses, with their labels: a manifest of plain files, or scenes.inputs.
+
+A manifest (``scenes.manifest``, YAML or JSON) holds the scenes to train on and the scenes to
+map, so one config serves ``resflow init``, ``run`` and ``evaluate``::
+
+    train:                                  # resflow init
+      - image: imagery/kampala_1.tif        # paths relative to the manifest
+        label: osm/buildings.geojson        # raster or vector; null/absent: labels.file, then
+        region: kampala                     #   labels.pattern beside the scene
+      - image: imagery/chips/*.tif          # a glob or folder: label files never match
+        label: osm/buildings.gpkg
+        label_layer: buildings              # vector options, else those of the labels section
+        where: "building = 'yes'"
+        class_field: null
+    predict:                                # resflow run; evaluate uses the labelled ones
+      - imagery/kampala_2.tif               # an entry may be just the image path
+
+An ``archive.json`` written by ``resflow synth`` is a manifest too: its ``train`` split is
+``train``, its ``test`` split is ``predict``, and each scene's ``mask`` is its label.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence
+
+import yaml
+
+from ..config import LabelsConfig, RunConfig
+from ..errors import ConfigError, InputError
+from .labels import LabelSpec
+
+Purpose = Literal["train", "predict", "evaluate"]
+SECTIONS = ("train", "predict")
+ENTRY_KEYS = {"image": "Scene path, glob or folder (relative to the manifest).",
+              "label": "Label file: raster on the scene grid or vector polygons (null: "
+                       "labels.file, then labels.pattern beside the scene).",
+              "region": "Region name in evaluation tables (default: the scene file name).",
+              "label_layer": "Vector layer of the label (default: labels.layer).",
+              "where": "OGR SQL filter on the label's features (default: labels.where).",
+              "class_field": "Label attribute mapped by labels.values (default: "
+                             "labels.class_field)."}
+SCENE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "resflow scene manifest",
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {name: {"type": "array", "items": {"$ref": "#/$defs/entry"}}
+                   for name in SECTIONS},
+    "$defs": {"entry": {"oneOf": [
+        {"type": "string", "description": ENTRY_KEYS["image"]},
+        {"type": "object", "additionalProperties": False, "required": ["image"],
+         "properties": {k: ({"type": "string", "description": d} if k == "image" else
+                            {"type": ["string", "null"], "description": d})
+                        for k, d in ENTRY_KEYS.items()}}]}},
+}
+
+
+@dataclass(frozen=True)
+class SceneEntry:
+    """One scene a command uses: its image, its label (if any) and its region name."""
+
+    path: str
+    label: Optional[LabelSpec]
+    region: str
+
+
+def manifest_reference_markdown() -> str:
+    """The manifest entry keys as a Markdown table (for the README)."""
+    lines = ["| entry key | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {d} |" for k, d in ENTRY_KEYS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _pattern_label(image: str, labels: LabelsConfig) -> str:
+    stem = Path(image).stem
+    return os.path.normpath(os.path.join(os.path.dirname(image), labels.pattern.format(stem=stem)))
+
+
+def _label_spec(image: str, labels: LabelsConfig, label: Optional[str] = None,
+                options: Optional[Mapping[str, Optional[str]]] = None) -> Optional[LabelSpec]:
+    """The label of a scene: the one given, else labels.file, else labels.pattern if it exists."""
+    opts = options or {}
+    if label is None and labels.file is not None:
+        label = os.path.abspath(labels.file)
+    if label is None:
+        guess = _pattern_label(image, labels)
+        if not os.path.isfile(guess):
+            return None
+        label = guess
+    return LabelSpec(path=label,
+                     layer=opts.get("label_layer") or labels.layer,
+                     where=opts.get("where") or labels.where,
+                     class_field=opts.get("class_field") or labels.class_field)
+
+
+def _expand_images(pattern: str, where: str, excluded: set[str], labels: LabelsConfig) -> list[str]:
+    """A path, glob or folder -> scene paths; label files (named in the manifest or by
+    labels.pattern beside a matched scene) are never taken as scenes."""
+    if os.path.isdir(pattern):
+        hits = sorted(p for p in glob.glob(os.path.join(pattern, "*"))
+                      if p.lower().endswith(SCENE_EXTENSIONS))
+    elif any(ch in pattern for ch in "*?["):
+        hits = sorted(glob.glob(pattern))
+    else:
+        if not os.path.exists(pattern):
+            raise InputError(f"{pattern}: scene file not found ({where})")
+        return [pattern]
+    by_pattern = {_pattern_label(h, labels) for h in hits}
+    scenes = [h for h in hits if os.path.normpath(h) not in by_pattern | excluded
+              and not h.endswith((".aux.xml", ".ovr", ".msk"))]
+    if not scenes:
+        raise InputError(f"{pattern}: matches no scene ({where})")
+    return scenes
+
+
+def _archive_entries(items: list[Any], path: Path) -> dict[str, list[dict[str, Any]]]:
+    """archive.json of `resflow synth`: split train -> train, test -> predict; mask -> label."""
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "predict": []}
+    for i, e in enumerate(items):
+        if not isinstance(e, Mapping) or not isinstance(e.get("image"), str):
+            raise ConfigError(f"{path}: archive entry [{i}] needs an 'image' path")
+        section = {"train": "train", "test": "predict"}.get(str(e.get("split")), None)
+        if section is None:
+            raise ConfigError(f"{path}: archive entry [{i}] has split {e.get('split')!r} "
+                              "(expected train or test)")
+        out[section].append({"image": e["image"], "label": e.get("mask"),
+                             "region": e.get("region")})
+    return out
+
+
+def _read(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: scene manifest not found (scenes.manifest)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read scene manifest ({exc})") from None
+    try:
+        return json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else \
+            (f" at line {exc.lineno}" if hasattr(exc, "lineno") else "")
+        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+        raise ConfigError(f"{path}: scene manifest is not valid {kind}{at}") from None
+
+
+def _check_entry(raw: Any, where: str) -> dict[str, Any]:
+    if isinstance(raw, str):
+        return {"image": raw}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected an image path or a mapping with 'image', got "
+                          f"{type(raw).__name__}")
+    for key in raw:
+        if key not in ENTRY_KEYS:
+            raise ConfigError(f"{where}: unknown key '{key}' (valid keys: "
+                              f"{', '.join(ENTRY_KEYS)})")
+    if "image" not in raw or raw["image"] is None:
+        raise ConfigError(f"{where}: 'image' is required (the scene's path)")
+    for key, value in raw.items():
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}' expected a string, got {value!r}")
+    return dict(raw)
+
+
+def load_manifest(path: str | Path, labels: LabelsConfig) -> dict[str, list[SceneEntry]]:
+    """Parse and check a manifest (or archive.json): {'train': [...], 'predict': [...]}.
+
+    Paths are relative to the manifest; images must exist, and so must labels named in it."""
+    mpath = Path(path)
+    raw = _read(mpath)
+    base = mpath.resolve().parent
+    if isinstance(raw, list):
+        sections = _archive_entries(raw, mpath)
+    elif isinstance(raw, Mapping):
+        for key in raw:
+            if key not in SECTIONS:
+                raise ConfigError(f"{mpath}: unknown section '{key}' (valid: train, predict)")
+        sections = {}
+        for name in SECTIONS:
+            items = raw.get(name) or []
+            if not isinstance(items, list):
+                raise ConfigError(f"{mpath}: '{name}' must be a list of scenes, got "
+                                  f"{type(items).__name__}")
+            sections[name] = [_check_entry(e, f"{mpath}: key '{name}[{i}]'")
+                              for i, e in enumerate(items)]
+    else:
+        raise ConfigError(f"{mpath}: a scene manifest is a mapping with train: and predict: "
+                          f"lists, got {type(raw).__name__}")
+    if not any(sections.values()):
+        raise ConfigError(f"{mpath}: the scene manifest lists no scenes (train: / predict:)")
+
+    def resolve(p: str) -> str:
+        return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
+
+    named_labels = {resolve(e["label"]) for items in sections.values() for e in items
+                    if e.get("label")}
+    out: dict[str, list[SceneEntry]] = {}
+    for name, items in sections.items():
+        out[name] = []
+        for i, e in enumerate(items):
+            where = f"manifest {mpath}, {name}[{i}]"
+            label = resolve(e["label"]) if e.get("label") else None
+            if label is not None and not label.startswith("/vsi") and not os.path.exists(label):
+                raise InputError(f"{label}: label file not found ({where}.label)")
+            for image in _expand_images(resolve(e["image"]), f"{where}.image", named_labels,
+                                        labels):
+                if image in named_labels:
+                    raise InputError(f"{image}: listed as a scene and as a label ({where}); a "
+                                     "label file is never a scene")
+                out[name].append(SceneEntry(path=image,
+                                            label=_label_spec(image, labels, label, e),
+                                            region=e.get("region") or Path(image).stem))
+    return out
+
+
+def _inputs_entries(cfg: RunConfig, split: str) -> list[SceneEntry]:
+    """scenes.inputs (globs, folders, lists, archive.json) -> entries; split filters archives."""
+    from .raster import resolve_scene_inputs
+    out: list[SceneEntry] = []
+    plain: list[str] = []
+
+    def flush() -> None:
+        # Plain items are resolved together, so one file listed twice (a symlink, a/../a/x.tif)
+        # is noted and mapped once.
+        out.extend(SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
+                              Path(p).stem) for p in resolve_scene_inputs(plain, split))
+        plain.clear()
+    for item in cfg.scenes.inputs:
+        if item.endswith(".json") and os.path.isfile(item):
+            raw = _read(Path(item))
+            if isinstance(raw, list):
+                flush()
+                wanted = {"all": ("train", "predict"), "train": ("train",),
+                          "test": ("predict",)}[split]
+                m = load_manifest(item, cfg.labels)
+                out += [e for name in wanted for e in m[name]]
+                continue
+        plain.append(item)
+    if plain:
+        flush()
+    # A label file (labels.file, or labels.pattern beside another scene) is never a scene, even
+    # when a glob or folder matches it.
+    labels = {os.path.normpath(e.label.path) for e in out if e.label is not None}
+    unique: dict[str, SceneEntry] = {}
+    for e in out:
+        if os.path.normpath(e.path) not in labels:
+            unique.setdefault(e.path, e)
+    return list(unique.values())
+
+
+def scenes_for(cfg: RunConfig, purpose: Purpose) -> list[SceneEntry]:
+    """The scenes a command uses: init 'train', run 'predict', evaluate 'evaluate' (the predict
+    scenes; pass them to :func:`require_labels`). From scenes.manifest when set, else from
+    scenes.inputs (archive.json splits: train for init, scenes.split for run, test for evaluate
+    when scenes.split is all)."""
+    if cfg.scenes.manifest is not None:
+        m = load_manifest(cfg.scenes.manifest, cfg.labels)
+        return m["train"] if purpose == "train" else m["predict"]
+    split = cfg.scenes.split
+    if purpose == "train":
+        split = "train"
+    elif purpose == "evaluate" and split == "all":
+        split = "test"
+    return _inputs_entries(cfg, split)
+
+
+def require_labels(entries: Sequence[SceneEntry], cfg: RunConfig) -> list[SceneEntry]:
+    """The labelled entries; InputError (one line, before any work) when none has a label."""
+    source = (f"scenes.manifest ({cfg.scenes.manifest})" if cfg.scenes.manifest
+              else "scenes.inputs")
+    if not entries:
+        raise InputError(f"{source}: no scenes to evaluate (evaluate uses the predict scenes of "
+                         "the manifest, or the test split of an archive)")
+    labelled = [e for e in entries if e.label is not None]
+    if not labelled:
+        first = entries[0].path
+        guess = _pattern_label(first, cfg.labels)
+        raise InputError(f"{source}: none of the {len(entries)} scene(s) to evaluate has a label "
+                         f"(e.g. {first}: no label given and no {guess}); evaluate needs ground "
+                         "truth: give each scene a label in the manifest, or set labels.file or "
+                         "labels.pattern")
+    return labelled
+
+
+def write_schema(path: str | Path) -> None:
+    """Write the manifest's JSON schema (for editors and validators)."""
+    Path(path).write_text(json.dumps(MANIFEST_SCHEMA, indent=1) + "\n", encoding="utf-8")

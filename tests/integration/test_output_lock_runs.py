@@ -1,0 +1,87 @@
+"""Issue 13 end to end: two `resflow run` on one output.dir (one refused, the other's masks equal a
+lone run's), and a SIGKILLed holder's lock recovered by the rerun (resumed, bit-identical)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal
+
+from resflow_mpi.io.outlock import LOCK_NAME
+from tests.conftest import RESFLOW, env, resflow
+
+
+
+def masks(out: Path) -> dict[str, np.ndarray]:
+    found = {p.name: gdal.Open(str(p)).ReadAsArray() for p in sorted(out.glob("*.resflow-mask.tif"))}
+    assert found, f"no masks in {out}"
+    return found
+
+
+def start(cfg: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([RESFLOW, "run", str(cfg), "--quiet", "--no-report-html",
+                             "--set", f"output.dir={out}"], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_lock(p: subprocess.Popen, out: Path, timeout_s: float = 240) -> bool:
+    """True once the run holds the lock; False if it ended (or timed out) without taking it."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if (out / LOCK_NAME).exists():
+            return True
+        if p.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture()
+def lone(run_config, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    cfg = run_config()
+    out = tmp_path / "lone"
+    resflow(["run", str(cfg), "--quiet", "--no-report-html", "--set", f"output.dir={out}"])
+    return cfg, masks(out)
+
+
+def test_two_concurrent_runs_on_one_output_dir(lone, tmp_path: Path) -> None:
+    """Started together: both import for seconds, then one takes the lock and maps; the other
+    reaches its setup while the first still runs and is refused."""
+    cfg, reference = lone
+    out = tmp_path / "shared"
+    runs = [start(cfg, out), start(cfg, out)]
+    errs = [p.communicate(timeout=300)[1] for p in runs]
+    codes = [p.returncode for p in runs]
+    assert sorted(c == 0 for c in codes) == [False, True], (codes, errs)
+    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert "Traceback" not in errs[loser]
+    errors = [ln for ln in errs[loser].splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, errs[loser]
+    assert f"output.dir {out} is in use by pid {runs[winner].pid}" in errors[0]
+    got = masks(out)
+    assert got.keys() == reference.keys()
+    assert all(np.array_equal(got[k], reference[k]) for k in got)
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_killed_holder_is_recovered_and_resumed(lone, tmp_path: Path) -> None:
+    cfg, reference = lone
+    out = tmp_path / "killed"
+    first = start(cfg, out)
+    held = wait_for_lock(first, out)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=60)
+    assert held, "the run never took the output lock"
+    assert (out / LOCK_NAME).exists(), "a killed holder leaves its lock behind"
+    again = resflow(["run", str(cfg), "--quiet", "--no-report-html", "--set", f"output.dir={out}"],
+                    check=False)
+    assert again.returncode == 0, again.stderr
+    notes = [ln for ln in again.stderr.splitlines() if "recovered the stale lock" in ln]
+    assert len(notes) == 1 and f"pid {first.pid} no longer runs" in notes[0], again.stderr
+    got = masks(out)
+    assert got.keys() == reference.keys()
+    assert all(np.array_equal(got[k], reference[k]) for k in got)
