@@ -25,7 +25,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     import sklearn
     import torch
     import yaml
-    from osgeo import gdal
+    from .io.gdalenv import gdal_version
     binding = bind_device(comm, args.device)
     lines = comm.gather(binding.line(), root=0)
     if comm.is_root:
@@ -33,7 +33,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"MPI library: {mpi_library()}  (mpi4py {mpi4py_version()}, {comm.size} rank(s))")
         print(f"h5py {h5py.__version__}, HDF5 {h5py.version.hdf5_version}, parallel HDF5: "
               f"{h5py.get_config().mpi}")
-        print(f"GDAL {gdal.__version__}, numpy {numpy.__version__}, torch {torch.__version__} "
+        print(f"GDAL {gdal_version()}, numpy {numpy.__version__}, torch {torch.__version__} "
               f"(CUDA available: {torch.cuda.is_available()}, GPUs: {torch.cuda.device_count()}), "
               f"scikit-learn {sklearn.__version__}, pyyaml {yaml.__version__}")
         try:
@@ -139,8 +139,9 @@ def cmd_vectorize(args: argparse.Namespace) -> int:
         for r in results:
             print(vec.result_line(r), flush=True)
         code = vec.summarise(results, comm.size)
-        if args.merged and code == 0:
-            merged = vec.merge_layers([r["gpkg"] for r in results], args.merged, args.merged_crs)
+        if getattr(args, "merged", None) and code == 0:
+            merged = vec.merge_layers([r["gpkg"] for r in results], args.merged,
+                                      getattr(args, "merged_crs", "EPSG:4326"))
             print(f"merged {merged['polygons']} polygon(s) of {len(results)} scene(s) in "
                   f"{merged['crs']} -> {merged['path']}", flush=True)
         return code
@@ -250,6 +251,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Slurm's time limit and mpirun's forwarding send SIGTERM: end like Ctrl-C, with a line.
     signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
+        from .io.gdalenv import configure
+        configure()  # GDAL exceptions and block cache, once per process (never at import)
         return int(args.func(args) or 0)
     except ResflowError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -15,13 +15,11 @@ from pathlib import Path
 from typing import Any, Collection, Optional, Sequence
 
 import numpy as np
-from osgeo import gdal
 
 from .errors import InputError, OutputError
 from .io.export import BUCKET_COLOURS, OOD_COLOUR
 from .io.naming import BUCKETS, COG, MASK, output_file_name
-
-gdal.UseExceptions()
+from .io.raster import RasterPreview
 
 REPORT_NAME = "report.html"
 RUN_REPORT_NAME = "run_report.json"
@@ -117,24 +115,18 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.clip((band.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _read_thumbnail(ds: gdal.Dataset, bands: Sequence[int], size: tuple[int, int]) -> list[np.ndarray]:
-    """The given bands decimated to size=(width, height) by GDAL (overviews used when present)."""
-    w, h = size
-    return [ds.GetRasterBand(b).ReadAsArray(buf_xsize=w, buf_ysize=h) for b in bands]
-
-
 def scene_overlay(scene_tif: Path, mask_tif: Path, bands: Sequence[int] = (1, 2, 3),
                   max_px: int = THUMBNAIL_MAX_PX) -> np.ndarray:
     """Contrast-stretched RGB thumbnail with buildings in translucent red and nodata grey, uint8."""
-    scene = gdal.Open(str(scene_tif))
-    mask = gdal.Open(str(mask_tif))
-    size = thumbnail_size(scene.RasterXSize, scene.RasterYSize, max_px)
-    rgb_bands = [b for b in bands if b <= scene.RasterCount][:3] or [1]
+    scene = RasterPreview(scene_tif)
+    mask = RasterPreview(mask_tif)
+    size = thumbnail_size(scene.width, scene.height, max_px)
+    rgb_bands = [b for b in bands if b <= scene.count][:3] or [1]
     if len(rgb_bands) < 3:
         rgb_bands = [rgb_bands[0]] * 3
-    raw = _read_thumbnail(scene, rgb_bands, size)
-    labels = _read_thumbnail(mask, [1], size)[0]
-    nodata = scene.GetRasterBand(rgb_bands[0]).GetNoDataValue()
+    raw = scene.read(rgb_bands, size)
+    labels = mask.read([1], size)[0]
+    nodata = scene.nodata(rgb_bands[0])
     valid = labels != 255
     if nodata is not None:
         valid &= ~np.all([r == nodata for r in raw], axis=0)
@@ -195,14 +187,14 @@ def bucket_map_png(bucket_tif: Path, path: Path, histogram: dict[str, int],
                    max_px: int = THUMBNAIL_MAX_PX) -> Path:
     """The per-tile bucket map upscaled with nearest neighbour, with a legend on its right."""
     from matplotlib.patches import Patch
-    ds = gdal.Open(str(bucket_tif))
-    cols, rows = ds.RasterXSize, ds.RasterYSize
+    ds = RasterPreview(bucket_tif)
+    cols, rows = ds.width, ds.height
     if max(cols, rows) > max_px:
         w, h = thumbnail_size(cols, rows, max_px)
-        rgb = np.stack(_read_thumbnail(ds, [1, 2, 3], (w, h)), axis=-1)
+        rgb = np.stack(ds.read([1, 2, 3], (w, h)), axis=-1)
     else:
         factor = max(1, max_px // max(cols, rows))
-        rgb = np.stack([ds.GetRasterBand(b).ReadAsArray() for b in (1, 2, 3)], axis=-1)
+        rgb = np.stack(ds.read([1, 2, 3]), axis=-1)
         rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
     h, w = rgb.shape[:2]
     keys = sorted(histogram, key=int)

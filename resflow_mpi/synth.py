@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from osgeo import gdal, osr
+from osgeo import gdal
 
 from resflow_mpi.errors import ConfigError, OutputError
+from resflow_mpi.io import geotiff
 
 Colour = tuple[float, float, float, float]  # reflectance 0..1 in band order red, green, blue, NIR
 
@@ -44,12 +45,6 @@ SPLITS = ("train", "test")
 PRESETS = ("tiny", "demo", "large", "tiny-single", "tiny-eval")
 SINGLE_REGIME = "temperate-urban"   # the one regime of the "tiny-single" preset
 _DTYPE_MAX_DN = {"uint8": 255, "uint16": UINT16_MAX_DN}
-_GDAL_TYPES = {
-    np.dtype("uint8"): gdal.GDT_Byte, np.dtype("uint16"): gdal.GDT_UInt16,
-    np.dtype("int16"): gdal.GDT_Int16, np.dtype("uint32"): gdal.GDT_UInt32,
-    np.dtype("int32"): gdal.GDT_Int32, np.dtype("float32"): gdal.GDT_Float32,
-    np.dtype("float64"): gdal.GDT_Float64,
-}
 _CREATE_OPTIONS = ["TILED=YES", f"BLOCKXSIZE={TIFF_BLOCK_PX}", f"BLOCKYSIZE={TIFF_BLOCK_PX}",
                    "COMPRESS=DEFLATE", "PREDICTOR=2", "BIGTIFF=IF_SAFER", "NUM_THREADS=ALL_CPUS"]
 
@@ -713,27 +708,13 @@ def render_window(spec: SceneSpec, col: int, row: int, width: int, height: int
 # ---------------------------------------------------------------------------------------------
 # GeoTIFF writing
 
-def _srs_wkt(epsg: int) -> str:
-    srs = osr.SpatialReference()
-    if srs.ImportFromEPSG(int(epsg)) != 0:
-        raise ConfigError(f"EPSG:{epsg} is not a known coordinate reference system; use a UTM code")
-    return srs.ExportToWkt()
-
-
 def _create(path: Path, width: int, height: int, bands: int, gdal_type: int, epsg: int,
             geotransform: Sequence[float], extra_options: Sequence[str] = ()) -> gdal.Dataset:
-    driver = gdal.GetDriverByName("GTiff")
     try:
-        ds = driver.Create(str(path), width, height, bands, gdal_type,
-                           options=list(_CREATE_OPTIONS) + list(extra_options))
-    except RuntimeError as exc:   # raised instead of returning None when gdal.UseExceptions() is on
+        return geotiff.create(path, width, height, bands, gdal_type, int(epsg), geotransform,
+                              list(_CREATE_OPTIONS) + list(extra_options))
+    except RuntimeError as exc:
         raise OutputError(f"{path}: cannot create GeoTIFF ({exc}); check the directory is writable") from exc
-    if ds is None:
-        raise OutputError(f"{path}: cannot create GeoTIFF ({gdal.GetLastErrorMsg()}); "
-                          "check the directory is writable")
-    ds.SetProjection(_srs_wkt(epsg))
-    ds.SetGeoTransform(list(geotransform))
-    return ds
 
 
 def _check_write(err: int, path: Path) -> None:
@@ -745,26 +726,13 @@ def write_raster_from_array(path: str | Path, array: np.ndarray, epsg: int,
                             geotransform: Sequence[float], nodata: float | None) -> Path:
     """Write a (bands, rows, cols) or (rows, cols) array as a tiled, DEFLATE-compressed GeoTIFF."""
     path = Path(path)
-    data = np.asarray(array)
-    if data.ndim == 2:
-        data = data[None]
-    if data.ndim != 3:
-        raise ValueError(f"array must be HW or CHW, got shape {np.shape(array)}")
-    if data.dtype not in _GDAL_TYPES:
-        raise ValueError(f"unsupported dtype {data.dtype}; use one of {sorted(map(str, _GDAL_TYPES))}")
-    bands, height, width = data.shape
-    options = ["PREDICTOR=3"] if data.dtype.kind == "f" else []
-    ds = _create(path, width, height, bands, _GDAL_TYPES[data.dtype], epsg, geotransform, options)
+    float_options = ["PREDICTOR=3"] if np.asarray(array).dtype.kind == "f" else []
     try:
-        for b in range(bands):
-            band = ds.GetRasterBand(b + 1)
-            if nodata is not None:
-                band.SetNoDataValue(float(nodata))
-            _check_write(band.WriteArray(np.ascontiguousarray(data[b])), path)
-        ds.FlushCache()
-    finally:
-        ds = None
-    return path
+        return geotiff.write_array(path, array, int(epsg), geotransform, nodata,
+                                   list(_CREATE_OPTIONS) + float_options)
+    except RuntimeError as exc:
+        raise OutputError(f"{path}: cannot write GeoTIFF ({exc}); check the directory is "
+                          "writable and has free space") from exc
 
 
 def _partial_path(path: Path) -> Path:

@@ -1,5 +1,9 @@
 """Shared fixtures: a tiny synthetic archive and a trained tiny gallery, made once per session
-with the project's own generator and `resflow init` (real GDAL, real HDF5, real MPI)."""
+with the project's own generator and `resflow init` (real GDAL, real HDF5, real MPI), and the
+untrained unit fixtures of tests/fixtures/make_fixtures.py (seeded rasters, a random-weight gallery).
+
+Tests that use ``tiny_gallery`` (they train) and everything under tests/integration are marked
+``integration``: ``pytest -m "not integration"`` runs the fast unit tests only."""
 from __future__ import annotations
 
 import os
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENV_BIN = Path(sys.executable).parent
 RESFLOW = str(VENV_BIN / "resflow")
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
@@ -78,6 +83,23 @@ def tiny_gallery(tiny_archive: Path, tmp_path_factory: pytest.TempPathFactory) -
     return work / "gallery"
 
 
+@pytest.fixture(scope="session")
+def unit_fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Seeded tiny rasters and a random-weight gallery (no training): see make_fixtures.py."""
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import make_fixtures
+    finally:
+        sys.path.remove(str(FIXTURES))
+    return make_fixtures.make_all(tmp_path_factory.mktemp("unit-fixtures"))
+
+
+@pytest.fixture(scope="session")
+def unit_gallery(unit_fixtures: dict[str, Path]) -> Path:
+    """A model gallery in the format `resflow init` writes, with untrained weights."""
+    return unit_fixtures["gallery"]
+
+
 @pytest.fixture()
 def run_config(tmp_path: Path, tiny_archive: Path, tiny_gallery: Path):
     """Factory: a run config over the tiny archive's test split with the trained gallery."""
@@ -95,7 +117,18 @@ def pytest_configure(config: pytest.Config) -> None:
     for m in ("mpi: runs under mpirun", "spark: needs pyspark + Java",
               "gpu: needs a CUDA device", "slow: takes more than ~30 s",
               "cluster: needs root + Slurm/munge (launch/install.sh --with-slurm) or network "
-              "namespaces; a real one-machine cluster (tests/cluster)"):
+              "namespaces; a real one-machine cluster (tests/cluster)",
+              "integration: trains a gallery (tiny_gallery) or runs whole jobs; "
+              "deselect with -m 'not integration'"):
         config.addinivalue_line("markers", m)
     os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
     shutil.which("mpirun")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark as integration every test that trains (uses tiny_gallery) or lives in integration/."""
+    integration_dir = Path(__file__).resolve().parent / "integration"
+    for item in items:
+        if ("tiny_gallery" in getattr(item, "fixturenames", ())
+                or integration_dir in Path(str(item.fspath)).resolve().parents):
+            item.add_marker(pytest.mark.integration)

@@ -6,16 +6,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import numpy as np
-from osgeo import gdal
 
 from ..config import LabelsConfig
 from ..errors import InputError
 from ..io.labels import IGNORE, LabelSource, LabelSpec, LabelSummary, open_label_source
-from ..io.raster import SceneInfo, prepare_scene
+from ..io.raster import SceneInfo, WindowReader, prepare_scene
 from ..pipeline import normalize_scene
 from ..tiling import Window
-
-gdal.UseExceptions()
 
 
 @dataclass
@@ -136,7 +133,7 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
     n_build = int(round(target * building_fraction)) if len(cells) else 0
     rng = np.random.default_rng([seed, sid])
     kinds = rng.permutation(np.r_[np.ones(n_build, bool), np.zeros(target - n_build, bool)])
-    ds = gdal.Open(info.path)
+    image = WindowReader(info, bands)
     taken: set[tuple[int, int]] = set()
     out = []
     sparse = repeats = 0
@@ -151,9 +148,7 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
                 repeats += 1
                 continue
             y = src.read_window(c, r, tile_px, tile_px)
-            raw = ds.ReadAsArray(c, r, tile_px, tile_px, band_list=list(bands))
-            if raw.ndim == 2:
-                raw = raw[None]
+            raw = image.read_window(Window(c, r, tile_px, tile_px))
             if info.nodata is not None:
                 y[~(raw != info.nodata).any(axis=0)] = IGNORE
             if (y != IGNORE).mean() < min_valid:
@@ -164,6 +159,7 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
             taken.add((c, r))
             rep.building_centred += int(use_cells is not None)
             break
+    image.close()
     rep.taken = len(out)
     if rep.taken < target:
         rep.warnings.append(f"scene {name}: only {rep.taken} of {target} crops taken ({sparse} "

@@ -15,13 +15,11 @@ from typing import Sequence
 from osgeo import gdal, ogr, osr
 
 from ..errors import InputError, OutputError
-
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
+from . import geotiff
+from .gdalenv import ensure_configured
 
 INDEX_LAYER = "chips"
-_CHIP_OPTIONS = ["COMPRESS=DEFLATE", "PREDICTOR=2", "TILED=NO"]
+_CHIP_OPTIONS = ("COMPRESS=DEFLATE", "PREDICTOR=2", "TILED=NO")
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,7 @@ def window_geotransform(scene_gt: Sequence[float], col: int, row: int) -> tuple[
 
 def write_chip(scene_path: str, window: tuple[int, int, int, int], out_path: Path) -> Path:
     """Read ``window`` (col, row, width, height) of a scene with GDAL and write it as a GeoTIFF."""
+    ensure_configured()
     try:
         src = gdal.Open(scene_path)
     except RuntimeError:
@@ -59,11 +58,8 @@ def write_chip(scene_path: str, window: tuple[int, int, int, int], out_path: Pat
                          f"{src.RasterXSize}x{src.RasterYSize} scene; the scene changed since "
                          "`resflow init`, rebuild the gallery")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".partial.tif")
     try:
-        gdal.Translate(str(tmp), src, format="GTiff", srcWin=[col, row, width, height],
-                       creationOptions=_CHIP_OPTIONS)
-        os.replace(tmp, out_path)
+        geotiff.translate(src, out_path, "GTiff", _CHIP_OPTIONS, src_win=window)
     except (RuntimeError, OSError) as exc:
         raise OutputError(f"{out_path}: cannot write the chip ({str(exc).strip()[:200]}); check "
                           "--out is writable and has space") from None
@@ -86,6 +82,7 @@ def write_chip_index(path: Path, records: Sequence[ChipRecord]) -> Path:
     """GeoPackage of chip footprints (layer ``chips``), replacing any earlier index at ``path``.
 
     Chips of one CRS keep it; chips of several CRSs are indexed in WGS84 (EPSG:4326, lon/lat)."""
+    ensure_configured()
     footprints = [_footprint(r.scene_path, r.window) for r in records]
     srs_wkts = {wkt for _, wkt in footprints}
     reproject = len(srs_wkts) > 1

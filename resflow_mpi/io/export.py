@@ -4,18 +4,15 @@ Files appear only complete: each is written under a ``.partial`` name and rename
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-import h5py
 import numpy as np
-from osgeo import gdal
 
 from ..errors import OutputError
+from . import geotiff
+from .maskstore import MaskReader, SceneMeta
 from .oserrors import write_failure
-
-gdal.UseExceptions()
 
 # Bucket colours (index -> RGB), in the spirit of the paper's Figures 7/11; nodata is black.
 BUCKET_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
@@ -34,13 +31,6 @@ def confined(out_dir: str | Path, name: str) -> Path:
     return p
 
 
-def _creation_options(kind: str) -> list[str]:
-    if kind == "cog":
-        return ["COMPRESS=DEFLATE", "BLOCKSIZE=512", "OVERVIEWS=AUTO", "RESAMPLING=NEAREST",
-                "NUM_THREADS=1"]  # labels: overviews must not blend classes
-    return ["TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFLATE", "BIGTIFF=IF_SAFER"]
-
-
 def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Path] = None,
                  bucket_tif: Optional[Path] = None, rows_per_block: int = 1024) -> list[Path]:
     """Write the scene's mask (and optional COG and colour bucket map); return the paths written."""
@@ -48,63 +38,38 @@ def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Pat
     current = out_tif
     ds = band = None
     failure = ""
-    with h5py.File(h5_path, "r") as f:
-        g = f[f"scenes/{scene}"]
-        mask = g["mask"]
-        h, w = mask.shape
-        gt = tuple(float(v) for v in g.attrs["geotransform"])
-        wkt = str(g.attrs["crs_wkt"])
-        tmp = _partial(out_tif)
+    with MaskReader(h5_path) as store:
+        meta = store.scene_meta(scene)
+        tmp = geotiff.partial_path(out_tif)
         try:
-            drv = gdal.GetDriverByName("GTiff")
-            ds = drv.Create(str(tmp), w, h, 1, gdal.GDT_Byte, _creation_options("gtiff"))
-            ds.SetGeoTransform(gt)
-            ds.SetProjection(wkt)
+            ds = geotiff.create(tmp, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
+                                meta.geotransform, geotiff.TILED_OPTIONS, nodata=255)
             band = ds.GetRasterBand(1)
-            band.SetNoDataValue(255)
             step = max(256, rows_per_block - rows_per_block % 256)
-            for r0 in range(0, h, step):
-                band.WriteArray(mask[r0:min(h, r0 + step), :], 0, r0)
-            ds.SetMetadata({"RESFLOW_SOURCE": str(g.attrs["source_path"]),
+            for r0, block in store.iter_mask_rows(scene, step):
+                geotiff.check_write(band.WriteArray(block, 0, r0))
+            ds.SetMetadata({"RESFLOW_SOURCE": meta.source_path,
                             "RESFLOW_VALUES": "0=background,1=building,255=nodata"})
             ds.FlushCache()
-            ds = None
-            os.replace(tmp, out_tif)
-            written.append(out_tif)
+            band = ds = None
+            written.append(geotiff.commit(tmp, out_tif))
             if cog_path is not None:
                 current = cog_path
-                ctmp = _partial(cog_path)
-                gdal.Translate(str(ctmp), str(out_tif), format="COG",
-                               creationOptions=_creation_options("cog"))
-                os.replace(ctmp, cog_path)
-                written.append(cog_path)
+                written.append(geotiff.translate_cog(out_tif, cog_path))
             if bucket_tif is not None:
                 current = bucket_tif
-                _export_buckets(g, gt, wkt, bucket_tif)
+                _export_buckets(store.bucket_grid(scene), meta, bucket_tif)
                 written.append(bucket_tif)
         except (RuntimeError, OSError) as exc:
             failure = export_failure(current, exc)
-            # Drop the half-written dataset now (the traceback's GDAL frames hold it open); its
-            # close fails as well on a full disk, and that second error says nothing new.
+            # Drop the half-written dataset now (the traceback's GDAL frames hold it open).
             exc.__traceback__ = None
-            gdal.DontUseExceptions()  # (a destructor cannot raise; only on this failure path)
-            gdal.PushErrorHandler("CPLQuietErrorHandler")
-            try:
+            with geotiff.quietly():
                 band = ds = None
-            finally:
-                gdal.PopErrorHandler()
-                gdal.UseExceptions()
-            for p in (out_tif, cog_path, bucket_tif):
-                q = _partial(p) if p is not None else None
-                if q is not None and (q.is_symlink() or q.is_file()):
-                    q.unlink()
+            geotiff.remove_partial(out_tif, cog_path, bucket_tif)
     if failure:
         raise OutputError(failure)
     return written
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(path.name + ".partial")
 
 
 def scaled_geotransform(gt: tuple[float, ...], factor_x: float, factor_y: float) -> tuple[float, ...]:
@@ -119,27 +84,24 @@ def export_failure(path: Path, exc: BaseException) -> str:
     return write_failure(path, exc, "export failed")
 
 
-def _export_buckets(g: h5py.Group, gt: tuple[float, ...], wkt: str, path: Path) -> None:
+def _export_buckets(buckets: np.ndarray, meta: SceneMeta, path: Path) -> None:
     """A small RGB GeoTIFF with one pixel per tile coloured by bucket (paper's Fig. 7/11 style).
 
     Pixel (c, r) covers scene pixels from (c * tile_px, r * tile_px): the geotransform is the
     scene's scaled by tile_px in all four terms (rotated scenes included)."""
-    rows, cols = int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"])
-    tile_px = int(g.file.attrs["tile_px"])
-    b = g["bucket"][...].reshape(rows, cols).astype(np.int64)
+    rows, cols = buckets.shape
     rgb = np.zeros((3, rows, cols), np.uint8)
-    ok = b >= 0
-    rgb[:, ok] = BUCKET_COLOURS[b[ok] % len(BUCKET_COLOURS)].T
-    rgb[:, b == -2] = OOD_COLOUR[:, None]
-    tmp = _partial(path)
-    ds = gdal.GetDriverByName("GTiff").Create(str(tmp), cols, rows, 3, gdal.GDT_Byte,
-                                              ["COMPRESS=DEFLATE"])
-    ds.SetGeoTransform(scaled_geotransform(gt, tile_px, tile_px))
-    ds.SetProjection(wkt)
-    ds.WriteArray(rgb)
+    ok = buckets >= 0
+    rgb[:, ok] = BUCKET_COLOURS[buckets[ok] % len(BUCKET_COLOURS)].T
+    rgb[:, buckets == -2] = OOD_COLOUR[:, None]
+    tmp = geotiff.partial_path(path)
+    ds = geotiff.create(tmp, cols, rows, 3, np.uint8, meta.crs_wkt,
+                        scaled_geotransform(meta.geotransform, meta.tile_px, meta.tile_px),
+                        ["COMPRESS=DEFLATE"])
+    geotiff.check_write(ds.WriteArray(rgb))
     ds.SetMetadata({"RESFLOW_BUCKETS": ",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}"
                                                 for i, c in enumerate(BUCKET_COLOURS))
                     + ",-2=#ffffff (out of distribution: Mono)"})
     ds.FlushCache()
     ds = None
-    os.replace(tmp, path)
+    geotiff.commit(tmp, path)

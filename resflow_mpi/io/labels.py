@@ -30,10 +30,8 @@ from osgeo import gdal, ogr, osr
 
 from ..config import LabelsConfig
 from ..errors import InputError
+from .gdalenv import ensure_configured
 from .raster import SceneInfo
-
-gdal.UseExceptions()
-ogr.UseExceptions()
 
 BACKGROUND, BUILDING, IGNORE = 0, 1, 255
 _CLASS_CODE = {"background": BACKGROUND, "building": BUILDING, "ignore": IGNORE}
@@ -576,6 +574,7 @@ def _indexed_copy(path: str, ds: gdal.Dataset, layer: str) -> Optional[gdal.Data
 
 def open_label_source(spec: LabelSpec, scene: SceneInfo, cfg: LabelsConfig) -> LabelSource:
     """Open a scene's label as a raster or vector source (InputError naming the file)."""
+    ensure_configured()
     path = spec.path
     if not path.startswith("/vsi") and not os.path.exists(path):
         raise InputError(f"{path}: label file not found (label of scene {scene.path}); fix the "

@@ -18,12 +18,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import h5py
 import numpy as np
 
-from ..errors import OutputError
+from ..errors import OutputError, os_error_cause
 from .oserrors import write_failure
 from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
@@ -283,3 +283,68 @@ def read_scene_arrays(path: str, scene: int) -> dict[str, Any]:
         g = f[f"scenes/{scene}"]
         return {"attrs": dict(g.attrs), "bucket": g["bucket"][...], "done": g["done"][...],
                 "writer_rank": g["writer_rank"][...], "code": g["code"][...]}
+
+
+@dataclass(frozen=True)
+class SceneMeta:
+    """What a finished store records about one scene (no pixels)."""
+
+    width: int
+    height: int
+    geotransform: tuple[float, ...]
+    crs_wkt: str
+    source_path: str
+    grid_rows: int
+    grid_cols: int
+    tile_px: int
+
+
+class MaskReader:
+    """Read side of a mask store (export, reports): scene records, mask rows, bucket grids.
+
+    The only reader of the HDF5 layout besides ``MaskStore``; a plain (serial) h5py file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self.file: Optional[h5py.File] = h5py.File(path, "r")
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot read the HDF5 mask store ({os_error_cause(exc)}); "
+                              "rerun the run that writes it") from None
+
+    def __enter__(self) -> "MaskReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _group(self, scene: int) -> h5py.Group:
+        assert self.file is not None, "MaskReader is closed"
+        return self.file[f"scenes/{scene}"]
+
+    def scene_meta(self, scene: int) -> SceneMeta:
+        """Size, georeferencing, source and tile grid of scene ``scene``."""
+        g = self._group(scene)
+        h, w = g["mask"].shape
+        return SceneMeta(int(w), int(h), tuple(float(v) for v in g.attrs["geotransform"]),
+                         str(g.attrs["crs_wkt"]), str(g.attrs["source_path"]),
+                         int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"]),
+                         int(self.file.attrs["tile_px"]))  # type: ignore[union-attr]
+
+    def iter_mask_rows(self, scene: int, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W) uint8 block) over the scene's mask, top to bottom."""
+        mask = self._group(scene)["mask"]
+        height = mask.shape[0]
+        for r0 in range(0, height, rows_per_block):
+            yield r0, mask[r0:min(height, r0 + rows_per_block), :]
+
+    def bucket_grid(self, scene: int) -> np.ndarray:
+        """(grid_rows, grid_cols) int64 bucket of every tile (-1: nodata / not computed)."""
+        g = self._group(scene)
+        rows, cols = int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"])
+        return g["bucket"][...].reshape(rows, cols).astype(np.int64)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

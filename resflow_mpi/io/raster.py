@@ -18,11 +18,8 @@ from osgeo import gdal, osr
 from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
+from .gdalenv import ensure_configured
 from .naming import inside_output_dir, is_label_name, is_output_name
-
-gdal.UseExceptions()
-# Bounded GDAL block cache per process (MB): reading is by window; the cache never needs a scene.
-gdal.SetCacheMax(int(os.environ.get("RESFLOW_GDAL_CACHE_MB", "64")) * 1024 * 1024)
 
 SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 
@@ -162,6 +159,7 @@ class _AreaModel:
     MAX_SPAN_DEG = 20.0    # larger footprints are split so each piece stays near its centre
 
     def __init__(self, crs_wkt: str, gt: Sequence[float]):
+        ensure_configured()
         self.gt = tuple(gt)
         self.srs: Optional[osr.SpatialReference] = None
         self.geographic = False
@@ -223,6 +221,7 @@ def _bounds(points: Sequence[tuple[float, float]]) -> tuple[float, float, float,
 
 
 def _open(path: str) -> gdal.Dataset:
+    ensure_configured()  # every scene read starts here
     if not os.path.exists(path):
         raise InputError(f"{path}: scene file not found")
     if os.path.isdir(path):
@@ -524,6 +523,7 @@ def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneIn
 
 def same_crs(a: SceneInfo, b: SceneInfo) -> bool:
     """True when two scenes share one coordinate reference system."""
+    ensure_configured()
     sa, sb = osr.SpatialReference(wkt=a.crs_wkt), osr.SpatialReference(wkt=b.crs_wkt)
     return bool(sa.IsSame(sb))
 
@@ -661,6 +661,14 @@ class WindowReader:
             arr = np.nan_to_num(arr, nan=0.0)  # declared-NaN nodata, now recorded in ``valid``
         return arr, valid
 
+    def read_window(self, w: Window) -> np.ndarray:
+        """(C, h, w) raw pixels of a window inside the scene, in the scene's dtype."""
+        try:
+            return _read_window(self._ds, self.bands, w)
+        except RuntimeError as exc:
+            raise InputError(f"{self.info.path}: read of window {tuple(w)} failed "
+                             f"({str(exc).strip().splitlines()[0]}); the file may be truncated") from None
+
     def _finite(self, arr: np.ndarray, w: Any) -> np.ndarray:
         """Refuse NaN/inf unless the band declares NaN as its nodata."""
         bad = ~np.isfinite(arr)
@@ -716,3 +724,28 @@ def _tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int], rows: in
             widths = np.minimum(tile_px, (x1 - x0) - edges)
             cov[r, c_first:c_last] = counts / (widths * h)
     return cov
+
+
+class RasterPreview:
+    """A whole raster read at reduced resolution (quicklooks): size, bands, nodata, decimated reads
+    (GDAL decimates while reading and uses overviews when present)."""
+
+    def __init__(self, path: str | Path):
+        ensure_configured()
+        self.path = str(path)
+        try:
+            self._ds = gdal.Open(self.path, gdal.GA_ReadOnly)
+        except RuntimeError as exc:
+            raise InputError(f"{self.path}: not a readable raster "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+        self.width, self.height = self._ds.RasterXSize, self._ds.RasterYSize
+        self.count = self._ds.RasterCount
+
+    def nodata(self, band: int) -> Optional[float]:
+        """The nodata value a band declares (None when it declares none)."""
+        return self._ds.GetRasterBand(band).GetNoDataValue()
+
+    def read(self, bands: Sequence[int], size: Optional[tuple[int, int]] = None) -> list[np.ndarray]:
+        """The given bands, whole, decimated to size=(width, height) when given."""
+        kw: dict[str, Any] = {} if size is None else {"buf_xsize": size[0], "buf_ysize": size[1]}
+        return [self._ds.GetRasterBand(b).ReadAsArray(**kw) for b in bands]

@@ -15,12 +15,9 @@ from xml.sax.saxutils import escape
 from osgeo import gdal, ogr, osr
 
 from ..errors import InputError, OutputError, ResflowError
+from .gdalenv import ensure_configured
 from .oserrors import write_failure
 from .naming import MASK, output_file_name
-
-gdal.UseExceptions()
-ogr.UseExceptions()
-osr.UseExceptions()
 
 LAYER_NAME = "buildings"
 MASK_SUFFIX = output_file_name("", MASK)
@@ -109,6 +106,7 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
     ``simplify_m`` > 0 simplifies with topology preserved. Returns the paths written, the polygon
     count and the total area in m2 (of the written geometries).
     """
+    ensure_configured()
     mask_tif, out_gpkg = Path(mask_tif), Path(out_gpkg)
     if min_area_m2 < 0 or simplify_m < 0:
         raise InputError(f"{mask_tif}: min_area_m2 and simplify_m must be >= 0 "
@@ -199,6 +197,7 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
                  target_crs: str = "EPSG:4326") -> dict[str, Any]:
     """One layer of every scene's polygons in ``target_crs`` (scenes in any CRSs): columns
     ``scene`` (source GeoPackage stem), ``id`` and ``area_m2`` as measured in the scene's CRS."""
+    ensure_configured()
     out_path = Path(out_path)
     tmp = _partial(out_path)
     tmp.unlink(missing_ok=True)

@@ -45,6 +45,7 @@ from .. import errors
 from ..config import RunConfig
 from ..errors import ConfigError, ResflowError
 from ..galleries import ModelGallery
+from ..io.gdalenv import configure as configure_io
 from ..io.maskstore import MaskStore, TileResult
 from ..io.raster import SceneInfo, open_scene
 from ..pipeline import (Job, PipelineStats, ResultSink, TileProcessor, TileTask, build_stages,
@@ -168,6 +169,7 @@ def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
 
     ``coverage`` and ``done`` are broadcasts of the driver's per-scene nodata coverage and
     resume bitmaps (None where absent)."""
+    configure_io()  # executors are other processes: GDAL settings are per process
     index, path = item
     t = job.cfg.tiling
     info = open_scene(path, job.cfg.scenes.bands, job.cfg.scenes.expect_dtype)
@@ -190,6 +192,7 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
 
     Ends with one ``(STATS_KEY, figures)`` record; a ResflowError is reported in it instead of
     being raised, so the driver can print it as one line."""
+    configure_io()
     t_start = time.perf_counter()
     todo = list(tasks)  # descriptors only; pixels are read lazily by the processor
     stats = PipelineStats()
@@ -223,6 +226,7 @@ def compute_partition(partition: int, tasks: Iterable[TileTask],
 def export_partition(scene_indices: Iterable[int], cfg: RunConfig, out_dir: str,
                      scenes: Sequence[SceneInfo]) -> Iterator[tuple[int, Any]]:
     """Executor side of the export: (scene, paths) pairs, or (STATS_KEY, error) on failure."""
+    configure_io()
     try:
         exported = export_outputs(cfg, Path(out_dir), str(Path(out_dir) / "masks.h5"), scenes,
                                   list(scene_indices))

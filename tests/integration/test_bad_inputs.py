@@ -104,17 +104,17 @@ SCENE_CASES: list[tuple[str, Callable[[Path], list[str]], dict, tuple[str, ...]]
 
 @pytest.mark.parametrize("name, make, sections, fragments", SCENE_CASES,
                          ids=[c[0] for c in SCENE_CASES])
-def test_bad_scene(tmp_path: Path, tiny_gallery: Path, name: str, make: Callable,
+def test_bad_scene(tmp_path: Path, unit_gallery: Path, name: str, make: Callable,
                    sections: dict, fragments: tuple[str, ...]) -> None:
-    cfg = make_cfg(tmp_path, tiny_gallery, make(tmp_path), **sections)
+    cfg = make_cfg(tmp_path, unit_gallery, make(tmp_path), **sections)
     line = assert_clear_error(run(cfg), *fragments)
     assert_nothing_complete(tmp_path / "out")
     print(f"{name}: {line}")
 
 
-def test_skip_policy_reports_bad_scene_and_maps_the_rest(tmp_path: Path, tiny_gallery: Path) -> None:
+def test_skip_policy_reports_bad_scene_and_maps_the_rest(tmp_path: Path, unit_gallery: Path) -> None:
     good, bad = scene(tmp_path / "good.tif"), tmp_path / "absent.tif"
-    cfg = make_cfg(tmp_path, tiny_gallery, [str(good), str(bad)],
+    cfg = make_cfg(tmp_path, unit_gallery, [str(good), str(bad)],
                    scenes={"on_bad_scene": "skip"})
     p = run(cfg)
     assert p.returncode == 0, p.stderr
@@ -124,9 +124,9 @@ def test_skip_policy_reports_bad_scene_and_maps_the_rest(tmp_path: Path, tiny_ga
     assert "not found" in report["skipped_scenes"][0]["reason"]
 
 
-def test_scene_smaller_than_a_tile_is_mapped(tmp_path: Path, tiny_gallery: Path) -> None:
+def test_scene_smaller_than_a_tile_is_mapped(tmp_path: Path, unit_gallery: Path) -> None:
     small = scene(tmp_path / "small.tif", size=40)
-    cfg = make_cfg(tmp_path, tiny_gallery, [str(small)])
+    cfg = make_cfg(tmp_path, unit_gallery, [str(small)])
     p = run(cfg)
     assert p.returncode == 0, p.stderr
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
@@ -134,9 +134,9 @@ def test_scene_smaller_than_a_tile_is_mapped(tmp_path: Path, tiny_gallery: Path)
     assert (mask.RasterXSize, mask.RasterYSize) == (40, 40)
 
 
-def test_gallery_missing_bucket(tmp_path: Path, tiny_gallery: Path) -> None:
+def test_gallery_missing_bucket(tmp_path: Path, unit_gallery: Path) -> None:
     gal = tmp_path / "gallery"
-    shutil.copytree(tiny_gallery, gal)
+    shutil.copytree(unit_gallery, gal)
     victim = sorted(gal.glob("bucket-*.pt"))[0]
     victim.unlink()
     cfg = make_cfg(tmp_path, gal, [str(scene(tmp_path / "s.tif"))])
@@ -144,9 +144,9 @@ def test_gallery_missing_bucket(tmp_path: Path, tiny_gallery: Path) -> None:
     assert_nothing_complete(tmp_path / "out")
 
 
-def test_gallery_corrupted_checkpoint(tmp_path: Path, tiny_gallery: Path) -> None:
+def test_gallery_corrupted_checkpoint(tmp_path: Path, unit_gallery: Path) -> None:
     gal = tmp_path / "gallery"
-    shutil.copytree(tiny_gallery, gal)
+    shutil.copytree(unit_gallery, gal)
     victim = sorted(gal.glob("bucket-*.pt"))[-1]
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -163,10 +163,10 @@ def test_unknown_config_key_and_bad_value(tmp_path: Path) -> None:
     assert_clear_error(run(bad), "bad.yaml", "inference.batch_size", ">= 1")
 
 
-def test_output_dir_not_writable(tmp_path: Path, tiny_gallery: Path) -> None:
+def test_output_dir_not_writable(tmp_path: Path, unit_gallery: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    cfg = make_cfg(tmp_path, tiny_gallery, [str(scene(tmp_path / "s.tif"))],
+    cfg = make_cfg(tmp_path, unit_gallery, [str(scene(tmp_path / "s.tif"))],
                    output={"dir": str(blocker / "out")})
     assert_clear_error(run(cfg), "out", "not writable")
 
@@ -186,9 +186,9 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def test_disk_fills_during_run(tmp_path: Path, tiny_gallery: Path, small_disk: Path) -> None:
+def test_disk_fills_during_run(tmp_path: Path, unit_gallery: Path, small_disk: Path) -> None:
     big = scene(tmp_path / "big.tif", size=1500)  # a 2.25 MB mask cannot fit on 1 MiB
-    cfg = make_cfg(tmp_path, tiny_gallery, [str(big)], output={"dir": str(small_disk / "out")})
+    cfg = make_cfg(tmp_path, unit_gallery, [str(big)], output={"dir": str(small_disk / "out")})
     p = run(cfg)
     assert_clear_error(p, "disk full")
     assert_nothing_complete(small_disk / "out")

@@ -146,16 +146,31 @@ def test_model_gallery_round_trip(tiny_gallery: Path) -> None:
     assert 0 < crops["building_centred"] <= crops["used"]
 
 
-def test_gallery_refusals(tiny_gallery: Path, tmp_path: Path) -> None:
+def test_untrained_fixture_gallery_loads_routes_and_searches(unit_gallery: Path) -> None:
+    g = ModelGallery(unit_gallery)
+    g.verify()
+    assert len(g.buckets) == 2 and g.centroids.shape == (2, g.n_bits // 8)
+    models = g.stage_models(torch.device("cpu"))
+    with torch.inference_mode():
+        for b in range(len(g.buckets)):
+            assert models.segmenter(b)(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 64, 64)
+    mono = ModelGallery(unit_gallery).stage_models(torch.device("cpu"), bucket_override="mono")
+    assert sum(p.numel() for p in mono.segmenter(1).parameters()) == g.manifest["mono"]["parameters"]
+    gal = ImageGallery(unit_gallery / "images.h5")
+    hits = gal.search(gal.codes[5], k=3)
+    assert hits[0]["tile"] == 5 and hits[0]["distance"] == 0 and len(hits) == 3
+
+
+def test_gallery_refusals(unit_gallery: Path, tmp_path: Path) -> None:
     with pytest.raises(GalleryError, match="not a model gallery"):
         ModelGallery(tmp_path)
     bad = tmp_path / "g1"
-    shutil.copytree(tiny_gallery, bad)
+    shutil.copytree(unit_gallery, bad)
     (bad / "manifest.json").write_text("{ not json")
     with pytest.raises(GalleryError, match="corrupted manifest"):
         ModelGallery(bad)
     other = tmp_path / "g2"
-    shutil.copytree(tiny_gallery, other)
+    shutil.copytree(unit_gallery, other)
     with pytest.raises(GalleryError, match="the config asks for 'fcn_resnet'"):
         ModelGallery(other).stage_models(torch.device("cpu"), arch="fcn_resnet").segmenter(0)
     # Weights of another architecture under a valid checksum are refused at load time.
