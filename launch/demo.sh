@@ -20,7 +20,7 @@ if [[ -f demo-out/gallery/manifest.json ]]; then echo "gallery exists, kept (del
 else "${MPIRUN[@]}" resflow init "$CFG"; fi
 echo "== 3/4 resflow run on $RANKS ranks (held-out regions -> HDF5 + GeoTIFF/COG)"
 "${MPIRUN[@]}" resflow run "$CFG"
-echo "== 4/4 resflow evaluate (IoU/F1 per held-out region, RESFlow vs Mono)"
+echo "== 4/4 resflow evaluate (IoU per held-out region: baselines, Mono, RESFlow, RESFlow+routing)"
 "${MPIRUN[@]}" resflow evaluate "$CFG" --out demo-out/run
 echo
 echo "== demo summary ($(( $(date +%s) - start )) s after install)"
@@ -32,11 +32,13 @@ print(f"scenes mapped: {sum(s['complete'] for s in r['scenes'])}/{len(r['scenes'
       f"{r['megapixels']:.1f} Mpx = {r['area_km2']:.2f} km2 in {r['wall_s']:.1f} s on {r['ranks']} ranks "
       f"({t['mpixel_per_s']:.2f} Mpx/s, {t['km2_per_s']:.3f} km2/s)")
 for s in r["scenes"]:
-    print("  ", s["outputs"][0] if s["outputs"] else s["path"])
+    print("  ", s["outputs"][0] if s["outputs"] else s["path"],
+          f"({s.get('ood_tiles', 0)} tile(s) out of distribution -> Mono)")
 k = json.load(open("demo-out/gallery/k_selection.json"))
 m = json.load(open("demo-out/gallery/manifest.json"))["summary"]
 print(f"buckets chosen: {k['chosen_k']} (curve: demo-out/gallery/k_selection.png), hash mAP {m['hash_map']:.3f}")
 print(open("demo-out/run/evaluation.md").read())
+print("How to read it: evaluation.md at the repository root (one seed here; --seeds N for spread)")
 import os
 if os.path.exists("demo-out/run/report.html"):
     print("HTML report: demo-out/run/report.html")

@@ -103,10 +103,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """IoU/F1 per held-out region for RESFlow (bucketed) vs Mono, with trivial baselines."""
+    """IoU/F1 per held-out region: RESFlow, RESFlow+routing, Mono and trivial baselines, with
+    bootstrap intervals over tiles and (--seeds N) mean and spread over N trained galleries."""
     cfg = _load(args)
     from .init.evaluate import run_evaluate
-    run_engine(args.engine, lambda runner: run_evaluate(cfg, runner, out=args.out))
+    run_engine(args.engine, lambda runner: run_evaluate(cfg, runner, out=args.out,
+                                                        seeds=args.seeds))
     return 0
 
 
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_info)
     sp = sub.add_parser("synth", help=cmd_synth.__doc__)
     sp.add_argument("--out", required=True)
-    sp.add_argument("--preset", default="demo", choices=["tiny", "demo", "large", "tiny-single"])
+    sp.add_argument("--preset", default="demo", choices=["tiny", "demo", "large", "tiny-single", "tiny-eval"])
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
     sp.add_argument("--size", type=int, default=None, help="scene side in pixels (overrides preset)")
@@ -195,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(sp)
     sp.add_argument("--out", default=None, help="directory for the table (default: output.dir)")
     sp.add_argument("--engine", default="mpi", choices=["mpi", "local"])
+    sp.add_argument("--seeds", type=int, default=1,
+                    help="evaluate N galleries trained with training.seed + 0..N-1 (seed i > 0 "
+                         "in <models.gallery>-seed<i>, trained when missing): mean and spread")
     sp.set_defaults(func=cmd_evaluate)
     sp = sub.add_parser("search", help=cmd_search.__doc__)
     sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")

@@ -146,6 +146,15 @@ class InferenceConfig:
     model: Literal["buckets", "mono"] = _f("buckets", "buckets: each tile by its hash bucket's "
                                                       "model (RESFlow); mono: every tile by the "
                                                       "single Mono model (comparison, fallback).")
+    ood_routing: Literal["off", "quantile"] = _f(
+        "off", "Out-of-distribution routing: off (every tile by its nearest bucket's model, the "
+               "paper); quantile: a tile whose code is farther from its bucket's centroid than "
+               "the ood_quantile of that bucket's training tiles is mapped by Mono and flagged "
+               "(bucket -2 in the bucket map and the HDF5 output).")
+    ood_quantile: float = _f(0.99, "Quantile of a bucket's in-bucket Hamming distances (training "
+                                   "tiles to the centroid) beyond which a tile is out of "
+                                   "distribution: about 1 - q of in-distribution tiles are "
+                                   "flagged. Also used by `resflow evaluate`'s routing column.")
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,20 @@ class TrainingConfig:
     batch_size: int = _f(16, "Training batch size.", min=1)
     lr: float = _f(0.003, "Adam learning rate.")
     seed: int = _f(0, "Seed for sampling and initialisation.")
+    bucket_mode: Literal["finetune", "paper"] = _f(
+        "finetune", "finetune: a base model trained on all tiles, then fine-tuned per bucket on "
+                    "the bucket's tiles; paper: each bucket model trained from scratch on its "
+                    "bucket's tiles only (RESFlow). Recorded in the gallery manifest.")
+    min_bucket_tiles: int = _f(8, "A bucket with fewer training tiles gets no model of its own: "
+                                  "a warning, and the bucket maps with Mono.", min=1)
+    mono_budget: Literal["total", "bucket"] = _f(
+        "total", "Mono's training steps: total (the sum of every bucket model's steps: a fair "
+                 "comparison) or bucket (one bucket model's steps).")
+    mono_wide_preset: Optional[Literal["tiny", "small", "paper"]] = _f(
+        None, "Also train a Mono of this (wider) preset, the capacity of k models, under the "
+              "same budget (evaluated beside Mono; null: none).")
+    val_every: int = _f(50, "Validation IoU every this many steps; each model keeps its best "
+                            "checkpoint (training to convergence on validation).", min=1)
 
 
 @dataclass(frozen=True)
@@ -235,6 +258,8 @@ class RunConfig:
         relevant["threshold"] = d["inference"]["threshold"]
         if d["inference"]["model"] != "buckets":  # unchanged checksum for existing outputs
             relevant["model"] = d["inference"]["model"]
+        if d["inference"]["ood_routing"] != "off":
+            relevant["ood"] = [d["inference"]["ood_routing"], d["inference"]["ood_quantile"]]
         relevant["scenes"].pop("on_bad_scene")
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -261,6 +286,9 @@ class RunConfig:
                               f"scenes.bands ({len(self.scenes.bands)}) and std > 0")
         if not 0.0 < self.inference.threshold < 1.0:
             raise ConfigError(f"{source}: inference.threshold must be in (0, 1)")
+        if not 0.0 < self.inference.ood_quantile <= 1.0:
+            raise ConfigError(f"{source}: inference.ood_quantile must be in (0, 1], got "
+                              f"{self.inference.ood_quantile}")
         if self.training.k_min > self.training.k_max:
             raise ConfigError(f"{source}: training.k_min must be <= training.k_max")
         if not 0.0 < self.training.val_fraction < 0.5:

@@ -5,7 +5,13 @@ Model gallery layout (a directory)::
     manifest.json            architecture specs, per-file SHA-256, bucket codes, training counts, metrics
     cem.pt  hash.pt          feature extractor and hash head (state dicts)
     bucket-<bits>.pt         one segmentation model per bucket, named by its centroid bitstring
-    mono.pt                  the single "Mono" model trained on all tiles (for comparison)
+    mono.pt                  the single "Mono" model trained on all tiles (for comparison, and
+                             for out-of-distribution tiles when routing is on)
+    mono-wide.pt             optional: Mono of a wider preset (training.mono_wide_preset)
+
+Each bucket entry keeps ``distance_histogram``: how many of its training tiles lie at Hamming
+distance 0..n_bits from its centroid; routing thresholds are quantiles of it (``ood_thresholds``).
+A bucket too small for a model of its own points at mono.pt (``"same_as": "mono"``).
 
 With one bucket (k = 1) there is no bucket file: the bucket's entry points at mono.pt
 (``"same_as": "mono"``), so the gallery is Mono alone under the bucket's code.
@@ -27,7 +33,7 @@ from torch import nn
 
 from .errors import GalleryError
 from .models import build_from_spec
-from .stages import DTYPE_RANGE, StageModels
+from .stages import DTYPE_RANGE, OOD_BUCKET, StageModels
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -85,7 +91,8 @@ class ModelGallery:
 
     def _entries(self) -> list[dict[str, Any]]:
         m = self.manifest
-        return [m["extractor"], m["hash_head"], *self.buckets] + ([m["mono"]] if m.get("mono") else [])
+        return ([m["extractor"], m["hash_head"], *self.buckets]
+                + [m[key] for key in ("mono", "mono_wide") if m.get(key)])
 
     def _checked_path(self, entry: dict[str, Any]) -> Path:
         p = self.root / entry["file"]
@@ -116,21 +123,56 @@ class ModelGallery:
                                f"({first[:200]})") from None
         return model.eval()
 
+    def ood_thresholds(self, quantile: float) -> np.ndarray:
+        """Per-bucket Hamming-distance thresholds: the ``quantile`` of each bucket's training
+        tiles' distances to its centroid, taken as the ceil(q (n + 1))-th smallest of the n
+        distances (the split-conformal rule: an in-distribution tile exceeds it with
+        probability <= 1 - q), capped at the largest one seen. A bucket without tiles never
+        flags."""
+        out = np.full(len(self.buckets), self.n_bits, np.int64)
+        for i, b in enumerate(self.buckets):
+            hist = b.get("distance_histogram")
+            if hist is None:
+                raise GalleryError(f"{self.root / MANIFEST}: the gallery has no in-bucket distance "
+                                   "statistics (built before out-of-distribution routing); "
+                                   "rebuild it with `resflow init` or set inference.ood_routing: off")
+            counts = np.asarray(hist, np.int64)
+            n = int(counts.sum())
+            if n == 0:
+                continue
+            rank = min(n, int(np.ceil(quantile * (n + 1))))
+            out[i] = int(np.searchsorted(np.cumsum(counts), rank))
+        return out
+
     def stage_models(self, device: torch.device, arch: Optional[str] = None,
-                     preset: Optional[str] = None, bucket_override: Optional[str] = None) -> StageModels:
+                     preset: Optional[str] = None, bucket_override: Optional[str] = None,
+                     ood_quantile: Optional[float] = None) -> StageModels:
         """The networks the stages need; segmenters load lazily on first use of a bucket.
 
-        ``bucket_override='mono'`` routes every bucket to the Mono model (for comparisons)."""
+        ``bucket_override='mono'`` (or ``'mono-wide'``) routes every bucket to the Mono model
+        (for comparisons). ``ood_quantile`` given: tiles beyond their bucket's threshold
+        (``ood_thresholds``) get bucket OOD_BUCKET and the Mono model."""
         expect = {k: v for k, v in (("arch", arch), ("preset", preset)) if v is not None}
         extractor = self.load(self.manifest["extractor"])
         hash_head = self.load(self.manifest["hash_head"])
         if len(self.buckets) == 0:
             raise GalleryError(f"{self.root}: the gallery lists no bucket models")
+        if bucket_override == "mono-wide":
+            if not self.manifest.get("mono_wide"):
+                raise GalleryError(f"{self.root}: the gallery has no wide Mono model (set "
+                                   "training.mono_wide_preset and rerun `resflow init`)")
+            expect.pop("preset", None)
+        thresholds = self.ood_thresholds(ood_quantile) if ood_quantile is not None else None
 
         def load_segmenter(bucket: int) -> nn.Module:
-            entry = self.manifest["mono"] if bucket_override == "mono" else self.buckets[bucket]
+            if bucket_override == "mono-wide":
+                entry = self.manifest["mono_wide"]
+            elif bucket_override == "mono" or bucket == OOD_BUCKET:
+                entry = self.manifest["mono"]
+            else:
+                entry = self.buckets[bucket]
             return self.load(entry, expect).to(device).to(memory_format=torch.channels_last)
-        return StageModels(extractor, hash_head, self.centroids, load_segmenter)
+        return StageModels(extractor, hash_head, self.centroids, load_segmenter, thresholds)
 
 
 class ImageGallery:

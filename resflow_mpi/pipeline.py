@@ -167,9 +167,15 @@ class Job:
 
 def build_stages(cfg: RunConfig, gallery: ModelGallery, device: Any,
                  bucket_override: Optional[str] = None) -> TileStages:
-    """The three stages on ``device`` with the gallery's models, as the config asks."""
+    """The three stages on ``device`` with the gallery's models, as the config asks.
+
+    ``bucket_override``: None (the config), "mono"/"mono-wide" (every tile by Mono), "buckets"
+    (nearest bucket, no routing) or "routed" (out-of-distribution routing at ood_quantile)."""
+    routed = bucket_override == "routed" or (bucket_override is None
+                                             and cfg.inference.ood_routing == "quantile")
     models = gallery.stage_models(device, cfg.models.arch, cfg.models.preset,
-                                  bucket_override=bucket_override)
+                                  bucket_override=bucket_override,
+                                  ood_quantile=cfg.inference.ood_quantile if routed else None)
     return TileStages.from_config(models, device, cfg.inference)
 
 
@@ -480,7 +486,9 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
         "engine": engine, "ranks": len(per_rank), "wall_s": wall_s,
         "scenes": [{"index": i, "path": s.path, "width": s.width, "height": s.height,
                     "area_km2": s.area_km2, "complete": i in complete,
+                    "ood_tiles": sum(int(r.get("ood_by_scene", {}).get(i, 0)) for r in per_rank),
                     "outputs": exported.get(i, [])} for i, s in enumerate(scenes)],
+        "ood_tiles": sum(int(n) for r in per_rank for n in r.get("ood_by_scene", {}).values()),
         "skipped_scenes": list(skipped),
         "tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
         "embed_slots": sum(r.get("embed_slots", 0) for r in per_rank),

@@ -17,7 +17,7 @@ import numpy as np
 from .config import RunConfig
 from .io.maskstore import TileResult
 from .io.raster import SceneInfo, WindowReader
-from .stages import BucketQueues, PendingTile, TileStages, normalize
+from .stages import OOD_BUCKET, BucketQueues, PendingTile, TileStages, normalize
 from .tiling import Tile
 
 TaskSource = Callable[[], Optional[Sequence["TileTask"]]]
@@ -47,6 +47,7 @@ class PipelineStats:
     hash_s: float = 0.0
     segment_s: float = 0.0
     buckets: dict[int, int] = field(default_factory=dict)
+    ood_by_scene: dict[int, int] = field(default_factory=dict)  # tiles routed to Mono, per scene
 
 
 @dataclass
@@ -105,6 +106,9 @@ class TileProcessor:
         mask[~valid] = 255
         keep = owned.astype(np.float16) if self.cfg.inference.save_probabilities else None
         self.stats.buckets[p.bucket] = self.stats.buckets.get(p.bucket, 0) + 1
+        if p.bucket == OOD_BUCKET:
+            s = task.tile.scene
+            self.stats.ood_by_scene[s] = self.stats.ood_by_scene.get(s, 0) + 1
         return TileResult(task.tile, mask, p.bucket, p.code, keep)
 
     def _empty_result(self, task: TileTask) -> TileResult:

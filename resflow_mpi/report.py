@@ -17,7 +17,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, OutputError
-from .io.export import BUCKET_COLOURS
+from .io.export import BUCKET_COLOURS, OOD_COLOUR
 from .io.naming import BUCKETS, COG, MASK, output_file_name
 from .io.raster import RasterPreview
 
@@ -167,11 +167,16 @@ def _save_png(fig_or_array: Any, path: Path) -> Path:
 
 def _bucket_label(key: str, tiles: Optional[int]) -> str:
     count = f" ({tiles} tiles)" if tiles is not None else ""
+    if int(key) == -2:
+        return f"out of distribution: Mono{count}"
     return f"bucket {key}{count}" if int(key) >= 0 else f"empty{count}"
 
 
 def bucket_colour(bucket: int) -> tuple[int, int, int]:
-    """The RGB colour of a bucket in the bucket maps (black for empty tiles)."""
+    """The RGB colour of a bucket in the bucket maps (black for empty tiles, white for tiles
+    routed to Mono as out of distribution)."""
+    if bucket == -2:
+        return tuple(int(v) for v in OOD_COLOUR)  # type: ignore[return-value]
     if bucket < 0:
         return (0, 0, 0)
     r, g, b = BUCKET_COLOURS[bucket % len(BUCKET_COLOURS)]
@@ -415,6 +420,18 @@ def _bucket_table(report: dict[str, Any]) -> str:
     return _table(["bucket", "tiles", "share", ""], rows, numeric_cols=(1, 2))
 
 
+def _ood_section(report: dict[str, Any]) -> str:
+    """Out-of-distribution routing: the setting, and the tiles routed to Mono per scene."""
+    inf = report.get("config", {}).get("inference", {})
+    if inf.get("ood_routing", "off") == "off":
+        return "<p>out-of-distribution routing: off (every tile by its nearest bucket)</p>"
+    rows = [(_esc(Path(str(s.get("path"))).name), _esc(s.get("ood_tiles", 0)))
+            for s in report.get("scenes", [])]
+    return (f"<p>out-of-distribution routing: quantile {_esc(inf.get('ood_quantile'))}; "
+            f"{_esc(report.get('ood_tiles', 0))} tile(s) routed to Mono</p>"
+            + _table(["scene", "tiles routed to Mono"], rows, numeric_cols=(1,)))
+
+
 def _skipped_section(report: dict[str, Any]) -> str:
     skipped = report.get("skipped_scenes", [])
     if not skipped:
@@ -429,6 +446,9 @@ def _scene_section(scene: dict[str, Any], looks: Optional[SceneLooks]) -> str:
              f"<p>{_esc(scene.get('path'))}<br>{_esc(scene.get('width'))} x "
              f"{_esc(scene.get('height'))} px, {_num(scene.get('area_km2', 0), '.3f')} km2, "
              f"{_esc(state)}</p>"]
+    if scene.get("ood_tiles"):
+        parts.append(f"<p>{_esc(scene['ood_tiles'])} tile(s) out of distribution, mapped by "
+                     "Mono (white in the bucket map)</p>")
     outputs = scene.get("outputs", [])
     if outputs:
         parts.append("<p>outputs: " + ", ".join(_esc(Path(o).name) for o in outputs) + "</p>")
@@ -456,7 +476,7 @@ def render_html(report: dict[str, Any], looks: Quicklooks, title: str) -> str:
         "<h2>Time per stage</h2>", _stage_table(report),
         _img(looks.stage_times_png, "seconds per stage"),
         "<h2>Ranks</h2>", _rank_table(report), _img(looks.rank_load_png, "load per rank"),
-        "<h2>Buckets</h2>", _bucket_table(report),
+        "<h2>Buckets</h2>", _bucket_table(report), _ood_section(report),
         "<h2>Skipped scenes</h2>", _skipped_section(report),
         "<h2>Scenes</h2>", scenes or "<p>no scenes</p>",
         "</body></html>", ""])

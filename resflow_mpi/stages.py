@@ -17,7 +17,11 @@ from torch import nn
 
 from .dtypes import DTYPE_RANGE  # float pixels have none: a float scene needs value_max
 from .errors import InputError
-from .models.hashing import assign_buckets, codes_to_bits, pack_bits
+from .models.hashing import assign_buckets, codes_to_bits, hamming_distance, pack_bits
+
+# Bucket value of a tile whose code is out of distribution (farther from its nearest bucket's
+# centroid than that bucket's threshold): it is mapped by Mono. -1 stays "not computed / nodata".
+OOD_BUCKET = -2
 
 
 def normalize(raw: np.ndarray, dtype: str, mode: str = "range", value_max: Optional[float] = None,
@@ -42,7 +46,9 @@ class StageModels:
     extractor: nn.Module
     hash_head: nn.Module
     centroids: np.ndarray                          # (n_buckets, code_bytes) packed bits
-    load_segmenter: Callable[[int], nn.Module]     # bucket index -> model (called lazily, once)
+    load_segmenter: Callable[[int], nn.Module]     # bucket index (or OOD_BUCKET) -> model, lazily
+    # Per-bucket Hamming-distance thresholds (n_buckets,); None: no out-of-distribution routing.
+    ood_thresholds: Optional[np.ndarray] = None
     _cache: dict[int, nn.Module] = field(default_factory=dict)
 
     def segmenter(self, bucket: int) -> nn.Module:
@@ -132,6 +138,9 @@ class TileStages:
             relaxed = self.models.hash_head(fmap.float())
         packed = pack_bits(codes_to_bits(relaxed.float()).cpu())[:n]
         buckets = assign_buckets(packed, self.centroids)
+        if self.models.ood_thresholds is not None:
+            buckets = route_out_of_distribution(packed, self.centroids, buckets,
+                                                torch.as_tensor(self.models.ood_thresholds))
         t2 = time.perf_counter()
         self.times.embed += t1 - t0
         self.times.hash += t2 - t1
@@ -157,6 +166,18 @@ class TileStages:
         prob = torch.sigmoid(logits.float())[:n, 0].cpu().numpy()
         self.times.segment += time.perf_counter() - t0
         return prob
+
+
+def route_out_of_distribution(packed: torch.Tensor, centroids: torch.Tensor, buckets: torch.Tensor,
+                              thresholds: torch.Tensor) -> torch.Tensor:
+    """Buckets with OOD_BUCKET where a code's distance to its bucket's centroid exceeds the
+    bucket's threshold (a tile unlike every bucket's training tiles)."""
+    if len(buckets) == 0:
+        return buckets
+    d = hamming_distance(packed, centroids)
+    rows = torch.arange(len(buckets))
+    far = d[rows, buckets.long()].long() > thresholds.long()[buckets.long()]
+    return torch.where(far, torch.full_like(buckets, OOD_BUCKET), buckets)
 
 
 @dataclass

@@ -42,7 +42,7 @@ UINT16_MAX_DN = 2047          # 11-bit sensors store their counts in uint16
 TIFF_BLOCK_PX = 256
 BAND_NAMES = ("red", "green", "blue", "nir")
 SPLITS = ("train", "test")
-PRESETS = ("tiny", "demo", "large", "tiny-single")
+PRESETS = ("tiny", "demo", "large", "tiny-single", "tiny-eval")
 SINGLE_REGIME = "temperate-urban"   # the one regime of the "tiny-single" preset
 _DTYPE_MAX_DN = {"uint8": 255, "uint16": UINT16_MAX_DN}
 _CREATE_OPTIONS = ["TILED=YES", f"BLOCKXSIZE={TIFF_BLOCK_PX}", f"BLOCKYSIZE={TIFF_BLOCK_PX}",
@@ -170,6 +170,27 @@ REGIMES: dict[str, Regime] = {r.name: r for r in (
         gain=(1.0, 0.97, 0.92, 1.0), offset=(0.0, 0.0, 0.0, 0.0), noise_sigma=0.01),
 )}
 
+# Regimes no preset ever trains on: the evaluation's unseen region (a new palette, layout and
+# sensor), so RESFlow's buckets meet tiles unlike all of their training tiles.
+UNSEEN_REGIMES: dict[str, Regime] = {r.name: r for r in (
+    Regime(
+        # A colour-infrared sensor (NIR, red, green as the three bands): vegetation is bright
+        # red, soil pink, water and asphalt dark cyan; no training regime looks like it.
+        name="volcanic-island", region="caldera", epsg=32628, sensor="SYN-CIR-9", month=9,
+        layout="rural", ground_low=(0.58, 0.20, 0.26, 0.20), ground_high=(0.80, 0.32, 0.36, 0.30),
+        texture_px=40, texture_contrast=2.6, parcel_px=90,
+        tree_colour=(0.92, 0.10, 0.18, 0.50), tree_cover=0.25, tree_px=14,
+        road_colour=(0.08, 0.30, 0.34, 0.08), road_px=6,
+        roof_palette=((0.20, 0.62, 0.70, 0.60), (0.45, 0.80, 0.85, 0.50), (0.10, 0.35, 0.45, 0.80)),
+        building_density=0.55, building_side_px=(8, 22), building_height_m=(3, 6),
+        max_rotation_deg=45, gable_fraction=0.9, cell_px=36, street_period_cells=0,
+        shadow_strength=0.8, sun_azimuth_deg=330, sun_elevation_deg=30,
+        haze=0.0, haze_colour=(0.70, 0.70, 0.75, 0.70),
+        gain=(1.0, 1.0, 1.0, 1.0), offset=(0.0, 0.0, 0.0, 0.0), noise_sigma=0.03),
+)}
+ALL_REGIMES: dict[str, Regime] = {**REGIMES, **UNSEEN_REGIMES}
+UNSEEN_REGIME = "volcanic-island"
+
 # Held-out regions: each borrows a training regime, perturbed, in a neighbouring UTM zone.
 HELDOUT_REGIONS: dict[str, tuple[str, int]] = {
     "heldout-A": ("temperate-urban", 32634),
@@ -177,6 +198,17 @@ HELDOUT_REGIONS: dict[str, tuple[str, int]] = {
     "heldout-C": ("desert-city", 32640),
 }
 HELDOUT_PERTURB = 0.08
+# The evaluation protocol's held-out regions (demo preset), each several scenes: (regime, perturb)
+# per scene. perturbed: known regimes moved by HELDOUT_PERTURB; unseen: a regime never trained on;
+# mix: both kinds, alternating.
+EVAL_REGIONS: dict[str, tuple[tuple[str, float], ...]] = {
+    "heldout-perturbed": (("temperate-urban", HELDOUT_PERTURB), ("tropical-suburban", HELDOUT_PERTURB),
+                          ("desert-city", HELDOUT_PERTURB), ("arid-rural", HELDOUT_PERTURB)),
+    "heldout-unseen": ((UNSEEN_REGIME, 0.0),) * 4,
+    "heldout-mix": (("hazy-megacity", HELDOUT_PERTURB), (UNSEEN_REGIME, 0.0),
+                    ("snow-rural", HELDOUT_PERTURB), (UNSEEN_REGIME, 0.0)),
+}
+EVAL_SCENE_PX = 768           # demo held-out scenes: 9 tiles of 256 px each, 36 per region
 _SCENE_JITTER = 0.02          # every scene differs a little from its regime, like real acquisitions
 
 
@@ -203,8 +235,9 @@ class SceneSpec:
         where = f"scene {self.name!r}"
         if not self.name or any(ch in self.name for ch in "/\\:") or self.name.startswith("."):
             raise ConfigError(f"{where}: name must be a plain file stem")
-        if self.regime not in REGIMES:
-            raise ConfigError(f"{where}: unknown regime {self.regime!r}; use one of {sorted(REGIMES)}")
+        if self.regime not in ALL_REGIMES:
+            raise ConfigError(f"{where}: unknown regime {self.regime!r}; use one of "
+                              f"{sorted(ALL_REGIMES)}")
         if self.split not in SPLITS:
             raise ConfigError(f"{where}: split must be one of {SPLITS}, got {self.split!r}")
         if self.dtype not in _DTYPE_MAX_DN:
@@ -394,7 +427,7 @@ def _scene_model(spec: SceneSpec) -> _SceneModel:
     keys = {name: _splitmix_int(scene_key ^ (salt * 0x9E3779B97F4A7C15 & _M64))
             for salt, name in enumerate(("ground", "parcel", "tree", "cells", "density", "haze",
                                          "noise", "roads", "collar", "regime", "date", "detail"), 1)}
-    regime = perturb_regime(REGIMES[spec.regime], _SCENE_JITTER + spec.perturb, keys["regime"])
+    regime = perturb_regime(ALL_REGIMES[spec.regime], _SCENE_JITTER + spec.perturb, keys["regime"])
     rng = np.random.default_rng(keys["roads"])
     elevation = float(np.clip(regime.sun_elevation_deg + rng.uniform(-3, 3), 10, 85))
     azimuth = float((regime.sun_azimuth_deg + rng.uniform(-8, 8)) % 360)
@@ -814,9 +847,13 @@ def _origin(epsg: int, seed: int, index: int) -> tuple[float, float]:
 
 def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
                   size_px: int | None = None, epsg: int | None = ARCHIVE_EPSG) -> list[SceneSpec]:
-    """Scene specs of a preset archive: "tiny" (tests), "demo", "large" (one benchmark scene), or
+    """Scene specs of a preset archive: "tiny" (tests), "demo", "large" (one benchmark scene),
     "tiny-single" (tests: six training scenes and one test scene of one regime, no structure to
-    cluster, so `k_min: 1` chooses one bucket).
+    cluster, so `k_min: 1` chooses one bucket) or "tiny-eval" (tests: the tiny training scenes,
+    one perturbed known test scene and two of the unseen regime).
+
+    The demo's test split is the evaluation protocol's three held-out regions (EVAL_REGIONS),
+    four scenes each.
 
     Like a national archive mapped in one projection, every scene shares ``epsg`` (default UTM
     37N); ``epsg=None`` gives each regime its own zone (a mixed-CRS archive, for tests)."""
@@ -852,12 +889,23 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
         add("large-00-temperate-urban", "temperate-urban", "benchmark", "test",
             REGIMES["temperate-urban"].epsg, 20000, True)
         return specs
-    size, repeats, heldout = (256, 1, ("heldout-A", "heldout-B")) if preset == "tiny" \
-        else (1024, 2, tuple(HELDOUT_REGIONS))
+    size, repeats, heldout = (1024, 2, ()) if preset == "demo" \
+        else (256, 1, ("heldout-A", "heldout-B") if preset == "tiny" else ())
     for i in range(repeats * len(REGIME_ORDER)):
         regime = REGIMES[REGIME_ORDER[i % len(REGIME_ORDER)]]
         add(f"train-{i:02d}-{regime.name}", regime.name, regime.region, "train", regime.epsg, size,
             collar=i % 4 == 2)
+    if preset == "tiny-eval":  # tests: one perturbed known scene, two of the unseen regime
+        add("heldout-perturbed-00", "temperate-urban", "heldout-perturbed", "test",
+            REGIMES["temperate-urban"].epsg, 256, collar=False, perturb=HELDOUT_PERTURB)
+        for j in range(2):
+            add(f"heldout-unseen-{j:02d}", UNSEEN_REGIME, "heldout-unseen", "test",
+                UNSEEN_REGIMES[UNSEEN_REGIME].epsg, 256, collar=False)
+    if preset == "demo":
+        for region, scenes in EVAL_REGIONS.items():
+            for j, (regime_name, perturb) in enumerate(scenes):
+                add(f"{region}-{j:02d}-{regime_name}", regime_name, region, "test",
+                    ALL_REGIMES[regime_name].epsg, EVAL_SCENE_PX, collar=j == 3, perturb=perturb)
     for j, region in enumerate(heldout):
         regime_name, epsg = HELDOUT_REGIONS[region]
         add(f"{region}-00", regime_name, region, "test", epsg, size, collar=j % 2 == 1,

@@ -31,7 +31,9 @@ TINY_CONFIG = {
     "inference": {"batch_size": 4, "threads_per_rank": 1},
     "output": {"dir": "", "quicklooks": False},
     "training": {"tile_px": 64, "tiles_per_scene": 16, "cem_epochs": 8, "hash_epochs": 30,
-                 "seg_epochs": 24, "k_min": 2, "k_max": 6, "batch_size": 16},
+                 "seg_epochs": 24, "k_min": 2, "k_max": 6, "batch_size": 16,
+                 # Plumbing tests need no fair Mono (k times the steps): keep the fixture fast.
+                 "mono_budget": "bucket"},
 }
 
 

@@ -1,29 +1,48 @@
-"""`resflow evaluate`: IoU / F1 per held-out region, RESFlow (bucketed models) vs Mono, beside the
-trivial baselines (all-building, all-background).
+"""`resflow evaluate`: IoU / F1 per held-out region for RESFlow (bucket models), RESFlow with
+out-of-distribution routing, Mono (and a wide Mono where the gallery has one), beside the trivial
+baselines (all-building, all-background), with a bootstrap confidence interval over tiles and,
+with ``--seeds N``, the mean and spread over N galleries trained with N seeds.
 
 Runs the one pipeline (``pipeline.drive`` through any runner: tiles, halo, three stages) on the
-labelled test scenes, once per model variant, into a counting sink that compares each tile's owned
-mask with the ground truth window; the runner spreads tiles exactly as ``resflow run`` does.
+labelled test scenes, once per model, into a counting sink that keeps each tile's confusion counts
+(owned mask vs the ground-truth window), its bucket and its code's distance to the bucket centroid.
+RESFlow with routing needs no pass of its own: a tile beyond its bucket's threshold
+(``ModelGallery.ood_thresholds``) takes Mono's counts, every other tile RESFlow's, which is what
+``inference.ood_routing: quantile`` computes (every tile's result is independent of its
+batch-mates). The protocol is written up in evaluation.md at the repository root.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import RunConfig
-from ..errors import OutputError, os_error_cause
-from ..galleries import ModelGallery, resolve_run_config
+import numpy as np
+
+from ..config import RunConfig, explicit_keys, mark_explicit
+from ..errors import InputError, OutputError, os_error_cause
+from ..galleries import MANIFEST, ModelGallery, resolve_run_config
 from ..io.labels import TruthReader
 from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
 from ..io.raster import prepare_scene
 from ..pipeline import Job, Runner, ScenePlan, build_tasks
-from .metrics import add_counts, baselines, confusion_counts, iou_f1
+from .metrics import baselines, confusion_counts
 
-VARIANTS = (("resflow", None), ("mono", "mono"))
+# Model passes: (column name, bucket_override for pipeline.build_stages).
+PASSES = (("resflow", "buckets"), ("mono", "mono"))
+WIDE_PASS = ("mono_wide", "mono-wide")
+# Columns of every table, in order (baselines first).
+COLUMNS = ("all_building", "all_background", "mono", "mono_wide", "resflow", "resflow_routed")
+LABELS = {"all_building": "All-building", "all_background": "All-background", "mono": "Mono",
+          "mono_wide": "Mono (wide)", "resflow": "RESFlow", "resflow_routed": "RESFlow+routing"}
+BOOTSTRAP_SAMPLES = 1000
+CONFIDENCE = 0.95
+COUNT_KEYS = ("tp", "fp", "fn", "tn")
 
 
 def _zero() -> dict[str, int]:
@@ -31,28 +50,156 @@ def _zero() -> dict[str, int]:
 
 
 class CountingSink:
-    """Confusion counts per region of the tiles this process computed (a local sink)."""
+    """Per-tile confusion counts of the tiles this process computed (a local sink).
+
+    ``tiles`` holds ``(scene, tile index, bucket, distance, tp, fp, fn, tn)`` per tile; ``distance``
+    is the tile code's Hamming distance to its bucket's centroid (-1 where not computed)."""
 
     kind = "local"
 
-    def __init__(self, truth: TruthReader, regions: Sequence[str]):
+    def __init__(self, truth: TruthReader, centroids: Optional[np.ndarray] = None):
         self.truth = truth
-        self.regions = list(regions)
-        self.counts: dict[str, dict[str, int]] = {}
-        self.buckets: dict[str, dict[int, int]] = {}
+        self.centroids = centroids
+        self.tiles: list[tuple[int, ...]] = []
 
     def write_results(self, results: Sequence[TileResult], collective: bool = False,
                       n_calls: Optional[int] = None) -> None:
         for r in results:
             s, o = r.tile.scene, r.tile.owned
-            gt = self.truth.window(s, o.col, o.row, o.width, o.height)
-            region = self.regions[s]
-            self.counts[region] = add_counts(self.counts.get(region, _zero()),
-                                             confusion_counts(r.mask, gt))
-            hist = self.buckets.setdefault(region, {})
-            hist[r.bucket] = hist.get(r.bucket, 0) + 1
+            c = confusion_counts(r.mask, self.truth.window(s, o.col, o.row, o.width, o.height))
+            dist = -1
+            if self.centroids is not None and 0 <= r.bucket < len(self.centroids):
+                xor = np.bitwise_xor(np.asarray(r.code, np.uint8), self.centroids[r.bucket])
+                dist = int(np.unpackbits(xor).sum())
+            self.tiles.append((s, r.tile.index, int(r.bucket), dist,
+                               c["tp"], c["fp"], c["fn"], c["tn"]))
+
+    def close(self) -> None:
+        self.truth.close()
 
 
+__all__ = ["CountingSink", "baselines", "run_evaluate", "write_evaluation", "summarize_region"]
+
+
+# -- per-tile counts -> tables ------------------------------------------------------------------
+@dataclass
+class RegionTiles:
+    """One region's tiles (same order in every column): confusion counts (n, 4) per column, the
+    tile keys and whether each tile was routed to Mono."""
+
+    keys: list[tuple[int, int]]
+    counts: dict[str, np.ndarray]
+    flagged: np.ndarray
+    buckets: np.ndarray
+
+
+def region_tiles(per_pass: dict[str, list[tuple[int, ...]]], regions: Sequence[str],
+                 thresholds: Optional[np.ndarray]) -> dict[str, RegionTiles]:
+    """Join the passes' per-tile records by tile; add the baselines and RESFlow+routing columns."""
+    rows = {name: {(t[0], t[1]): t for t in tiles} for name, tiles in per_pass.items()}
+    keys = sorted(rows["resflow"])
+    by_region: dict[str, list[tuple[int, int]]] = {}
+    for key in keys:
+        by_region.setdefault(regions[key[0]], []).append(key)
+    out = {}
+    for region, ks in by_region.items():
+        counts = {name: np.array([rows[name][k][4:8] for k in ks], np.int64).reshape(-1, 4)
+                  for name in rows}
+        res = np.array([rows["resflow"][k] for k in ks], np.int64).reshape(-1, 8)
+        buckets, dist = res[:, 2], res[:, 3]
+        if thresholds is not None:
+            flagged = (buckets >= 0) & (dist > thresholds[np.clip(buckets, 0, None)])
+        else:
+            flagged = np.zeros(len(ks), bool)
+        counts["resflow_routed"] = np.where(flagged[:, None], counts["mono"], counts["resflow"])
+        truth = counts["mono"]
+        pos, neg = truth[:, 0] + truth[:, 2], truth[:, 1] + truth[:, 3]
+        zeros = np.zeros_like(pos)
+        counts["all_building"] = np.stack([pos, neg, zeros, zeros], 1)
+        counts["all_background"] = np.stack([zeros, zeros, pos, neg], 1)
+        out[region] = RegionTiles(ks, counts, flagged, buckets)
+    return out
+
+
+def _iou(c: np.ndarray) -> np.ndarray:
+    """IoU over the last axis of summed counts (..., 4); NaN where there is nothing to score."""
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    den = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, tp / np.maximum(den, 1), np.nan)
+
+
+def _f1(c: np.ndarray) -> np.ndarray:
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    den = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2 * tp / np.maximum(den, 1), np.nan)
+
+
+def bootstrap_indices(n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
+    """(samples, n) tile indices drawn with replacement (seeded: the same draws for every column
+    and seed, so differences between columns are paired)."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def summarize_region(seed_tiles: Sequence[RegionTiles], samples: int = BOOTSTRAP_SAMPLES,
+                     confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Per column: IoU and F1 per seed, their mean and spread over seeds, and the bootstrap
+    interval (over tiles) of the seed-mean IoU; the same for RESFlow(+routing) - Mono gaps."""
+    n = len(seed_tiles[0].keys)
+    if any(t.keys != seed_tiles[0].keys for t in seed_tiles):
+        raise ValueError("seeds were evaluated on different tiles")
+    idx = bootstrap_indices(n, samples)
+    lo_q, hi_q = (1 - confidence) / 2, 1 - (1 - confidence) / 2
+    cols = [c for c in COLUMNS if c in seed_tiles[0].counts]
+    boot: dict[str, np.ndarray] = {}
+    result: dict[str, Any] = {"tiles": n, "columns": {}}
+    for col in cols:
+        per_seed = np.stack([t.counts[col].sum(0) for t in seed_tiles])        # (S, 4)
+        iou, f1 = _iou(per_seed), _f1(per_seed)
+        # (S, B, 4) -> (B,) seed-mean IoU of each resample
+        resampled = np.stack([t.counts[col][idx].sum(1) for t in seed_tiles])
+        boot[col] = np.nanmean(_iou(resampled), axis=0) if n else np.zeros(0)
+        result["columns"][col] = {
+            "iou_per_seed": _clean(iou), "f1_per_seed": _clean(f1),
+            "iou_mean": _nanstat(np.nanmean, iou), "f1_mean": _nanstat(np.nanmean, f1),
+            "iou_sd": _nanstat(lambda a: np.nanstd(a, ddof=1), iou) if len(iou) > 1 else None,
+            "iou_ci": _interval(boot[col], lo_q, hi_q)}
+    for col in ("resflow", "resflow_routed", "mono_wide"):
+        if col in boot:
+            gap = boot[col] - boot["mono"]
+            per_seed = np.array(result["columns"][col]["iou_per_seed"], float) - \
+                np.array(result["columns"]["mono"]["iou_per_seed"], float)
+            result.setdefault("gaps", {})[f"{col}-mono"] = {
+                "iou_mean": _nanstat(np.nanmean, per_seed), "iou_ci": _interval(gap, lo_q, hi_q)}
+    result["flagged_share_per_seed"] = [float(t.flagged.mean()) if n else 0.0 for t in seed_tiles]
+    result["buckets_used_per_seed"] = [
+        {str(b): int(c) for b, c in zip(*np.unique(t.buckets, return_counts=True))}
+        for t in seed_tiles]
+    return result
+
+
+def _clean(a: np.ndarray) -> list[Optional[float]]:
+    return [None if np.isnan(v) else float(v) for v in np.asarray(a, float)]
+
+
+def _nanstat(fn: Any, a: np.ndarray) -> Optional[float]:
+    a = np.asarray(a, float)
+    if np.isnan(a).all():
+        return None
+    with np.errstate(invalid="ignore"):
+        v = float(fn(a))
+    return None if np.isnan(v) else v
+
+
+def _interval(samples: np.ndarray, lo: float, hi: float) -> Optional[list[float]]:
+    s = samples[~np.isnan(samples)]
+    if len(s) == 0:
+        return None
+    return [float(np.quantile(s, lo)), float(np.quantile(s, hi))]
+
+
+# -- running -----------------------------------------------------------------------------------
 def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
     """The labelled scenes to evaluate, their labels and regions; an unlabelled archive or a bad
     label is a one-line error before any inference."""
@@ -64,80 +211,155 @@ def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
     return scenes, labels, [e.region or Path(e.path).stem for e in entries]
 
 
-def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
-                 ) -> Optional[dict[str, Any]]:
-    """Confusion counts per region and model variant; rank 0 writes evaluation.{json,md}."""
+def seed_configs(cfg: RunConfig, seeds: int) -> list[RunConfig]:
+    """Seed i trains with training.seed + i into models.gallery (i = 0) or <gallery>-seed<i>."""
+    out = []
+    for i in range(seeds):
+        gallery = cfg.models.gallery if i == 0 else f"{cfg.models.gallery.rstrip('/')}-seed{i}"
+        scfg = dataclasses.replace(
+            cfg, models=dataclasses.replace(cfg.models, gallery=gallery),
+            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + i))
+        keys = explicit_keys(cfg)
+        out.append(mark_explicit(scfg, keys) if keys is not None else scfg)
+    return out
+
+
+def _gallery_matches(cfg: RunConfig) -> bool:
+    """The gallery exists and was trained with this config's training section."""
+    path = Path(cfg.models.gallery) / MANIFEST
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return (m.get("training") == cfg.to_dict()["training"] and m.get("arch") == cfg.models.arch
+            and m.get("preset") == cfg.models.preset)
+
+
+def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: list[Any],
+                     regions: list[str], out_dir: Path
+                     ) -> Optional[tuple[dict[str, RegionTiles], dict[str, Any]]]:
+    """Every pass over the test scenes with cfg's gallery; rank 0 gets the joined tiles."""
+    comm = runner.comm
+
+    def check() -> RunConfig:
+        g = ModelGallery(cfg.models.gallery)
+        g.verify()
+        return resolve_run_config(g, cfg)  # the gallery contract, as for `run`
+    cfg = comm.root_call(check)
+    gallery = ModelGallery(cfg.models.gallery)
+    job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), gallery, out_dir, quiet=True)
+    tasks = build_tasks(job.plan, cfg) if comm.is_root else []
+    passes = list(PASSES) + ([WIDE_PASS] if gallery.manifest.get("mono_wide") else [])
+    per_pass: dict[str, list[tuple[int, ...]]] = {}
+    for name, override in passes:
+        sink = CountingSink(TruthReader(scenes, labels, cfg.labels), gallery.centroids)
+        runner.map_tiles(job, tasks, sink, override)
+        sink.close()
+        parts = comm.gather(sink.tiles)
+        per_pass[name] = [t for part in parts or [] for t in part]
+    if not comm.is_root:
+        return None
+    thresholds = gallery.ood_thresholds(cfg.inference.ood_quantile) \
+        if all("distance_histogram" in b for b in gallery.buckets) else None
+    m = gallery.manifest
+    info = {"gallery": str(gallery.root), "gallery_checksum": gallery.checksum,
+            "seed": m.get("training", {}).get("seed"), "k": m.get("summary", {}).get("k"),
+            "hash_map": m.get("summary", {}).get("hash_map"),
+            "bucket_mode": m.get("bucket_mode"), "mono_budget": m.get("mono_budget"),
+            "budget": m.get("budget"),
+            "ood_thresholds": None if thresholds is None else [int(t) for t in thresholds],
+            "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou")}
+    return region_tiles(per_pass, regions, thresholds), info
+
+
+def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
+                 seeds: int = 1) -> Optional[dict[str, Any]]:
+    """Evaluate ``seeds`` galleries (training any that is missing, see ``seed_configs``); rank 0
+    writes evaluation.{json,md} and returns the result."""
+    from .workflow import run_init
+    if seeds < 1:
+        raise InputError(f"--seeds {seeds}: give at least 1")
     comm = runner.comm
     runner.bind(cfg)
     out_dir = Path(out or cfg.output.dir)
-
-    def setup() -> tuple[RunConfig, list[Any], list[Any], list[str]]:
-        gallery = ModelGallery(cfg.models.gallery)
-        gallery.verify()
-        resolved = resolve_run_config(gallery, cfg)  # the gallery contract, as for `run`
-        return (resolved, *evaluation_scenes(resolved))
-    cfg, scenes, labels, regions = comm.root_call(setup)
-    job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), ModelGallery(cfg.models.gallery),
-              out_dir, quiet=True)
-    tasks = build_tasks(job.plan, cfg) if comm.is_root else []
-    total: dict[str, dict[str, dict[str, int]]] = {}
-    used: dict[str, dict[int, int]] = {}
-    for variant, override in VARIANTS:
-        truth = TruthReader(scenes, labels, cfg.labels)
-        sink = CountingSink(truth, regions)
-        runner.map_tiles(job, tasks, sink, override)
-        parts = comm.gather((sink.counts, sink.buckets))
-        for counts, hists in parts or []:
-            for region, c in counts.items():
-                acc = total.setdefault(region, {}).setdefault(variant, _zero())
-                for key in acc:
-                    acc[key] += c[key]
-            if variant == "resflow":
-                for region, hist in hists.items():
-                    u = used.setdefault(region, {})
-                    for b, n in hist.items():
-                        u[b] = u.get(b, 0) + n
+    scenes, labels, regions = comm.root_call(lambda: evaluation_scenes(cfg))
+    per_seed: list[dict[str, RegionTiles]] = []
+    infos: list[dict[str, Any]] = []
+    for scfg in seed_configs(cfg, seeds):
+        if seeds > 1 and not comm.bcast(_gallery_matches(scfg) if comm.is_root else None):
+            if comm.is_root:
+                print(f"[evaluate] training seed {scfg.training.seed} into {scfg.models.gallery}",
+                      file=sys.stderr, flush=True)
+            run_init(scfg, comm)
+        got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir)
+        if got is not None:
+            per_seed.append(got[0])
+            infos.append(got[1])
     if not comm.is_root:
         return None
-    return write_evaluation(out_dir, total, used, job.gallery)
+    return write_evaluation(out_dir, per_seed, infos, cfg.inference.ood_quantile)
 
 
 def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
-                     used: dict[str, dict[int, int]], gallery: ModelGallery) -> dict[str, Any]:
-    """evaluation.json and evaluation.md (atomically) from the summed counts."""
-    rows = []
-    for region in sorted(total):
-        m, r_ = iou_f1(total[region]["mono"]), iou_f1(total[region]["resflow"])
-        base = baselines(total[region]["mono"])  # the truth's counts, same for every variant
-        rows.append({"region": region, "mono_iou": m["iou"], "mono_f1": m["f1"],
-                     "resflow_iou": r_["iou"], "resflow_f1": r_["f1"],
-                     "iou_gap": (r_["iou"] - m["iou"])
-                     if m["iou"] is not None and r_["iou"] is not None else None,
-                     "all_building_iou": base["all_building"]["iou"],
-                     "all_building_f1": base["all_building"]["f1"],
-                     "all_background_iou": base["all_background"]["iou"],
-                     "all_background_f1": base["all_background"]["f1"],
-                     "buckets_used": {str(k): v for k, v in sorted(used.get(region, {}).items())},
-                     "counts": total[region]})
-    summary = gallery.manifest.get("summary", {})
-    result = {"regions": rows, "hash_map": summary.get("hash_map"), "k": summary.get("k"),
-              "gallery": str(gallery.root), "gallery_checksum": gallery.checksum}
-    md = ["| Region | All-building IoU / F1 | All-background IoU / F1 | Mono IoU | Mono F1 | "
-          "RESFlow IoU | RESFlow F1 | IoU gap |",
-          "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['region']} | {_fmt(r['all_building_iou'])} / {_fmt(r['all_building_f1'])}"
-                  f" | {_fmt(r['all_background_iou'])} / {_fmt(r['all_background_f1'])}"
-                  f" | {_fmt(r['mono_iou'])} | {_fmt(r['mono_f1'])} | "
-                  f"{_fmt(r['resflow_iou'])} | {_fmt(r['resflow_f1'])} | {_fmt(r['iou_gap'])} |")
+def _cell(col: dict[str, Any], seeds: int) -> str:
+    text = _fmt(col["iou_mean"])
+    if seeds > 1:
+        text += f" ± {_fmt(col['iou_sd'])}"
+    ci = col["iou_ci"]
+    return text + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+
+def evaluation_tables(result: dict[str, Any]) -> list[str]:
+    """The Markdown table: one row per region, one column per model and baseline."""
+    seeds = result["seeds"]
+    cols = [c for c in COLUMNS if any(c in r["columns"] for r in result["regions"].values())]
+    head = ["Region", "tiles", *(LABELS[c] + " IoU" for c in cols), "RESFlow − Mono",
+            "RESFlow+routing − Mono", "routed to Mono"]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for region, r in result["regions"].items():
+        gaps = r.get("gaps", {})
+
+        def gap(name: str) -> str:
+            g = gaps.get(name)
+            if not g:
+                return "n/a"
+            ci = g["iou_ci"]
+            return f"{g['iou_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") \
+                if g["iou_mean"] is not None else "n/a"
+        flagged = np.mean(r["flagged_share_per_seed"]) if r["flagged_share_per_seed"] else 0.0
+        md.append("| " + " | ".join([region, str(r["tiles"]),
+                                     *(_cell(r["columns"][c], seeds) if c in r["columns"] else "n/a"
+                                       for c in cols),
+                                     gap("resflow-mono"), gap("resflow_routed-mono"),
+                                     f"{100 * flagged:.0f} %"]) + " |")
     md.append("")
-    if result["hash_map"] is not None:
-        md.append(f"Buckets chosen: k = {result['k']}; hash validation mAP = "
-                  f"{result['hash_map']:.4f}")
+    spread = "mean ± sd over seeds, " if seeds > 1 else ""
+    md.append(f"IoU ({spread}[{100 * CONFIDENCE:.0f} % bootstrap interval over tiles, "
+              f"{BOOTSTRAP_SAMPLES} resamples]) per held-out region, {seeds} seed(s). Gaps are "
+              "paired (same resampled tiles). Routing: ood_quantile "
+              f"{result['ood_quantile']}; 'routed to Mono' is the share of tiles beyond their "
+              "bucket's threshold.")
+    for info in result["galleries"]:
+        md.append(f"- seed {info['seed']}: k = {info['k']}, hash mAP "
+                  f"{_fmt(info['hash_map'])}, bucket mode {info['bucket_mode']}, Mono budget "
+                  f"{info['mono_budget']}, Mono validation IoU {_fmt(info['mono_val_iou'])} "
+                  f"({info['gallery']})")
+    return md
+
+
+def write_evaluation(out_dir: Path, per_seed: Sequence[dict[str, RegionTiles]],
+                     galleries: Sequence[dict[str, Any]], ood_quantile: float,
+                     samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
+    """evaluation.json and evaluation.md (atomically) from the per-seed, per-region tiles."""
+    regions = {region: summarize_region([s[region] for s in per_seed], samples)
+               for region in sorted(per_seed[0])}
+    result = {"seeds": len(per_seed), "ood_quantile": ood_quantile,
+              "bootstrap": {"samples": samples, "confidence": CONFIDENCE, "unit": "tile"},
+              "regions": regions, "galleries": list(galleries)}
+    md = evaluation_tables(result)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         for name, text in (("evaluation.json", json.dumps(result, indent=1)),

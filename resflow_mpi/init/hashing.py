@@ -80,3 +80,12 @@ def mean_average_precision(query_codes: np.ndarray, query_labels: np.ndarray,
         prec = np.cumsum(rel) / np.arange(1, len(rel) + 1)
         aps.append(float((prec * rel).sum() / rel.sum()))
     return float(np.mean(aps)) if aps else 0.0
+
+
+def hamming_to_own_centroid(codes_packed: np.ndarray, centroids_packed: np.ndarray,
+                            buckets: np.ndarray) -> np.ndarray:
+    """Each code's Hamming distance (N,) int64 to the centroid of its bucket."""
+    if len(codes_packed) == 0:
+        return np.zeros(0, np.int64)
+    d = hamming_distance(torch.from_numpy(codes_packed), torch.from_numpy(centroids_packed)).numpy()
+    return d[np.arange(len(d)), buckets].astype(np.int64)

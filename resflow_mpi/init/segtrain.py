@@ -1,7 +1,8 @@
 """Segmentation training for the model gallery (pure torch: arrays in, trained module out)."""
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -37,8 +38,10 @@ def photometric_jitter(x: torch.Tensor, rng: np.random.Generator, gain: float = 
 
 
 def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int,
-                    lr: float, seed: int, augment: bool = True) -> list[float]:
-    """``steps`` Adam steps on random batches (flips/rot90 augmentation); returns the loss curve."""
+                    lr: float, seed: int, augment: bool = True,
+                    after_step: Optional[Callable[[int], None]] = None) -> list[float]:
+    """``steps`` Adam steps on random batches (flips/rot90 augmentation); returns the loss curve.
+    ``after_step(step)`` (1-based) runs after each step; the model is back in train mode after."""
     if len(x) == 0 or steps <= 0:
         return []
     rng = np.random.default_rng(seed)
@@ -69,6 +72,9 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
         opt.step()
         sched.step()
         curve.append(float(loss.detach()))
+        if after_step is not None:
+            after_step(len(curve))
+            model.train()
     model.eval()
     return curve
 
@@ -88,3 +94,27 @@ def confusion(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 
 def metrics(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     c = confusion(model, x, y)
     return {**c, **iou_f1(c)}
+
+
+def train_selected(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int,
+                   lr: float, seed: int, xv: np.ndarray, yv: np.ndarray,
+                   val_every: int) -> dict[str, Any]:
+    """``train_segmenter`` keeping the checkpoint with the best validation IoU (checked every
+    ``val_every`` steps and at the end): the model is trained to convergence on validation
+    however many steps it was given. Without validation tiles the last weights are kept.
+    Returns the steps, the chosen step and its validation IoU."""
+    best: dict[str, Any] = {"iou": -1.0, "step": steps, "state": None}
+
+    def check(step: int) -> None:
+        if len(xv) == 0 or (step % val_every and step != steps):
+            return
+        iou = metrics(model, xv, yv)["iou"]
+        iou = -0.5 if iou is None else iou
+        if iou > best["iou"]:
+            best.update(iou=iou, step=step, state=copy.deepcopy(model.state_dict()))
+    train_segmenter(model, x, y, steps, batch_size, lr, seed, after_step=check)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.eval()
+    return {"steps": steps, "best_step": best["step"],
+            "best_val_iou": best["iou"] if best["state"] is not None else None}

@@ -7,9 +7,11 @@
    the intra-cluster variance curve), trains the hash head on soft cluster labels, derives bucket
    centroid codes and reports the validation mAP. With ``k_min: 1`` and no bucket structure
    (see ``clustering.choose_k``) k = 1: one bucket whose model is Mono.
-3. A shared base segmenter is trained on all tiles; then bucket b is fine-tuned on its own tiles
-   on rank b % size, and "Mono" continues on all tiles for the same number of steps (same
-   architecture and budget as every bucket model).
+3. Segmentation models (``TrainingPlan``): per bucket, fine-tuned from a base trained on all
+   tiles (``bucket_mode: finetune``) or trained on the bucket's tiles only (``paper``); Mono on
+   all tiles with the total budget of the bucket models (fair), optionally a wider Mono too;
+   every model keeps its best checkpoint on validation. Jobs spread over ranks by their steps.
+   Each bucket's in-bucket Hamming distances (training tiles to centroid) are kept for routing.
 4. Rank 0 writes weights, the manifest (last: a gallery without a manifest is not a gallery), the
    image gallery, and the k-selection curve (JSON + PNG).
 """
@@ -21,7 +23,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,9 +41,9 @@ from ..runtime.device import usable_cores
 from ..tiling import split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, crop_warnings, open_scenes, sample_tiles
-from .hashing import (bucket_of, centroid_codes, mean_average_precision, packed_codes,
-                      train_hash_head)
-from .segtrain import metrics, train_segmenter
+from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
+                      mean_average_precision, packed_codes, train_hash_head)
+from .segtrain import metrics, train_segmenter, train_selected
 
 
 def _log(msg: str) -> None:
@@ -97,6 +100,86 @@ def save_curve_plot(path: Path, ks: list[int], var: list[float], k: int) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One segmentation model to train: a bucket's (``bucket`` set) or a Mono."""
+
+    name: str             # gallery file stem: bucket-<code>, mono, mono-wide
+    index: int            # seed offset: bucket index, k for Mono, k + 1 for the wide Mono
+    bucket: Optional[int]  # None: trained on all tiles
+    preset: str
+    steps: int            # steps of this job (after the shared base, when from_base)
+    from_base: bool
+
+
+@dataclass
+class TrainingPlan:
+    """Who trains what, for how many steps.
+
+    A bucket model's budget is S = seg_epochs x (training tiles / batch size) steps. ``finetune``:
+    a base model on all tiles for S/2 steps, then each bucket model S - S/2 steps on its tiles
+    from the base. ``paper``: each bucket model S steps from scratch on its tiles only. Mono is
+    trained on all tiles with the total budget of the n bucket models that have a model
+    (``mono_budget: total``: base + n (S - S/2), or n S) or one bucket model's (``bucket``);
+    the wide Mono gets the total budget from scratch. A bucket with fewer than
+    ``min_bucket_tiles`` training tiles gets no model (``too_small``): it maps with Mono."""
+
+    base_steps: int
+    jobs: list[TrainJob]
+    too_small: list[int]
+    bucket_steps: int
+
+    def jobs_of(self, rank: int, size: int) -> list[TrainJob]:
+        """This rank's jobs: longest first, each to the least-loaded rank (deterministic)."""
+        load = [0] * size
+        mine = []
+        for job in sorted(self.jobs, key=lambda j: (-j.steps, j.index)):
+            r = min(range(size), key=lambda i: (load[i], i))
+            load[r] += job.steps
+            if r == rank:
+                mine.append(job)
+        return mine
+
+    def describe(self, cfg: RunConfig, size: int) -> str:
+        t = cfg.training
+        base = (f"base {cfg.models.arch}/{cfg.models.preset} {self.base_steps} steps on all tiles, "
+                if self.base_steps else "no base model (paper mode), ")
+        parts = [f"{j.name}: {j.steps} steps" + (" from base" if j.from_base else " from scratch")
+                 for j in self.jobs]
+        return (f"segmentation ({t.bucket_mode} mode, Mono budget {t.mono_budget}): {base}"
+                + ", ".join(parts) + f" on {size} rank(s)")
+
+    def record(self) -> dict[str, Any]:
+        return {"base_steps": self.base_steps, "bucket_steps": self.bucket_steps,
+                "jobs": {j.name: {"steps": j.steps, "from_base": j.from_base, "preset": j.preset}
+                         for j in self.jobs},
+                "buckets_without_model": list(self.too_small)}
+
+
+def plan_training(cfg: RunConfig, train_buckets: np.ndarray, codes: list[str]) -> TrainingPlan:
+    """The segmentation training plan for the buckets of ``codes`` (see TrainingPlan)."""
+    k = len(codes)
+    tr = cfg.training
+    steps_per_epoch = max(1, -(-len(train_buckets) // tr.batch_size))
+    total = max(2, tr.seg_epochs * steps_per_epoch)
+    finetune = tr.bucket_mode == "finetune"
+    base_steps = total // 2 if finetune else 0
+    own = total - base_steps
+    counts = np.bincount(train_buckets, minlength=k)
+    too_small = [b for b in range(k) if k > 1 and counts[b] < tr.min_bucket_tiles]
+    with_model = [b for b in range(k) if k > 1 and b not in too_small]
+    jobs = []
+    for b in with_model:
+        jobs.append(TrainJob(f"bucket-{codes[b]}", b, b, cfg.models.preset, own, finetune))
+    n = max(1, len(with_model))
+    mono_steps = own * n if tr.mono_budget == "total" else own
+    jobs.append(TrainJob("mono", k, None, cfg.models.preset, mono_steps, finetune))
+    if tr.mono_wide_preset:
+        jobs.append(TrainJob("mono-wide", k + 1, None, tr.mono_wide_preset,
+                             base_steps + mono_steps, False))
+    return TrainingPlan(base_steps, jobs, too_small, total)
 
 
 def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
@@ -201,71 +284,92 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         head_entry = {**save_module(head, gallery / "hash.pt"), "n_bits": cfg.models.hash_bits}
         summary.update({"k": k, "hash_map": hash_map, "bucket_equals_cluster": bucket_acc,
                         "n_tiles": n, "n_val": int(is_val.sum())})
-        state = (buckets, centroids, codes)
+        dist = hamming_to_own_centroid(codes, centroids, buckets)
+        hist = [np.bincount(dist[~is_val & (buckets == b)], minlength=cfg.models.hash_bits + 1)
+                .tolist() for b in range(k)]
+        summary["in_bucket_distance_max"] = [int(dist[~is_val & (buckets == b)].max(initial=0))
+                                             for b in range(k)]
+        state = (buckets, centroids, codes, hist)
         torch.set_num_threads(per_rank_threads)
     else:
         state = None
     comm.quiet_barrier()
-    buckets, centroids, codes = comm.bcast(state, root=0)
+    buckets, centroids, codes, dist_hist = comm.bcast(state, root=0)
     k = len(centroids)
-    # -- stage B: base segmenter (rank 0), then buckets + Mono in parallel ---------------------
-    steps_per_epoch = max(1, -(-int((~is_val).sum()) // tr.batch_size))
-    base_steps = max(1, tr.seg_epochs * steps_per_epoch // 2)
-    ft_steps = max(1, tr.seg_epochs * steps_per_epoch - base_steps)
+    # -- stage B: segmentation models (see plan_training) ----------------------------------------
     xtr, ytr = tiles.x[~is_val], tiles.y[~is_val]
+    xva, yva = tiles.x[is_val], tiles.y[is_val]
+    plan = plan_training(cfg, buckets[~is_val],
+                         [bits_to_str(c, cfg.models.hash_bits) for c in centroids])
     base_state = None
-    if rank == 0:
+    if plan.base_steps and rank == 0:
         torch.set_num_threads(max(per_rank_threads, usable_cores()))
         torch.manual_seed(tr.seed)
         base = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
-        train_segmenter(base, xtr, ytr, base_steps, tr.batch_size, tr.lr, tr.seed)
+        train_segmenter(base, xtr, ytr, plan.base_steps, tr.batch_size, tr.lr, tr.seed)
         base_state = base.state_dict()
         torch.set_num_threads(per_rank_threads)
-        _log(f"base {cfg.models.arch}/{cfg.models.preset} trained for {base_steps} steps; "
-             + (f"fine-tuning {k} bucket model(s) + Mono" if k > 1 else
-                "k = 1: fine-tuning Mono only (the one bucket maps to it)")
-             + f" for {ft_steps} steps each on {size} rank(s)")
+    if rank == 0:
+        for b in plan.too_small:
+            _log(f"WARNING: bucket {b} has {int((buckets[~is_val] == b).sum())} training tile(s), "
+                 f"fewer than training.min_bucket_tiles = {tr.min_bucket_tiles}: it gets no model "
+                 "of its own, its tiles are mapped by Mono")
+        _log(plan.describe(cfg, size))
     comm.quiet_barrier()
-    base_state = comm.bcast(base_state, root=0)
+    if plan.base_steps:
+        base_state = comm.bcast(base_state, root=0)
     entries: dict[str, dict[str, Any]] = {}
-    # With one bucket its model would be Mono again (same tiles, same budget): train Mono only.
-    jobs = [k] if k == 1 else list(range(k + 1))
-    for index, job in enumerate(jobs):
-        if index % size != rank:
-            continue
-        name = "mono" if job == k else f"bucket-{bits_to_str(centroids[job], cfg.models.hash_bits)}"
-        sel_tr = np.ones(len(xtr), bool) if job == k else (buckets[~is_val] == job)
-        sel_val = np.ones(int(is_val.sum()), bool) if job == k else (buckets[is_val] == job)
-        model = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
-        model.load_state_dict(base_state)
-        lr = tr.lr * 0.5
-        train_segmenter(model, xtr[sel_tr] if sel_tr.any() else xtr, ytr[sel_tr] if sel_tr.any() else ytr,
-                        ft_steps, tr.batch_size, lr, tr.seed + 1 + job)
-        xv, yv = tiles.x[is_val][sel_val], tiles.y[is_val][sel_val]
+    for job in plan.jobs_of(rank, size):
+        torch.manual_seed(tr.seed + 1 + job.index)
+        model = build_segmentation(cfg.models.arch, job.preset, in_ch)
+        if job.from_base:
+            model.load_state_dict(base_state)
+        sel_tr = np.ones(len(xtr), bool) if job.bucket is None else (buckets[~is_val] == job.bucket)
+        sel_val = np.ones(len(xva), bool) if job.bucket is None else (buckets[is_val] == job.bucket)
+        xv, yv = xva[sel_val], yva[sel_val]
+        fit = train_selected(model, xtr[sel_tr], ytr[sel_tr], job.steps, tr.batch_size,
+                             tr.lr * 0.5 if job.from_base else tr.lr, tr.seed + 1 + job.index,
+                             xv, yv, tr.val_every)
         m = metrics(model, xv, yv) if len(xv) else {}
-        entry = save_module(model, gallery / f"{name}.pt")
+        entry = save_module(model, gallery / f"{job.name}.pt")
         entry.update({"train_tiles": int(sel_tr.sum()), "val_tiles": int(sel_val.sum()),
-                      "steps": base_steps + ft_steps, "val_metrics": m})
-        if job < k:
-            entry.update({"index": job, "code": bits_to_str(centroids[job], cfg.models.hash_bits)})
-        entries[name] = entry
+                      "steps": job.steps + (plan.base_steps if job.from_base else 0),
+                      "from_base": job.from_base, "best_step": fit["best_step"],
+                      "val_metrics": m})
+        if job.bucket is not None:
+            entry.update({"index": job.bucket,
+                          "code": bits_to_str(centroids[job.bucket], cfg.models.hash_bits)})
+        entries[job.name] = entry
     comm.quiet_barrier()
     all_entries = comm.gather(entries, root=0)
     if rank != 0:
         comm.barrier()
         return None
     merged = {key: v for part in all_entries for key, v in part.items()}  # type: ignore[union-attr]
-    bucket_entries = sorted((v for key, v in merged.items() if key != "mono"),
-                            key=lambda e: e["index"])
-    if k == 1:  # the single bucket is Mono: same weights file, the bucket's code for routing
-        bucket_entries = [{**merged["mono"], "index": 0, "same_as": "mono",
-                           "code": bits_to_str(centroids[0], cfg.models.hash_bits)}]
+    bucket_entries = []
+    for b in range(k):
+        code = bits_to_str(centroids[b], cfg.models.hash_bits)
+        if b in plan.too_small or k == 1:
+            # No model of its own (k = 1, or too few tiles): the bucket's code maps with Mono.
+            entry = {**merged["mono"], "index": b, "code": code, "same_as": "mono",
+                     "train_tiles": int((buckets[~is_val] == b).sum()),
+                     "val_tiles": int((buckets[is_val] == b).sum())}
+            if k > 1:
+                entry["fallback"] = (f"fewer than training.min_bucket_tiles = "
+                                     f"{tr.min_bucket_tiles} training tiles")
+        else:
+            entry = merged[f"bucket-{code}"]
+        entry["distance_histogram"] = dist_hist[b]
+        bucket_entries.append(entry)
     manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
                 "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
                 "train_dtypes": sorted({s.dtype for s in scenes}),
                 "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
                 "preset": cfg.models.preset, "extractor": ext_entry, "hash_head": head_entry,
-                "buckets": bucket_entries, "mono": merged["mono"], "summary": summary,
+                "buckets": bucket_entries, "mono": merged["mono"],
+                **({"mono_wide": merged["mono-wide"]} if "mono-wide" in merged else {}),
+                "bucket_mode": tr.bucket_mode, "mono_budget": tr.mono_budget,
+                "budget": plan.record(), "summary": summary,
                 "training_crops": {
                     "requested_per_scene": tr.tiles_per_scene, "used": int(n),
                     "building_centred": sum(r.building_centred for r in crop_reports),

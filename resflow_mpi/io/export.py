@@ -19,6 +19,7 @@ BUCKET_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130
                            [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
                            [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
                            [128, 0, 0], [170, 255, 195], [128, 128, 0], [0, 0, 128]], np.uint8)
+OOD_COLOUR = np.array([255, 255, 255], np.uint8)  # bucket -2: out of distribution, mapped by Mono
 
 
 def confined(out_dir: str | Path, name: str) -> Path:
@@ -92,13 +93,15 @@ def _export_buckets(buckets: np.ndarray, meta: SceneMeta, path: Path) -> None:
     rgb = np.zeros((3, rows, cols), np.uint8)
     ok = buckets >= 0
     rgb[:, ok] = BUCKET_COLOURS[buckets[ok] % len(BUCKET_COLOURS)].T
+    rgb[:, buckets == -2] = OOD_COLOUR[:, None]
     tmp = geotiff.partial_path(path)
     ds = geotiff.create(tmp, cols, rows, 3, np.uint8, meta.crs_wkt,
                         scaled_geotransform(meta.geotransform, meta.tile_px, meta.tile_px),
                         ["COMPRESS=DEFLATE"])
     geotiff.check_write(ds.WriteArray(rgb))
     ds.SetMetadata({"RESFLOW_BUCKETS": ",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}"
-                                                for i, c in enumerate(BUCKET_COLOURS))})
+                                                for i, c in enumerate(BUCKET_COLOURS))
+                    + ",-2=#ffffff (out of distribution: Mono)"})
     ds.FlushCache()
     ds = None
     geotiff.commit(tmp, path)

@@ -132,7 +132,8 @@ def test_model_gallery_round_trip(tiny_gallery: Path) -> None:
         assert seg(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     for b in g.buckets:
         assert set(b["code"]) <= {"0", "1"} and len(b["code"]) == g.n_bits
-        assert (tiny_gallery / f"bucket-{b['code']}.pt").is_file()
+        assert (tiny_gallery / b["file"]).is_file()
+        assert b["file"] == ("mono.pt" if b.get("same_as") == "mono" else f"bucket-{b['code']}.pt")
     assert manifest["mono"]["train_tiles"] >= max(b["train_tiles"] for b in g.buckets)
     gal = ImageGallery(tiny_gallery / "images.h5")
     assert len(gal.codes) == manifest["summary"]["n_tiles"]

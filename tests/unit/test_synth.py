@@ -184,8 +184,11 @@ def test_presets_and_size_override() -> None:
     demo = synth.archive_specs("demo", seed=0)
     train = [s for s in demo if s.split == "train"]
     assert len(train) == 2 * len(REGIMES) and {s.regime for s in train} == set(REGIMES)
-    assert {s.region for s in demo if s.split == "test"} == set(synth.HELDOUT_REGIONS)
-    assert all(s.width == s.height == 1024 for s in demo)
+    test = [s for s in demo if s.split == "test"]
+    assert {s.region for s in test} == set(synth.EVAL_REGIONS)
+    assert all(sum(s.region == r for s in test) >= 4 for r in synth.EVAL_REGIONS)
+    assert all(s.width == s.height == 1024 for s in train)
+    assert all(s.width == s.height == synth.EVAL_SCENE_PX for s in test)
     (large,) = synth.archive_specs("large", size_px=3000)
     assert large.width == large.height == 3000
     assert synth.archive_specs("demo", seed=1)[0].seed != demo[0].seed
@@ -217,3 +220,13 @@ def test_write_raster_from_array_round_trip(tmp_path: Path) -> None:
     ds = gdal.Open(str(hw))
     assert ds.RasterCount == 1 and ds.GetRasterBand(1).GetNoDataValue() is None
     np.testing.assert_array_equal(ds.ReadAsArray(), np.ones((5, 7), np.float32))
+
+
+def test_unseen_regime_looks_unlike_every_training_regime(tmp_path: Path) -> None:
+    specs = {name: _spec(name=name, regime=name, width=256, height=256) for name in REGIMES}
+    means = _pixels_per_regime(specs, tmp_path)
+    unseen = _spec(name="unseen", regime=synth.UNSEEN_REGIME, region="heldout-unseen",
+                   split="test", width=256, height=256)
+    u = _pixels_per_regime({"u": unseen}, tmp_path / "u")["u"]
+    assert synth.UNSEEN_REGIME not in REGIMES
+    assert min(np.abs(means[n] - u).max() for n in means) > 20, (u, means)
