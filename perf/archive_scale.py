@@ -69,7 +69,7 @@ def measure(n: int, paths: list[str], gallery: Path, out: Path, tile_px: int, ra
             "tiles": tiles, "wall_s": r["wall_s"], "command_wall_s": run.command_wall_s,
             "tiles_per_s": tiles / r["wall_s"], "ms_per_tile": 1000 * r["wall_s"] / tiles,
             "plan_s": r.get("plan_s"), "write_s_max": max(p["write_s"] for p in r["per_rank"]),
-            "peak_rss_mb_per_rank": [x.get("peak_rss_mb") for x in rss] or
+            "peak_rss_mb_per_rank": [x["vmhwm_kb"] / 1024 for x in rss if "vmhwm_kb" in x] or
             r.get("peak_rss_mb_per_rank"), "writer": r.get("writer")}
 
 
