@@ -4,6 +4,11 @@ trivial baselines (all-building, all-background).
 Runs the one pipeline (``pipeline.drive`` through any runner: tiles, halo, three stages) on the
 labelled test scenes, once per model variant, into a counting sink that compares each tile's owned
 mask with the ground truth window; the runner spreads tiles exactly as ``resflow run`` does.
+
+Both variants' masks are also written for the user to look at, exactly as ``resflow run`` writes
+them (mask store, then export): ``<out>/masks/resflow/<scene>.resflow-mask.tif`` (per-bucket
+models) and ``<out>/masks/mono/<scene>.resflow-mask.tif`` (every tile by Mono, the same pixels as
+``resflow run --model mono``).
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from ..io.labels import TruthReader
 from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
 from ..io.raster import prepare_scene
-from ..pipeline import Job, Runner, ScenePlan, build_tasks
+from ..pipeline import Job, Runner, ScenePlan, build_tasks, check_output_dir, finish_store
 from .metrics import add_counts, baselines, confusion_counts, iou_f1
 
 VARIANTS = (("resflow", None), ("mono", "mono"))
@@ -53,6 +58,30 @@ class CountingSink:
             hist[r.bucket] = hist.get(r.bucket, 0) + 1
 
 
+class MaskCountingSink:
+    """Counts like :class:`CountingSink` and writes the same results into a mask store (a
+    ``store`` sink: the runner applies its writer policy, collective rounds included)."""
+
+    kind = "store"
+
+    def __init__(self, store: Any, counter: CountingSink):
+        self.store, self.counter = store, counter
+
+    @property
+    def tiles_written(self) -> int:
+        return getattr(self.store, "tiles_written", 0)
+
+    @property
+    def bytes_written(self) -> int:
+        return getattr(self.store, "bytes_written", 0)
+
+    def write_results(self, results: Sequence[TileResult], collective: bool = False,
+                      n_calls: Optional[int] = None) -> None:
+        if self.store is not None:
+            self.store.write_results(results, collective=collective, n_calls=n_calls)
+        self.counter.write_results(results)
+
+
 def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
     """The labelled scenes to evaluate, their labels and regions; an unlabelled archive or a bad
     label is a one-line error before any inference."""
@@ -64,9 +93,10 @@ def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
     return scenes, labels, [e.region or Path(e.path).stem for e in entries]
 
 
-def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
-                 ) -> Optional[dict[str, Any]]:
-    """Confusion counts per region and model variant; rank 0 writes evaluation.{json,md}."""
+def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
+                 write_masks: bool = True) -> Optional[dict[str, Any]]:
+    """Confusion counts per region and model variant; rank 0 writes evaluation.{json,md} and,
+    with ``write_masks``, each variant's masks under ``<out>/masks/<variant>/``."""
     comm = runner.comm
     runner.bind(cfg)
     out_dir = Path(out or cfg.output.dir)
@@ -80,11 +110,15 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []
     total: dict[str, dict[str, dict[str, int]]] = {}
     used: dict[str, dict[int, int]] = {}
+    mask_files: dict[str, dict[int, list[str]]] = {}
     for variant, override in VARIANTS:
         truth = TruthReader(scenes, labels, cfg.labels)
-        sink = CountingSink(truth, regions)
-        runner.map_tiles(job, tasks, sink, override)
-        parts = comm.gather((sink.counts, sink.buckets))
+        counter = CountingSink(truth, regions)
+        if write_masks:
+            mask_files[variant] = _map_with_masks(runner, job, tasks, counter, variant, override)
+        else:
+            runner.map_tiles(job, tasks, counter, override)
+        parts = comm.gather((counter.counts, counter.buckets))
         for counts, hists in parts or []:
             for region, c in counts.items():
                 acc = total.setdefault(region, {}).setdefault(variant, _zero())
@@ -97,7 +131,29 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None
                         u[b] = u.get(b, 0) + n
     if not comm.is_root:
         return None
-    return write_evaluation(out_dir, total, used, job.gallery)
+    masks = {v: [p for i in sorted(files) for p in files[i]] for v, files in mask_files.items()}
+    return write_evaluation(out_dir, total, used, job.gallery, masks)
+
+
+def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: CountingSink,
+                    variant: str, override: Optional[str]) -> dict[int, list[str]]:
+    """Map the tasks into ``counter`` and a mask store of their own under
+    ``<out>/masks/<variant>/``, then export the masks as ``resflow run`` does; rank 0 gets
+    scene -> exported files (the store itself is removed: the GeoTIFFs are what one looks at)."""
+    comm = runner.comm
+    vdir = job.out_dir / "masks" / variant
+    vdir = comm.root_call(lambda: check_output_dir(str(vdir)))
+    vjob = Job(job.cfg, job.plan, job.gallery, vdir, quiet=True)
+    store = runner.open_store(vjob, restart=True)
+    runner.map_tiles(vjob, tasks, MaskCountingSink(store, counter), override)
+    complete = finish_store(store, len(vjob.scenes), comm)
+    exported = runner.export(vjob, complete)
+    if comm.is_root:
+        try:
+            os.remove(vjob.h5_path)
+        except OSError:
+            pass
+    return exported
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -105,7 +161,8 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
-                     used: dict[str, dict[int, int]], gallery: ModelGallery) -> dict[str, Any]:
+                     used: dict[str, dict[int, int]], gallery: ModelGallery,
+                     masks: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
     """evaluation.json and evaluation.md (atomically) from the summed counts."""
     rows = []
     for region in sorted(total):
@@ -123,7 +180,8 @@ def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
                      "counts": total[region]})
     summary = gallery.manifest.get("summary", {})
     result = {"regions": rows, "hash_map": summary.get("hash_map"), "k": summary.get("k"),
-              "gallery": str(gallery.root), "gallery_checksum": gallery.checksum}
+              "gallery": str(gallery.root), "gallery_checksum": gallery.checksum,
+              "masks": masks or {}}
     md = ["| Region | All-building IoU / F1 | All-background IoU / F1 | Mono IoU | Mono F1 | "
           "RESFlow IoU | RESFlow F1 | IoU gap |",
           "|---|---|---|---|---|---|---|---|"]
@@ -147,4 +205,8 @@ def write_evaluation(out_dir: Path, total: dict[str, dict[str, dict[str, int]]],
         raise OutputError(f"{out_dir}: cannot write the evaluation ({os_error_cause(exc)})") from None
     print("\n".join(md), flush=True)
     print(f"[evaluate] wrote {out_dir / 'evaluation.md'}", file=sys.stderr, flush=True)
+    for variant, paths in (masks or {}).items():
+        if paths:
+            print(f"[evaluate] {variant} masks: {out_dir / 'masks' / variant}/ "
+                  f"({len(paths)} file(s))", file=sys.stderr, flush=True)
     return result
