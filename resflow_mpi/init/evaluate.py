@@ -30,7 +30,7 @@ from ..io.labels import TruthReader
 from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
 from ..io.raster import prepare_scene
-from ..pipeline import Job, Runner, ScenePlan, build_tasks
+from ..pipeline import Job, Runner, ScenePlan, build_tasks, check_output_dir, finish_store
 from .metrics import baselines, confusion_counts
 
 # Model passes: (column name, bucket_override for pipeline.build_stages).
@@ -78,7 +78,31 @@ class CountingSink:
         self.truth.close()
 
 
-__all__ = ["CountingSink", "baselines", "run_evaluate", "write_evaluation", "summarize_region"]
+class MaskCountingSink:
+    """Counts like :class:`CountingSink` and writes the same results into a mask store (a
+    ``store`` sink: the runner applies its writer policy, collective rounds included)."""
+
+    kind = "store"
+
+    def __init__(self, store: Any, counter: CountingSink):
+        self.store, self.counter = store, counter
+
+    @property
+    def tiles_written(self) -> int:
+        return getattr(self.store, "tiles_written", 0)
+
+    @property
+    def bytes_written(self) -> int:
+        return getattr(self.store, "bytes_written", 0)
+
+    def write_results(self, results: Sequence[TileResult], collective: bool = False,
+                      n_calls: Optional[int] = None) -> None:
+        if self.store is not None:
+            self.store.write_results(results, collective=collective, n_calls=n_calls)
+        self.counter.write_results(results)
+
+
+__all__ = ["CountingSink", "MaskCountingSink", "baselines", "run_evaluate", "write_evaluation", "summarize_region"]
 
 
 # -- per-tile counts -> tables ------------------------------------------------------------------
@@ -236,9 +260,11 @@ def _gallery_matches(cfg: RunConfig) -> bool:
 
 
 def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: list[Any],
-                     regions: list[str], out_dir: Path
+                     regions: list[str], out_dir: Path, write_masks: bool = False
                      ) -> Optional[tuple[dict[str, RegionTiles], dict[str, Any]]]:
-    """Every pass over the test scenes with cfg's gallery; rank 0 gets the joined tiles."""
+    """Every pass over the test scenes with cfg's gallery; rank 0 gets the joined tiles. With
+    ``write_masks`` the RESFlow and Mono passes also write their masks, exactly as ``resflow run``
+    does, under ``<out>/masks/<pass>/<scene>.resflow-mask.tif``."""
     comm = runner.comm
 
     def check() -> RunConfig:
@@ -251,9 +277,14 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []
     passes = list(PASSES) + ([WIDE_PASS] if gallery.manifest.get("mono_wide") else [])
     per_pass: dict[str, list[tuple[int, ...]]] = {}
+    mask_files: dict[str, list[str]] = {}
     for name, override in passes:
         sink = CountingSink(TruthReader(scenes, labels, cfg.labels), gallery.centroids)
-        runner.map_tiles(job, tasks, sink, override)
+        if write_masks and name in ("resflow", "mono"):
+            files = _map_with_masks(runner, job, tasks, sink, name, override)
+            mask_files[name] = [p for i in sorted(files) for p in files[i]]
+        else:
+            runner.map_tiles(job, tasks, sink, override)
         sink.close()
         parts = comm.gather(sink.tiles)
         per_pass[name] = [t for part in parts or [] for t in part]
@@ -268,7 +299,8 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
             "bucket_mode": m.get("bucket_mode"), "mono_budget": m.get("mono_budget"),
             "budget": m.get("budget"),
             "ood_thresholds": None if thresholds is None else [int(t) for t in thresholds],
-            "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou")}
+            "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou"),
+            "masks": mask_files}
     return region_tiles(per_pass, regions, thresholds), info
 
 
@@ -291,13 +323,35 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
                 print(f"[evaluate] training seed {scfg.training.seed} into {scfg.models.gallery}",
                       file=sys.stderr, flush=True)
             run_init(scfg, comm)
-        got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir)
+        got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir,
+                               write_masks=not per_seed and not infos)
         if got is not None:
             per_seed.append(got[0])
             infos.append(got[1])
     if not comm.is_root:
         return None
     return write_evaluation(out_dir, per_seed, infos, cfg.inference.ood_quantile)
+
+
+def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: CountingSink,
+                    variant: str, override: Optional[str]) -> dict[int, list[str]]:
+    """Map the tasks into ``counter`` and a mask store of their own under
+    ``<out>/masks/<variant>/``, then export the masks as ``resflow run`` does; rank 0 gets
+    scene -> exported files (the store itself is removed: the GeoTIFFs are what one looks at)."""
+    comm = runner.comm
+    vdir = job.out_dir / "masks" / variant
+    vdir = comm.root_call(lambda: check_output_dir(str(vdir)))
+    vjob = Job(job.cfg, job.plan, job.gallery, vdir, quiet=True)
+    store = runner.open_store(vjob, restart=True)
+    runner.map_tiles(vjob, tasks, MaskCountingSink(store, counter), override)
+    complete = finish_store(store, len(vjob.scenes), comm)
+    exported = runner.export(vjob, complete)
+    if comm.is_root:
+        try:
+            os.remove(vjob.h5_path)
+        except OSError:
+            pass
+    return exported
 
 
 def _fmt(v: Optional[float]) -> str:

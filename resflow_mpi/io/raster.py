@@ -364,13 +364,27 @@ def _nodata_pixels(info: SceneInfo, bands: Sequence[int], pixels: np.ndarray) ->
     return hit
 
 
-def _long_runs(flag: np.ndarray, min_run: int) -> np.ndarray:
-    """True on pixels inside a horizontal run of at least ``min_run`` True pixels of their row."""
+# Blank fill decoded from JPEG is not exactly constant where it meets the image: chroma upsampling
+# leaves short clusters of pixels just outside the fill range (248-249 beside 255 at quality 90).
+# Gaps of at most min_run // FILL_GAP_DIVISOR pixels inside a run are bridged so the run (gap
+# included) still counts as fill.
+FILL_GAP_DIVISOR = 16
+
+
+def _long_runs(flag: np.ndarray, min_run: int, max_gap: int = 0) -> np.ndarray:
+    """True on pixels inside a horizontal run of at least ``min_run`` True pixels of their row;
+    gaps of up to ``max_gap`` False pixels between two True segments of a row join them."""
     h, w = flag.shape
-    padded = np.zeros((h, w + 2), np.int8)
+    width = w + 2
+    padded = np.zeros((h, width), np.int8)
     padded[:, 1:-1] = flag
     d = np.diff(padded.ravel())
     starts, ends = np.flatnonzero(d == 1) + 1, np.flatnonzero(d == -1) + 1
+    if max_gap > 0 and starts.size > 1:
+        join = ((starts[1:] - ends[:-1] <= max_gap)
+                & (starts[1:] // width == (ends[:-1] - 1) // width))
+        starts = starts[np.concatenate([[True], ~join])]
+        ends = ends[np.concatenate([~join, [True]])]
     keep = (ends - starts) >= min_run
     marks = np.zeros(padded.size + 1, np.int32)
     np.add.at(marks, starts[keep], 1)
@@ -382,7 +396,8 @@ def _blank_fill(info: SceneInfo, pixels: np.ndarray, min_run: int) -> np.ndarray
     in_range = np.zeros(pixels.shape[1:], bool)
     for lo, hi in info.blank_fill_ranges:
         in_range |= ((pixels >= lo) & (pixels <= hi)).all(axis=0)
-    return _long_runs(in_range, max(1, min_run))
+    run = max(1, min_run)
+    return _long_runs(in_range, run, run // FILL_GAP_DIVISOR)
 
 
 def valid_pixels(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int], w: Window,
