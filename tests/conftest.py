@@ -119,7 +119,8 @@ def pytest_configure(config: pytest.Config) -> None:
               "cluster: needs root + Slurm/munge (launch/install.sh --with-slurm) or network "
               "namespaces; a real one-machine cluster (tests/cluster)",
               "integration: trains a gallery (tiny_gallery) or runs whole jobs; "
-              "deselect with -m 'not integration'"):
+              "deselect with -m 'not integration'",
+              "realdata: needs rasters fetched from PyPI packages (tests/data/fetch_real_data.py)"):
         config.addinivalue_line("markers", m)
     os.environ.setdefault("H5PY_ALWAYS_USE_MPI", "1")
     shutil.which("mpirun")
