@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # resflow_mpi without installing
+# resflow_mpi without installing: this checkout, or the one a before/after study names
+sys.path.insert(0, os.environ.get("RESFLOW_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
 
 RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 
