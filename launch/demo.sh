@@ -14,7 +14,7 @@ if [[ $EUID -eq 0 ]]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROO
 CFG=configs/demo.yaml
 start=$(date +%s)
 echo "== 1/4 synthetic archive (demo preset) -> demo-out/archive"
-resflow synth --out demo-out/archive --preset demo --seed 0
+resflow synth --out demo-out/archive --preset demo --seed 0 --mixed-crs
 echo "== 2/4 resflow init on $RANKS ranks (CEM, clustering, hashing, per-bucket + Mono models)"
 if [[ -f demo-out/gallery/manifest.json ]]; then echo "gallery exists, kept (delete demo-out/gallery to retrain)"
 else "${MPIRUN[@]}" resflow init "$CFG"; fi

@@ -50,7 +50,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     """Write a synthetic archive of georeferenced scenes with ground truth."""
     from .synth import synth_archive
     path = synth_archive(args.out, preset=args.preset, seed=args.seed, dtype=args.dtype,
-                         size_px=args.size, bands=args.bands)
+                         size_px=args.size, bands=args.bands, mixed_crs=args.mixed_crs)
     entries = json.loads(open(path).read())
     print(f"wrote {len(entries)} scene(s) to {args.out} ({path})")
     return 0
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dtype", default="uint8", choices=["uint8", "uint16"])
     sp.add_argument("--size", type=int, default=None, help="scene side in pixels (overrides preset)")
     sp.add_argument("--bands", type=int, default=3)
+    sp.add_argument("--mixed-crs", action="store_true",
+                    help="each regime's scenes in its own UTM zone (an archive spanning CRSs)")
     sp.set_defaults(func=cmd_synth)
     sp = sub.add_parser("run", help=cmd_run.__doc__)
     with_config(sp)

@@ -191,6 +191,8 @@ class ImageGallery:
                 self.scene = f["scene"][...]
                 self.window = f["window"][...]
                 self.extent = f["extent"][...]
+                # EPSG:4326 extents (galleries from before archives spanned CRSs lack them)
+                self.extent_wgs84 = f["extent_wgs84"][...] if "extent_wgs84" in f else None
                 self.bucket = f["bucket"][...]
                 self.n_bits = int(f.attrs["n_bits"])
                 self.scenes: list[dict[str, Any]] = json.loads(f.attrs["scenes_json"])
@@ -200,8 +202,11 @@ class ImageGallery:
     @staticmethod
     def write(path: str | Path, codes: np.ndarray, scene: np.ndarray, window: np.ndarray,
               extent: np.ndarray, bucket: np.ndarray, n_bits: int,
-              scenes: Sequence[dict[str, Any]]) -> None:
-        """Write a gallery atomically (temporary name, then rename)."""
+              scenes: Sequence[dict[str, Any]],
+              extent_wgs84: Optional[np.ndarray] = None) -> None:
+        """Write a gallery atomically (temporary name, then rename). ``extent`` is in each tile's
+        scene CRS; ``extent_wgs84`` the same footprints in EPSG:4326 (lon/lat), comparable across
+        scenes in different CRSs."""
         import h5py
         path = Path(path)
         tmp = path.with_suffix(".tmp.h5")
@@ -210,6 +215,8 @@ class ImageGallery:
             f["scene"] = scene.astype(np.int32)
             f["window"] = window.astype(np.int64)
             f["extent"] = extent.astype(np.float64)
+            if extent_wgs84 is not None:
+                f["extent_wgs84"] = extent_wgs84.astype(np.float64)
             f["bucket"] = bucket.astype(np.int16)
             f.attrs["n_bits"] = n_bits
             f.attrs["scenes_json"] = json.dumps(list(scenes))
@@ -224,7 +231,9 @@ class ImageGallery:
         return [{"rank": r, "tile": int(i), "distance": int(d[i]), "bucket": int(self.bucket[i]),
                  "scene": self.scenes[int(self.scene[i])]["name"],
                  "window": [int(v) for v in self.window[i]],
-                 "extent": [float(v) for v in self.extent[i]]} for r, i in enumerate(order)]
+                 "extent": [float(v) for v in self.extent[i]],
+                 "extent_wgs84": None if self.extent_wgs84 is None else
+                 [float(v) for v in self.extent_wgs84[i]]} for r, i in enumerate(order)]
 
 
 # -- the gallery is the contract -------------------------------------------------------------------

@@ -914,11 +914,14 @@ def archive_specs(preset: str, seed: int = 0, dtype: str = "uint8",
 
 
 def synth_archive(out_dir: str | Path, preset: str = "demo", seed: int = 0, dtype: str = "uint8",
-                  size_px: int | None = None, bands: int = 3) -> Path:
+                  size_px: int | None = None, bands: int = 3, mixed_crs: bool = False) -> Path:
     """Write all scenes and out_dir/archive.json (list of {name, image, mask, regime, region,
     split, width, height, dtype, bands, epsg}; image/mask relative to out_dir); returns the
-    archive.json path. Scenes already written from the same spec are kept."""
-    specs = [dataclasses.replace(s, bands=bands) for s in archive_specs(preset, seed, dtype, size_px)]
+    archive.json path. Scenes already written from the same spec are kept. ``mixed_crs``: each
+    regime's scenes in that regime's own UTM zone (an archive spanning several CRSs)."""
+    specs = [dataclasses.replace(s, bands=bands)
+             for s in archive_specs(preset, seed, dtype, size_px,
+                                    epsg=None if mixed_crs else ARCHIVE_EPSG)]
     out_dir = Path(out_dir).resolve()
     entries = []
     for spec in specs:

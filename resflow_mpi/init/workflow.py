@@ -38,7 +38,7 @@ from ..models import build_feature_extractor, build_hash_head, build_segmentatio
 from ..models.embedding import ConvAutoencoder
 from ..runtime.comm import resolve_comm
 from ..runtime.device import usable_cores
-from ..tiling import split_block
+from ..tiling import Window, split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, crop_warnings, open_scenes, sample_tiles
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
@@ -379,8 +379,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     scene_meta = [{"name": Path(s.path).stem, "path": s.path, "epsg": s.epsg,
                    "label": label_specs[i].path if label_specs[i] else None,
                    "acquisition": dict(s.metadata)} for i, s in enumerate(scenes)]
+    wgs84 = np.array([scenes[int(sid)].window_extent_wgs84(Window(*(int(v) for v in win)))
+                      for sid, win in zip(tiles.scene, tiles.window)], np.float64).reshape(-1, 4)
     ImageGallery.write(gallery / "images.h5", codes, tiles.scene, tiles.window, tiles.extent,
-                       buckets, cfg.models.hash_bits, scene_meta)
+                       buckets, cfg.models.hash_bits, scene_meta, extent_wgs84=wgs84)
     tmp = gallery / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, gallery / MANIFEST)

@@ -135,6 +135,24 @@ class SceneInfo:
         ys = [gt[3] + c * gt[4] + r * gt[5] for c in (w.col, w.col + w.width) for r in (w.row, w.row + w.height)]
         return (min(xs), min(ys), max(xs), max(ys))
 
+    def window_extent_wgs84(self, w: Window) -> tuple[float, float, float, float]:
+        """(lon_min, lat_min, lon_max, lat_max) of a pixel window in EPSG:4326, from its four
+        corners and edge midpoints (so archives spanning UTM zones share one frame)."""
+        ensure_configured()
+        src = osr.SpatialReference(wkt=self.crs_wkt)
+        dst = osr.SpatialReference()
+        dst.ImportFromEPSG(4326)
+        for srs in (src, dst):
+            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        to_wgs84 = osr.CoordinateTransformation(src, dst)
+        gt = self.geotransform
+        pts = [(gt[0] + c * gt[1] + r * gt[2], gt[3] + c * gt[4] + r * gt[5])
+               for c in (w.col, w.col + w.width / 2, w.col + w.width)
+               for r in (w.row, w.row + w.height / 2, w.row + w.height)]
+        lonlat = [to_wgs84.TransformPoint(x, y)[:2] for x, y in pts]
+        lons, lats = [p[0] for p in lonlat], [p[1] for p in lonlat]
+        return (min(lons), min(lats), max(lons), max(lats))
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 

@@ -97,3 +97,28 @@ def test_merged_polygons_in_wgs84_lie_inside_the_scenes(mixed: dict) -> None:
         assert area.Contains(f.GetGeometryRef()), f.GetField("scene")
         scenes_seen.add(f.GetField("scene"))
     assert len(scenes_seen) == 3
+
+
+def test_image_gallery_keeps_extents_in_wgs84(tiny_gallery: Path) -> None:
+    """Every tile's footprint is stored in EPSG:4326 as well as its scene's CRS, so searches and
+    maps compare tiles across UTM zones."""
+    from osgeo import osr
+
+    from resflow_mpi.galleries import ImageGallery
+    g = ImageGallery(tiny_gallery / "images.h5")
+    assert g.extent_wgs84 is not None and g.extent_wgs84.shape == g.extent.shape
+    wgs84 = osr.SpatialReference()
+    wgs84.ImportFromEPSG(4326)
+    wgs84.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    for i in range(0, len(g.extent), max(1, len(g.extent) // 7)):
+        src = osr.SpatialReference()
+        src.ImportFromEPSG(int(g.scenes[int(g.scene[i])]["epsg"]))
+        src.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+        xmin, ymin, xmax, ymax = g.extent[i]
+        lon, lat, _ = osr.CoordinateTransformation(src, wgs84).TransformPoint(
+            (xmin + xmax) / 2, (ymin + ymax) / 2)
+        lo_lon, lo_lat, hi_lon, hi_lat = g.extent_wgs84[i]
+        assert -180 <= lo_lon < hi_lon <= 180 and -90 <= lo_lat < hi_lat <= 90
+        assert lo_lon < lon < hi_lon and lo_lat < lat < hi_lat
+    hit = g.search(g.codes[0], k=1)[0]
+    assert hit["extent_wgs84"] == [float(v) for v in g.extent_wgs84[hit["tile"]]]
