@@ -8,7 +8,7 @@ threshold, and the owned part written into a GeoTIFF with GDAL. No MPI, no HDF5,
 
 Usage: perf/naive_baseline.py --gallery G --out-dir D [--tile-px 256 --halo-px 16 --threads 2]
        SCENE.tif [...]
-Writes D/<scene stem>_mask.tif (0 background, 1 building, 255 nodata) and D/naive_report.json.
+Writes D/<scene stem>.resflow-mask.tif (0 background, 1 building, 255 nodata) and D/naive_report.json.
 """
 from __future__ import annotations
 
@@ -103,8 +103,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models.hash_head.eval()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     scenes = []
-    for i, scene in enumerate(args.scenes):
-        out_tif = args.out_dir / f"{i:04d}_{Path(scene).stem}_mask.tif"
+    for scene in args.scenes:
+        out_tif = args.out_dir / f"{Path(scene).stem}.resflow-mask.tif"  # the engine's names
         scenes.append(naive_map_scene(scene, models, out_tif, args.tile_px, args.halo_px,
                                       args.threshold))
     wall = time.perf_counter() - t_start

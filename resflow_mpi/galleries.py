@@ -302,6 +302,13 @@ def _run_value(cfg: Any, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def _null_divisor(manifest: dict[str, Any]) -> bool:
+    """Whether the gallery was trained with ``normalization.value_max`` null (its data type's
+    full scale): a run that also leaves it null asks for the same thing."""
+    norm = manifest.get("normalization") or {}
+    return "value_max" in norm and norm["value_max"] is None
+
+
 def _mismatches(manifest: dict[str, Any], cfg: Any) -> list[tuple[str, Any, Any]]:
     contract = gallery_contract(manifest)
     mode = contract.get("normalization.mode", cfg.normalization.mode)
@@ -310,6 +317,8 @@ def _mismatches(manifest: dict[str, Any], cfg: Any) -> list[tuple[str, Any, Any]
         if key not in contract or not _relevant(key, mode):
             continue
         mine = _run_value(cfg, key)
+        if key == "normalization.value_max" and mine is None and _null_divisor(manifest):
+            continue  # both null; resolve_run_config pins the training type's full scale
         if not _same(mine, contract[key]):
             out.append((key, mine, contract[key]))
     return out
@@ -348,6 +357,12 @@ def resolve_run_config(manifest_or_gallery: "ModelGallery | dict[str, Any]", cfg
             if key not in explicit:
                 section, name = key.split(".")
                 changes.setdefault(section, {})[name] = theirs
+        # A null divisor in training meant the training data type's full scale (e.g. 255 for
+        # uint8): the run inherits that number, so a scene of another type is refused, not clipped.
+        vmax_key = "normalization.value_max"
+        if (vmax_key not in explicit and _null_divisor(manifest)
+                and contract.get(vmax_key) is not None and cfg.normalization.value_max is None):
+            changes.setdefault("normalization", {})["value_max"] = contract[vmax_key]
         # The inherited mode brings the values it needs (e.g. mean/std for mode=configured).
         mode_key = "normalization.mode"
         if "normalization" in changes and mode_key not in explicit and mode_key in contract:

@@ -57,6 +57,9 @@ def debug_enabled() -> bool:
     return os.environ.get("RESFLOW_DEBUG", "") not in ("", "0")
 
 
+INTERRUPT_GRACE_S = 0.4  # how long rank 1 leaves rank 0 to report an interrupt (others: twice)
+
+
 @contextmanager
 def abort_on_error(comm: Any, what: str = "resflow") -> Iterator[None]:
     """Turn an exception on any rank into a prompt end of the whole job (never a hang).
@@ -87,19 +90,31 @@ def abort_on_error(comm: Any, what: str = "resflow") -> Iterator[None]:
             if rank == 0:  # every rank has the same error: one line, clean exit everywhere
                 print(msg, file=sys.stderr, flush=True)
             sys.exit(code)
-        if not isinstance(exc, Interrupted) or rank == 0:  # a signal reaches every rank: one line
-            print(f"[rank {rank}] {msg}\n[rank {rank}] aborting the MPI job", file=sys.stderr,
-                  flush=True)
+        if isinstance(exc, Interrupted) and rank != 0:
+            # A signal reaches every rank: rank 0 says it once and ends the job. The others wait
+            # a moment for that and speak only when rank 0 is held in a blocking MPI call (rank 1
+            # first, then the rest), well within the launcher's SIGTERM-to-SIGKILL delay.
+            import time
+            time.sleep(INTERRUPT_GRACE_S * min(rank, 2))
+        print(f"[rank {rank}] {msg}\n[rank {rank}] aborting the MPI job", file=sys.stderr,
+              flush=True)
         comm.abort(code)
 
 
 def inject_fault(rank: int, tiles_written: int) -> None:
     """Fault injection for resilience tests: RESFLOW_FAULT="kill|raise:RANK:AFTER_TILES" makes that
-    rank SIGKILL itself (or raise) once it has written AFTER_TILES tiles. Unset in production."""
+    rank SIGKILL itself (or raise) once it has written AFTER_TILES tiles; "slow:RANK:SECONDS"
+    makes it sleep that long after every write round (a job long enough to interrupt). Unset in
+    production."""
     spec = os.environ.get("RESFLOW_FAULT")
     if not spec:
         return
     kind, r, after = spec.split(":")
+    if kind == "slow":
+        if int(r) == rank:
+            import time
+            time.sleep(float(after))
+        return
     if int(r) != rank or tiles_written < int(after):
         return
     if kind == "kill":

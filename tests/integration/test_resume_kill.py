@@ -84,13 +84,18 @@ def test_sigint_to_mpirun_ends_with_a_line_and_the_rerun_resumes(tmp_path: Path,
     cfg = run_config("int.yaml", tiling={"tile_px": 32, "halo_px": 8}, scenes={"split": "all"},
                      parallel={"write_round_batches": 1})
     out = tmp_path / "out"
+    e = env()
+    e["RESFLOW_FAULT"] = "slow:1:0.2"  # rank 1 pauses after each write round: ~10 s of work
     p = subprocess.Popen(["mpirun", "-n", "2", "--oversubscribe", RESFLOW, "run", str(cfg)],
-                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     assert p.stderr is not None
     for line in p.stderr:  # wait for the first progress line: tiles are being written
         if line.startswith("[progress]") or time.monotonic() > deadline:
             break
+    assert line.startswith("[progress]"), line
+    done, total = map(int, line.split()[1].split("/"))
+    assert done < total, line  # interrupted mid-run, not after the last tile
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode != 0

@@ -2,6 +2,7 @@
 refused before work (one line naming the key and both values); unset values come from the gallery."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,7 @@ from tests.conftest import write_config
 
 # (override, key named in the error, the run's value as shown, the gallery's value as shown)
 MISMATCHES = [
-    ("normalization.value_max=4095", "normalization.value_max", "4095.0",
-     "null (the data type's default)"),
+    ("normalization.value_max=4095", "normalization.value_max", "4095.0", "255.0"),
     ("normalization.mode=scene", "normalization.mode", '"scene"', '"range"'),
     ("scenes.bands=[3,2,1]", "scenes.bands", "[3, 2, 1]", "[1, 2, 3]"),
     ("models.hash_bits=32", "models.hash_bits", "32", "16"),
@@ -34,7 +34,7 @@ def cfg_file(tmp_path: Path, gallery: Path) -> Path:
 def test_manifest_records_the_contract(tiny_gallery: Path) -> None:
     c = gallery_contract(ModelGallery(tiny_gallery).manifest)
     assert c == {"scenes.bands": [1, 2, 3], "normalization.mode": "range",
-                 "normalization.value_max": None, "normalization.mean": [],
+                 "normalization.value_max": 255.0, "normalization.mean": [],
                  "normalization.std": [], "models.hash_bits": 16, "models.embed_dim": 32,
                  "models.arch": "unet", "models.preset": "tiny"}
 
@@ -42,7 +42,10 @@ def test_manifest_records_the_contract(tiny_gallery: Path) -> None:
 def test_the_training_config_passes(tmp_path: Path, tiny_gallery: Path) -> None:
     cfg = load_config(cfg_file(tmp_path, tiny_gallery))
     check_run_config(ModelGallery(tiny_gallery), cfg)
-    assert resolve_run_config(ModelGallery(tiny_gallery), cfg) == cfg
+    resolved = resolve_run_config(ModelGallery(tiny_gallery), cfg)
+    # trained with value_max null on uint8 scenes: the run inherits that full scale, nothing else
+    assert cfg.normalization.value_max is None and resolved.normalization.value_max == 255.0
+    assert dataclasses.replace(resolved, normalization=cfg.normalization) == cfg
 
 
 @pytest.mark.parametrize("override, key, mine, theirs", MISMATCHES, ids=[m[1] for m in MISMATCHES])
@@ -92,7 +95,7 @@ def test_unset_values_are_inherited_from_the_gallery(tmp_path: Path, tiny_galler
         check_run_config(ModelGallery(tiny_gallery), cfg)  # the strict check alone refuses
     resolved = resolve_run_config(ModelGallery(tiny_gallery), cfg)
     assert resolved.models.hash_bits == 16
-    assert resolved.normalization == cfg.normalization
+    assert resolved.normalization == dataclasses.replace(cfg.normalization, value_max=255.0)
     assert explicit_keys(resolved) == explicit_keys(cfg)
     # A --set of the same key is explicit: refused, not overridden.
     with pytest.raises(ConfigError, match="models.hash_bits is 32"):
