@@ -242,15 +242,19 @@ def test_sbatch_native_mode_uses_the_venv_and_sets_threads(tmp_path: Path) -> No
                        "inference.threads_per_rank=3"]
 
 
-def test_scaling_array_maps_index_to_rank_count(tmp_path: Path) -> None:
-    log = tmp_path / "calls.log"
-    recording_command(tmp_path / "bin", "srun", log)
-    # A stand-in perf/scaling.py that records its arguments in the folder it is given.
-    (tmp_path / "perf").mkdir()
-    (tmp_path / "perf" / "scaling.py").write_text(
+def fake_scaling_study(root: Path) -> None:
+    """A stand-in ROOT/perf/scaling.py that records its arguments in the folder it is given."""
+    (root / "perf").mkdir()
+    (root / "perf" / "scaling.py").write_text(
         "import json, pathlib, sys\n"
         "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True)\n"
         "(out / 'args.json').write_text(json.dumps(sys.argv[1:]))\n")
+
+
+def test_scaling_array_maps_index_to_rank_count(tmp_path: Path) -> None:
+    log = tmp_path / "calls.log"
+    recording_command(tmp_path / "bin", "srun", log)
+    fake_scaling_study(tmp_path)
     results = tmp_path / "results"
     env = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_JOB_ID": "77", "SLURM_CPUS_PER_TASK": "2",
            "RESFLOW_ROOT": str(tmp_path), "RESFLOW_SCALING_OUT": str(results)}
@@ -319,11 +323,7 @@ def test_sbatch_picks_srun_mpi_plugin_from_the_list(tmp_path: Path, listed: str,
 def test_scaling_array_passes_options_to_the_scaling_study(tmp_path: Path) -> None:
     log = tmp_path / "calls.log"
     recording_command(tmp_path / "bin", "srun", log)
-    (tmp_path / "perf").mkdir()
-    (tmp_path / "perf" / "scaling.py").write_text(
-        "import json, pathlib, sys\n"
-        "out = pathlib.Path(sys.argv[sys.argv.index('--out') + 1]); out.mkdir(parents=True)\n"
-        "(out / 'args.json').write_text(json.dumps(sys.argv[1:]))\n")
+    fake_scaling_study(tmp_path)
     results = tmp_path / "results"
     env = {"SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1", "RESFLOW_ROOT": str(tmp_path),
            "RESFLOW_SCALING_OUT": str(results)}
