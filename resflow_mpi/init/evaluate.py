@@ -317,14 +317,14 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
     scenes, labels, regions = comm.root_call(lambda: evaluation_scenes(cfg))
     per_seed: list[dict[str, RegionTiles]] = []
     infos: list[dict[str, Any]] = []
-    for scfg in seed_configs(cfg, seeds):
+    for index, scfg in enumerate(seed_configs(cfg, seeds)):
         if seeds > 1 and not comm.bcast(_gallery_matches(scfg) if comm.is_root else None):
             if comm.is_root:
                 print(f"[evaluate] training seed {scfg.training.seed} into {scfg.models.gallery}",
                       file=sys.stderr, flush=True)
             run_init(scfg, comm)
         got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir,
-                               write_masks=not per_seed and not infos)
+                               write_masks=index == 0)  # the same on every rank
         if got is not None:
             per_seed.append(got[0])
             infos.append(got[1])

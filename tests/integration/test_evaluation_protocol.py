@@ -99,3 +99,30 @@ def test_evaluate_routes_unseen_regime_to_mono(eval_archive: Path, tiny_gallery:
         assert lo <= region["columns"]["mono"]["iou_mean"] <= hi
     md = (out / "evaluation.md").read_text()
     assert "heldout-unseen" in md and "RESFlow+routing" in md
+
+
+def test_evaluate_over_two_seeds_trains_each_gallery_and_reports_the_spread(
+        eval_archive: Path, tmp_path: Path) -> None:
+    """`--seeds 2` trains the missing galleries (<gallery>, <gallery>-seed1) under mpirun, then
+    reports every column per seed with its mean and spread; a rerun reuses both galleries."""
+    out = tmp_path / "eval"
+    gallery = tmp_path / "gallery"
+    cfg = write_config(tmp_path / "ev.yaml", scenes={"inputs": [str(eval_archive)], "split": "test"},
+                       models={"gallery": str(gallery)}, output={"dir": str(out)},
+                       training={"cem_epochs": 2, "hash_epochs": 4, "seg_epochs": 2})
+    first = resflow(["evaluate", str(cfg), "--seeds", "2"], ranks=2, timeout=600)
+    assert first.stderr.count("[evaluate] training seed") == 2, first.stderr
+    manifests = [json.loads((g / "manifest.json").read_text())
+                 for g in (gallery, tmp_path / "gallery-seed1")]
+    assert [m["training"]["seed"] for m in manifests] == [0, 1]
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["seeds"] == 2
+    for region in result["regions"].values():
+        for col in ("mono", "resflow"):
+            c = region["columns"][col]
+            assert len(c["iou_per_seed"]) == 2
+            assert c["iou_mean"] == pytest.approx(float(np.mean(c["iou_per_seed"])))
+    assert "mean ± sd over seeds" in (out / "evaluation.md").read_text()
+    again = resflow(["evaluate", str(cfg), "--seeds", "2"], ranks=2, timeout=600)
+    assert "[evaluate] training seed" not in again.stderr
+    assert json.loads((out / "evaluation.json").read_text())["regions"] == result["regions"]
