@@ -136,16 +136,11 @@ def _imports_and_calls(path: Path) -> set[str]:
     return found
 
 
-# Still to move: synth's scene writer (write_scene, scene_is_complete) uses GDAL constants and
-# gdal.Open directly until synth is split into rendering and writing.
-RAW_GDAL_ALLOWED = {"synth.py"}
-
-
 def test_gdal_only_in_io_and_hdf5_layout_only_in_the_mask_store() -> None:
     for path in PKG.rglob("*.py"):
         rel = path.relative_to(PKG)
         found = _imports_and_calls(path)
-        if rel.parts[0] != "io" and rel.name not in RAW_GDAL_ALLOWED:
+        if rel.parts[0] != "io":
             assert "osgeo" not in found, f"{rel} imports GDAL outside io/"
         if rel.name != "maskstore.py":
             assert "hdf5-layout" not in found, f"{rel} names a mask-store dataset"

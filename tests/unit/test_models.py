@@ -305,6 +305,10 @@ def test_compute_layer_imports_without_mpi_hdf5_gdal_spark() -> None:
         import resflow_mpi.models
         import resflow_mpi.tiling
         import resflow_mpi.stages  # the three stages: compute only, no I/O or MPI
+        import resflow_mpi.scenegen  # synthetic scene rendering: numpy only
+        image, mask = resflow_mpi.scenegen.render_window(
+            resflow_mpi.scenegen.archive_specs("tiny")[0], 0, 0, 16, 8)
+        assert image.shape == (3, 8, 16) and mask.shape == (8, 16)
         model = resflow_mpi.models.build_segmentation("unet", "tiny", 3)
         print("ok", resflow_mpi.models.count_parameters(model))
     """)
