@@ -220,6 +220,11 @@ class TrainingConfig:
               "same budget (evaluated beside Mono; null: none).")
     val_every: int = _f(50, "Validation IoU every this many steps; each model keeps its best "
                             "checkpoint (training to convergence on validation).", min=1)
+    data_parallel: bool = _f(False, "Train the shared models (CEM, hash head, base segmenter) "
+                                    "data-parallel over all ranks: each rank computes its share "
+                                    "of every batch, gradients are summed over MPI; repeatable "
+                                    "for a fixed rank count, not across counts. false: rank 0 "
+                                    "trains them with all of its node's cores.")
 
 
 @dataclass(frozen=True)

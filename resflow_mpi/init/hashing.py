@@ -1,6 +1,8 @@
 """Deep hashing: train the hash head on cluster soft labels, derive bucket centroid codes, mAP."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,8 +11,9 @@ from ..models.hashing import HashHead, assign_buckets, codes_to_bits, hamming_di
 
 
 def train_hash_head(head: HashHead, fmaps: torch.Tensor, soft: np.ndarray, epochs: int,
-                    batch_size: int, lr: float, seed: int) -> list[float]:
-    """Soft-label cross-entropy through the relaxed codes + quantisation + bit-balance losses."""
+                    batch_size: int, lr: float, seed: int, dp: Optional[Any] = None) -> list[float]:
+    """Soft-label cross-entropy through the relaxed codes + quantisation + bit-balance losses.
+    ``dp`` (init.dataparallel.DataParallel): each rank computes its share of every batch."""
     g = torch.Generator().manual_seed(seed)
     target = torch.from_numpy(soft)
     opt = torch.optim.Adam(head.parameters(), lr=lr)
@@ -22,18 +25,28 @@ def train_hash_head(head: HashHead, fmaps: torch.Tensor, soft: np.ndarray, epoch
         tot = 0.0
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            h = head(fmaps[idx])
-            logits = head.classifier(h)
-            ce = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
-            quant = ((h.abs() - 1) ** 2).mean()
-            balance = (h.mean(0) ** 2).mean()
-            loss = ce + 0.1 * quant + 0.05 * balance
+            n_batch = len(idx)
+            if dp is not None:
+                idx = idx[dp.share(n_batch)]
             opt.zero_grad()
-            loss.backward()
+            loss_value = 0.0
+            if len(idx):
+                h = head(fmaps[idx])
+                logits = head.classifier(h)
+                ce = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
+                quant = ((h.abs() - 1) ** 2).mean()
+                balance = (h.mean(0) ** 2).mean()
+                loss = ce + 0.1 * quant + 0.05 * balance
+                loss.backward()
+                loss_value = float(loss.detach())
+            if dp is not None:
+                loss_value = dp.sum_gradients(head, len(idx), n_batch, loss_value)
             opt.step()
-            tot += float(loss.detach()) * len(idx)
+            tot += loss_value * n_batch
         losses.append(tot / n)
     head.eval()
+    if dp is not None:
+        dp.check_identical(head, "hash head")
     return losses
 
 

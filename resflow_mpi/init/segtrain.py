@@ -39,9 +39,12 @@ def photometric_jitter(x: torch.Tensor, rng: np.random.Generator, gain: float = 
 
 def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, batch_size: int,
                     lr: float, seed: int, augment: bool = True,
-                    after_step: Optional[Callable[[int], None]] = None) -> list[float]:
+                    after_step: Optional[Callable[[int], None]] = None,
+                    dp: Optional[Any] = None) -> list[float]:
     """``steps`` Adam steps on random batches (flips/rot90 augmentation); returns the loss curve.
-    ``after_step(step)`` (1-based) runs after each step; the model is back in train mode after."""
+    ``after_step(step)`` (1-based) runs after each step; the model is back in train mode after.
+    ``dp`` (init.dataparallel.DataParallel): every rank draws the same augmented batch and
+    computes its share of it; the ranks' gradients are summed before each step."""
     if len(x) == 0 or steps <= 0:
         return []
     rng = np.random.default_rng(seed)
@@ -60,22 +63,34 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
             if rng.random() < 0.5:
                 xb, yb = xb.flip(3), yb.flip(3)
             xb = photometric_jitter(xb, rng)
+        n_batch = len(xb)
+        if dp is not None:
+            xb, yb = xb[dp.share(n_batch)], yb[dp.share(n_batch)]
         valid = (yb != 255).float()
         target = (yb == 1).float()
         xb = xb.contiguous(memory_format=torch.channels_last)
-        # Networks with auxiliary heads (DeepLabV3) return them in training; weights as torchvision.
-        outputs = model.forward_with_aux(xb) if hasattr(model, "forward_with_aux") else (model(xb),)
-        loss = torch.stack([w * dice_bce_loss(o, target, valid)
-                            for w, o in zip(AUX_LOSS_WEIGHTS, outputs)]).sum()
         opt.zero_grad()
-        loss.backward()
+        loss_value = 0.0
+        if len(xb):
+            # Networks with auxiliary heads (DeepLabV3) return them in training; weights as
+            # torchvision.
+            outputs = model.forward_with_aux(xb) if hasattr(model, "forward_with_aux") \
+                else (model(xb),)
+            loss = torch.stack([w * dice_bce_loss(o, target, valid)
+                                for w, o in zip(AUX_LOSS_WEIGHTS, outputs)]).sum()
+            loss.backward()
+            loss_value = float(loss.detach())
+        if dp is not None:
+            loss_value = dp.sum_gradients(model, len(xb), n_batch, loss_value)
         opt.step()
         sched.step()
-        curve.append(float(loss.detach()))
+        curve.append(loss_value)
         if after_step is not None:
             after_step(len(curve))
             model.train()
     model.eval()
+    if dp is not None:
+        dp.check_identical(model, "segmentation model")
     return curve
 
 

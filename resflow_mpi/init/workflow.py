@@ -41,6 +41,7 @@ from ..runtime.device import usable_cores
 from ..tiling import Window, split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, crop_warnings, open_scenes, sample_tiles
+from .dataparallel import DataParallel
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
 from .segtrain import metrics, train_segmenter, train_selected
@@ -51,13 +52,15 @@ def _log(msg: str) -> None:
 
 
 def train_cem(x: np.ndarray, in_ch: int, embed_dim: int, epochs: int, batch_size: int, lr: float,
-              seed: int) -> Any:
-    """Train the feature extractor as an autoencoder (+ thumbnail head on the embedding)."""
+              seed: int, dp: Optional[DataParallel] = None) -> Any:
+    """Train the feature extractor as an autoencoder (+ thumbnail head on the embedding);
+    ``dp``: data-parallel over its ranks (each computes its share of every batch)."""
     torch.manual_seed(seed)
     extractor = build_feature_extractor(in_ch, embed_dim=embed_dim)
     ae = ConvAutoencoder(extractor)
     thumb = torch.nn.Linear(embed_dim, in_ch * 16)
-    opt = torch.optim.Adam(list(ae.parameters()) + list(thumb.parameters()), lr=lr)
+    trained = torch.nn.ModuleList([ae, thumb])
+    opt = torch.optim.Adam(trained.parameters(), lr=lr)
     xt = torch.from_numpy(x)
     g = torch.Generator().manual_seed(seed)
     ae.train()
@@ -65,14 +68,23 @@ def train_cem(x: np.ndarray, in_ch: int, embed_dim: int, epochs: int, batch_size
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), batch_size):
             xb = xt[perm[i:i + batch_size]]
-            recon, target = ae(xb)
-            _, emb = extractor.encode_pooled(target)
-            small = F.adaptive_avg_pool2d(target, 4).flatten(1)
-            loss = F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
+            n_batch = len(xb)
+            if dp is not None:
+                xb = xb[dp.share(n_batch)]
             opt.zero_grad()
-            loss.backward()
+            loss = torch.zeros(())
+            if len(xb):
+                recon, target = ae(xb)
+                _, emb = extractor.encode_pooled(target)
+                small = F.adaptive_avg_pool2d(target, 4).flatten(1)
+                loss = F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
+                loss.backward()
+            if dp is not None:
+                dp.sum_gradients(trained, len(xb), n_batch, float(loss.detach()))
             opt.step()
     extractor.eval()
+    if dp is not None:
+        dp.check_identical(trained, "feature extractor")
     return extractor
 
 
@@ -234,18 +246,33 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         centred = sum(r.building_centred for r in crop_reports)
         _log(f"{n} training crops of {tr.tile_px}px ({centred} centred on buildings) from "
              f"{len(scenes)} scene(s) on {size} rank(s)")
+    stage_s: dict[str, float] = {"crops": time.perf_counter() - t0}
+    mark = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        stage_s[name] = now - mark
+        mark = now
     rng = np.random.default_rng(tr.seed)
     is_val = np.zeros(n, bool)
     is_val[rng.permutation(n)[:max(1, int(round(n * tr.val_fraction)))]] = True
-    # -- stage A (rank 0): CEM, clustering, hashing ----------------------------------------------
+    # -- stage A: CEM, clustering (rank 0), hashing --------------------------------------------
+    # The shared models (CEM, hash head, base segmenter) are trained by rank 0 with all of the
+    # node's cores while the other ranks sleep, or data-parallel over every rank.
     summary: dict[str, Any] = {}
     per_rank_threads = torch.get_num_threads()
-    if rank == 0:
+    dp = DataParallel(comm) if tr.data_parallel and size > 1 else None
+    trains_shared = rank == 0 or dp is not None
+    if rank == 0 and dp is None:
         # The other ranks sleep (quiet_barrier) during this serial stage: use the node's cores.
         torch.set_num_threads(max(per_rank_threads, usable_cores()))
+    if trains_shared:
         extractor = train_cem(tiles.x, in_ch, cfg.models.embed_dim, tr.cem_epochs, tr.batch_size,
-                              tr.lr, tr.seed)
+                              tr.lr, tr.seed, dp=dp)
         fmaps, emb = embed_all(extractor, tiles.x)
+    lap("cem")
+    if rank == 0:
         z = (emb - emb[~is_val].mean(0)) / (emb[~is_val].std(0) + 1e-6)
         choice = choose_k(z[~is_val], tr.k_min, tr.k_max, min_drop=tr.k_min_drop, seed=tr.seed)
         k = choice.k
@@ -261,10 +288,17 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                 f"k={kk}: {d:.2f}/{r:.2f}" for kk, d, r in
                 zip(choice.ks[1:], choice.knee_score[1:], choice.reference_knee_score[1:])))
         soft = soft_labels(z, labels)
+    lap("clustering")
+    if dp is not None:
+        comm.quiet_barrier()
+        k, labels, soft = comm.bcast((k, labels, soft) if rank == 0 else None, root=0)
+    if trains_shared:
         head = build_hash_head(extractor.feat_ch, cfg.models.hash_bits, k)
         torch.manual_seed(tr.seed)
         train_hash_head(head, fmaps[~is_val], soft[~is_val], tr.hash_epochs, tr.batch_size,
-                        tr.lr, tr.seed)
+                        tr.lr, tr.seed, dp=dp)
+    lap("hash")
+    if rank == 0:
         codes = packed_codes(head, fmaps)
         centroids = centroid_codes(codes[~is_val], labels[~is_val], k, cfg.models.hash_bits)
         buckets = bucket_of(codes, centroids)
@@ -302,11 +336,12 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     plan = plan_training(cfg, buckets[~is_val],
                          [bits_to_str(c, cfg.models.hash_bits) for c in centroids])
     base_state = None
-    if plan.base_steps and rank == 0:
-        torch.set_num_threads(max(per_rank_threads, usable_cores()))
+    if plan.base_steps and trains_shared:
+        if dp is None:
+            torch.set_num_threads(max(per_rank_threads, usable_cores()))
         torch.manual_seed(tr.seed)
         base = build_segmentation(cfg.models.arch, cfg.models.preset, in_ch)
-        train_segmenter(base, xtr, ytr, plan.base_steps, tr.batch_size, tr.lr, tr.seed)
+        train_segmenter(base, xtr, ytr, plan.base_steps, tr.batch_size, tr.lr, tr.seed, dp=dp)
         base_state = base.state_dict()
         torch.set_num_threads(per_rank_threads)
     if rank == 0:
@@ -316,8 +351,9 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                  "of its own, its tiles are mapped by Mono")
         _log(plan.describe(cfg, size))
     comm.quiet_barrier()
-    if plan.base_steps:
+    if plan.base_steps and dp is None:
         base_state = comm.bcast(base_state, root=0)
+    lap("base_model")
     entries: dict[str, dict[str, Any]] = {}
     for job in plan.jobs_of(rank, size):
         torch.manual_seed(tr.seed + 1 + job.index)
@@ -341,6 +377,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                           "code": bits_to_str(centroids[job.bucket], cfg.models.hash_bits)})
         entries[job.name] = entry
     comm.quiet_barrier()
+    lap("segmentation_models")
     all_entries = comm.gather(entries, root=0)
     if rank != 0:
         comm.barrier()
@@ -386,7 +423,12 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     tmp = gallery / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, gallery / MANIFEST)
+    lap("write")
     summary["seconds"] = time.perf_counter() - t0
+    summary["stage_s"] = {key: round(v, 3) for key, v in stage_s.items()}
+    summary["ranks"], summary["data_parallel"] = size, dp is not None
+    _log("seconds on rank 0: " + ", ".join(f"{key} {v:.1f}" for key, v in stage_s.items())
+         + f" ({size} rank(s), shared models {'data-parallel' if dp else 'on rank 0'})")
     _log(f"gallery written to {gallery}: "
          + (f"{k} bucket model(s) + Mono" if k > 1 else "Mono only (k = 1)") + ", hash mAP "
          f"{summary['hash_map']:.4f}, {summary['seconds']:.0f} s")

@@ -117,6 +117,20 @@ class Communicator:
     def allreduce_sum(self, value: float) -> float:
         return value if self.mpi is None else self.mpi.allreduce(value)
 
+    def sum_to_all(self, values: np.ndarray) -> np.ndarray:
+        """Element-wise sum of a contiguous array over ranks, in place on every rank. A reduce
+        to rank 0 then a broadcast of its bytes: every rank gets the same bits, and a run is
+        repeatable for a fixed rank count (an allreduce may associate differently per rank)."""
+        if self.mpi is None or self.size == 1:
+            return values
+        from mpi4py import MPI
+        total = np.empty_like(values) if self.rank == 0 else None
+        self.mpi.Reduce(values, total, op=MPI.SUM, root=0)
+        if self.rank == 0:
+            values[...] = total
+        self.mpi.Bcast(values, root=0)
+        return values
+
     def barrier(self) -> None:
         if self.mpi is not None:
             self.mpi.Barrier()
