@@ -333,6 +333,14 @@ def check_run_config(manifest_or_gallery: "ModelGallery | dict[str, Any]", cfg: 
     if bad:
         key, mine, theirs = bad[0]
         more = f" (and {len(bad) - 1} more: {', '.join(k for k, _, _ in bad[1:])})" if len(bad) > 1 else ""
+        if key == "normalization.value_max" and theirs is None:
+            # A null divisor whose data type the gallery does not record (galleries written
+            # before train_dtypes): no number can be checked against it, so none is accepted.
+            raise ConfigError(f"{key} is {_show(mine)} but the gallery {root} was trained with "
+                              "null, the full scale of a training data type it does not record"
+                              f"{more}: remove the setting to map integer scenes as in training; "
+                              "to map float scenes, retrain the gallery with `resflow init` (it "
+                              "then records the range)")
         raise ConfigError(f"{key} is {_show(mine)} but the gallery {root} was trained with "
                           f"{_show(theirs)}{more}: remove the setting (the run then uses the "
                           "gallery's value) or retrain the gallery with `resflow init`")

@@ -114,3 +114,17 @@ def test_config_built_in_code_inherits_nothing(tiny_gallery: Path) -> None:
     assert explicit_keys(cfg) is None
     with pytest.raises(ConfigError, match="models.hash_bits is 32 but the gallery"):
         resolve_run_config(ModelGallery(tiny_gallery), cfg)
+
+
+def test_null_divisor_of_an_unrecorded_type_accepts_no_number(tmp_path: Path,
+                                                               unit_fixtures: dict) -> None:
+    """A gallery trained with value_max null that does not record its data type (written before
+    train_dtypes): an explicit value_max cannot be checked, so it is refused with the way out."""
+    gallery = ModelGallery(unit_fixtures["gallery"])
+    assert "train_dtypes" not in gallery.manifest
+    assert gallery_contract(gallery.manifest)["normalization.value_max"] is None
+    cfg = load_config(cfg_file(tmp_path, unit_fixtures["gallery"]), ["normalization.value_max=255"])
+    with pytest.raises(ConfigError, match="a training data type it does not record: remove the "
+                                          "setting .* to map float scenes, retrain"):
+        resolve_run_config(gallery, cfg)
+    resolve_run_config(gallery, load_config(cfg_file(tmp_path, unit_fixtures["gallery"])))
