@@ -138,13 +138,31 @@ def model_sizes(extractor: Any, hash_head: Any, segmenter: Any, n_buckets: int,
 
 
 def model_sizes_from_manifest(manifest: dict[str, Any]) -> ModelSizes:
-    """:func:`model_sizes` for a gallery manifest (architectures rebuilt from its specs)."""
+    """:func:`model_sizes` for a gallery manifest. The traced activation peaks come from the
+    manifest's ``memory_profile`` (recorded by ``resflow init``) when present: tracing needs
+    torch's dispatch-mode machinery, whose first use costs about 2 s of imports per process.
+    Older galleries are traced here (architectures rebuilt from their specs)."""
     from .models import build_from_spec
     seg_entry = manifest["buckets"][0] if manifest.get("buckets") else manifest["mono"]
+    n_buckets = max(1, len(manifest.get("buckets", [])))
+    profile = manifest.get("memory_profile") or {}
+    if profile.get("probe_px") == PROBE_PX and all(
+            k in profile for k in ("segment_bytes_per_px", "extract_bytes_per_tile")):
+        params = lambda e: int(e.get("parameters", 0))  # noqa: E731
+        return ModelSizes(params(manifest["extractor"]), params(manifest["hash_head"]),
+                          params(seg_entry), n_buckets, float(profile["segment_bytes_per_px"]),
+                          float(profile["extract_bytes_per_tile"]))
     return model_sizes(build_from_spec(manifest["extractor"]["spec"]),
                        build_from_spec(manifest["hash_head"]["spec"]),
-                       build_from_spec(seg_entry["spec"]), max(1, len(manifest.get("buckets", []))),
+                       build_from_spec(seg_entry["spec"]), n_buckets,
                        int(manifest.get("in_channels", len(manifest.get("bands", [1, 2, 3])))))
+
+
+def memory_profile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a gallery manifest records for :func:`model_sizes_from_manifest` (traced once)."""
+    sizes = model_sizes_from_manifest({k: v for k, v in manifest.items() if k != "memory_profile"})
+    return {"probe_px": PROBE_PX, "segment_bytes_per_px": sizes.segment_bytes_per_px,
+            "extract_bytes_per_tile": sizes.extract_bytes_per_tile}
 
 
 # -- the estimate --------------------------------------------------------------------------------

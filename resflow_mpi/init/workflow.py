@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..budget import memory_profile
 from ..config import RunConfig
 from ..errors import InputError, OutputError, ResflowError, os_error_cause
 from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module
@@ -420,6 +421,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                       for sid, win in zip(tiles.scene, tiles.window)], np.float64).reshape(-1, 4)
     ImageGallery.write(gallery / "images.h5", codes, tiles.scene, tiles.window, tiles.extent,
                        buckets, cfg.models.hash_bits, scene_meta, extent_wgs84=wgs84)
+    manifest["memory_profile"] = memory_profile(manifest)  # runs' budgets need no tracing
     tmp = gallery / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, gallery / MANIFEST)

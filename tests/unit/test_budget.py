@@ -65,6 +65,11 @@ def test_demo_and_test_settings_fit(tmp_path: Path, tiny_sizes: ModelSizes) -> N
 def test_estimate_from_a_trained_gallery(tmp_path: Path, tiny_gallery: Path) -> None:
     gallery = ModelGallery(tiny_gallery)
     sizes = model_sizes_from_manifest(gallery.manifest)
+    # init records the traced activation peaks; tracing again gives the same numbers
+    assert "memory_profile" in gallery.manifest
+    traced = model_sizes_from_manifest({k: v for k, v in gallery.manifest.items()
+                                        if k != "memory_profile"})
+    assert traced == sizes
     assert sizes.n_buckets == len(gallery.buckets)
     assert sizes.segmenter_params == gallery.buckets[0]["parameters"]
     assert sizes.extractor_params == gallery.manifest["extractor"]["parameters"]
