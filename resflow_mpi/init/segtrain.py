@@ -65,7 +65,8 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
             xb = photometric_jitter(xb, rng)
         n_batch = len(xb)
         if dp is not None:
-            xb, yb = xb[dp.share(n_batch)], yb[dp.share(n_batch)]
+            mine = dp.share(n_batch)
+            xb, yb = xb[mine], yb[mine]
         valid = (yb != 255).float()
         target = (yb == 1).float()
         xb = xb.contiguous(memory_format=torch.channels_last)

@@ -73,15 +73,16 @@ def train_cem(x: np.ndarray, in_ch: int, embed_dim: int, epochs: int, batch_size
             if dp is not None:
                 xb = xb[dp.share(n_batch)]
             opt.zero_grad()
-            loss = torch.zeros(())
+            loss_value = 0.0
             if len(xb):
                 recon, target = ae(xb)
                 _, emb = extractor.encode_pooled(target)
                 small = F.adaptive_avg_pool2d(target, 4).flatten(1)
                 loss = F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
                 loss.backward()
+                loss_value = float(loss.detach())
             if dp is not None:
-                dp.sum_gradients(trained, len(xb), n_batch, float(loss.detach()))
+                dp.sum_gradients(trained, len(xb), n_batch, loss_value)
             opt.step()
     extractor.eval()
     if dp is not None:
