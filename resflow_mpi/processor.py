@@ -7,7 +7,7 @@ from the main thread, so MPI never needs to be thread-safe.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -21,6 +21,11 @@ from .stages import OOD_BUCKET, BucketQueues, PendingTile, TileStages, normalize
 from .tiling import Tile
 
 TaskSource = Callable[[], Optional[Sequence["TileTask"]]]
+
+# Open scenes kept per worker: tiles arrive grouped by scene, so a few suffice; the bound keeps
+# memory and file descriptors independent of the archive's size (a 10,000-scene job would
+# otherwise hold 10,000 GDAL handles and run out of descriptors).
+OPEN_SCENES = 8
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ class TileProcessor:
         self.stages = stages
         self.code_bytes = stages.centroids.shape[1]
         self.stats = PipelineStats()
-        self._readers: dict[int, WindowReader] = {}
+        self._readers: OrderedDict[int, WindowReader] = OrderedDict()  # least recent first
 
     def _km2_per_px(self, scene: int) -> float:
         """Mean ground area of a pixel of ``scene`` (geodesic where the CRS is geographic)."""
@@ -77,9 +82,17 @@ class TileProcessor:
 
     # -- reading (background thread) -----------------------------------------------------------
     def _reader(self, scene: int) -> WindowReader:
-        if scene not in self._readers:
-            self._readers[scene] = WindowReader(self.scenes[scene], self.cfg.scenes.bands)
-        return self._readers[scene]
+        """The scene's open reader; the least recently used one is closed beyond OPEN_SCENES."""
+        reader = self._readers.get(scene)
+        if reader is None:
+            if len(self._readers) >= OPEN_SCENES:
+                _, oldest = self._readers.popitem(last=False)
+                oldest.close()
+            reader = self._readers[scene] = WindowReader(self.scenes[scene],
+                                                         self.cfg.scenes.bands)
+        else:
+            self._readers.move_to_end(scene)
+        return reader
 
     def _read(self, tasks: list[TileTask]) -> _ReadBatch:
         t0 = time.perf_counter()
