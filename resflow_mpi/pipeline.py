@@ -26,7 +26,7 @@ from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery
 from .io.export import confined, export_scene
-from .io.maskstore import MaskStore, TileResult
+from .io.maskstore import MaskReader, MaskStore, TileResult, mark_complete_scenes
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
@@ -284,7 +284,7 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
         if store is not None and comm.size == 1:  # closing is collective: with more ranks,
             store.close()                         # MPI_Abort follows instead
         raise
-    complete = finish_store(store, len(job.scenes), comm)
+    complete = finish_store(store, comm)
     t0 = time.perf_counter()
     exported = runner.export(job, complete)
     export_s = time.perf_counter() - t0
@@ -305,16 +305,13 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
     return report
 
 
-def finish_store(store: Optional[MaskStore], n_scenes: int, comm: Communicator) -> list[int]:
-    """Flush, flag complete scenes and close the store; every rank learns which are complete."""
-    complete: Optional[list[int]] = None
+def finish_store(store: Optional[MaskStore], comm: Communicator) -> list[int]:
+    """Close the store (collective on its ranks), then rank 0 flags the complete scenes; every
+    rank learns which they are."""
+    path = store.path if store is not None else None
     if store is not None:
-        store.flush()
-        for i in range(n_scenes):
-            store.mark_complete(i)
-        complete = [i for i in range(n_scenes) if store.is_complete(i)]
         store.close()
-    return comm.bcast(complete)  # type: ignore[return-value]
+    return comm.root_call(lambda: mark_complete_scenes(path) if path else [])
 
 
 # -- the tile loop shared by the in-process and MPI runners -------------------------------------
@@ -419,30 +416,36 @@ def scene_stems(scenes: Sequence[SceneInfo]) -> list[str]:
 def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence[SceneInfo],
                    indices: Sequence[int]) -> dict[int, list[str]]:
     """Export the given (complete) scenes as ``<scene>.resflow-mask.tif`` (+ ``-mask-cog``,
-    ``-buckets``); files that already exist are kept (resume)."""
+    ``-buckets``) through one reader of the store; files that already exist are kept (resume)."""
     o = cfg.output
     done: dict[int, list[str]] = {}
+    if not o.geotiff:
+        return done
     stems = scene_stems(scenes)
-    for i in indices:
-        stem = stems[i]
-        mask_tif = confined(out_dir, output_file_name(stem, MASK))
-        cog = confined(out_dir, output_file_name(stem, COG)) if o.cog else None
-        buckets = confined(out_dir, output_file_name(stem, BUCKETS)) if o.bucket_map else None
-        wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
-        if not o.geotiff:
-            continue
-        if all(p.exists() for p in wanted):
+    reader: Optional[MaskReader] = None
+    try:
+        for i in indices:
+            stem = stems[i]
+            mask_tif = confined(out_dir, output_file_name(stem, MASK))
+            cog = confined(out_dir, output_file_name(stem, COG)) if o.cog else None
+            buckets = confined(out_dir, output_file_name(stem, BUCKETS)) if o.bucket_map else None
+            wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
+            if not all(p.exists() for p in wanted):
+                reader = reader or MaskReader(h5_path)
+                wanted = export_scene(reader, i, mask_tif, cog, buckets)
             done[i] = [str(p) for p in wanted]
-            continue
-        done[i] = [str(p) for p in export_scene(h5_path, i, mask_tif, cog, buckets)]
+    finally:
+        if reader is not None:
+            reader.close()
     return done
 
 
 def export_split(job: Job, comm: Communicator, complete: Sequence[int]) -> dict[int, list[str]]:
-    """Export complete scenes in parallel over ranks (scene i on rank i % size)."""
-    def one(i: int) -> dict[int, list[str]]:
-        return export_outputs(job.cfg, job.out_dir, job.h5_path, job.scenes, [i])
-    parts = comm.map_split(list(complete), one)
+    """Export complete scenes in parallel over ranks (scene i of the list on rank i % size),
+    each rank through one reader of the store."""
+    def share(indices: list[int]) -> dict[int, list[str]]:
+        return export_outputs(job.cfg, job.out_dir, job.h5_path, job.scenes, indices)
+    parts = comm.map_shares(list(complete), share)
     return {k: v for part in (parts or []) for k, v in part.items()}
 
 

@@ -344,7 +344,7 @@ def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: Cou
     vjob = Job(job.cfg, job.plan, job.gallery, vdir, quiet=True)
     store = runner.open_store(vjob, restart=True)
     runner.map_tiles(vjob, tasks, MaskCountingSink(store, counter), override)
-    complete = finish_store(store, len(vjob.scenes), comm)
+    complete = finish_store(store, comm)
     exported = runner.export(vjob, complete)
     if comm.is_root:
         try:

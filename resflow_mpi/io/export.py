@@ -31,42 +31,49 @@ def confined(out_dir: str | Path, name: str) -> Path:
     return p
 
 
-def export_scene(h5_path: str, scene: int, out_tif: Path, cog_path: Optional[Path] = None,
-                 bucket_tif: Optional[Path] = None, rows_per_block: int = 1024) -> list[Path]:
-    """Write the scene's mask (and optional COG and colour bucket map); return the paths written."""
+def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
+                 cog_path: Optional[Path] = None, bucket_tif: Optional[Path] = None,
+                 rows_per_block: int = 1024) -> list[Path]:
+    """Write the scene's mask (and optional COG and colour bucket map); return the paths written.
+
+    ``source``: the mask store's path, or an open ``MaskReader`` (one per process for many
+    scenes: opening the store per scene would cost more than a small scene's export)."""
+    if not isinstance(source, MaskReader):
+        with MaskReader(source) as reader:
+            return export_scene(reader, scene, out_tif, cog_path, bucket_tif, rows_per_block)
+    store = source
     written: list[Path] = []
     current = out_tif
     ds = band = None
     failure = ""
-    with MaskReader(h5_path) as store:
-        meta = store.scene_meta(scene)
-        tmp = geotiff.partial_path(out_tif)
-        try:
-            ds = geotiff.create(tmp, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
-                                meta.geotransform, geotiff.TILED_OPTIONS, nodata=255)
-            band = ds.GetRasterBand(1)
-            step = max(256, rows_per_block - rows_per_block % 256)
-            for r0, block in store.iter_mask_rows(scene, step):
-                geotiff.check_write(band.WriteArray(block, 0, r0))
-            ds.SetMetadata({"RESFLOW_SOURCE": meta.source_path,
-                            "RESFLOW_VALUES": "0=background,1=building,255=nodata"})
-            ds.FlushCache()
+    meta = store.scene_meta(scene)
+    tmp = geotiff.partial_path(out_tif)
+    try:
+        ds = geotiff.create(tmp, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
+                            meta.geotransform, geotiff.TILED_OPTIONS, nodata=255)
+        band = ds.GetRasterBand(1)
+        step = max(256, rows_per_block - rows_per_block % 256)
+        for r0, block in store.iter_mask_rows(scene, step):
+            geotiff.check_write(band.WriteArray(block, 0, r0))
+        ds.SetMetadata({"RESFLOW_SOURCE": meta.source_path,
+                        "RESFLOW_VALUES": "0=background,1=building,255=nodata"})
+        ds.FlushCache()
+        band = ds = None
+        written.append(geotiff.commit(tmp, out_tif))
+        if cog_path is not None:
+            current = cog_path
+            written.append(geotiff.translate_cog(out_tif, cog_path))
+        if bucket_tif is not None:
+            current = bucket_tif
+            _export_buckets(store.bucket_grid(scene), meta, bucket_tif)
+            written.append(bucket_tif)
+    except (RuntimeError, OSError) as exc:
+        failure = export_failure(current, exc)
+        # Drop the half-written dataset now (the traceback's GDAL frames hold it open).
+        exc.__traceback__ = None
+        with geotiff.quietly():
             band = ds = None
-            written.append(geotiff.commit(tmp, out_tif))
-            if cog_path is not None:
-                current = cog_path
-                written.append(geotiff.translate_cog(out_tif, cog_path))
-            if bucket_tif is not None:
-                current = bucket_tif
-                _export_buckets(store.bucket_grid(scene), meta, bucket_tif)
-                written.append(bucket_tif)
-        except (RuntimeError, OSError) as exc:
-            failure = export_failure(current, exc)
-            # Drop the half-written dataset now (the traceback's GDAL frames hold it open).
-            exc.__traceback__ = None
-            with geotiff.quietly():
-                band = ds = None
-            geotiff.remove_partial(out_tif, cog_path, bucket_tif)
+        geotiff.remove_partial(out_tif, cog_path, bucket_tif)
     if failure:
         raise OutputError(failure)
     return written

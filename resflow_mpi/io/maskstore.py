@@ -6,16 +6,20 @@ by tile; per-tile 1-D datasets indexed by tile index: ``bucket`` int16 (-1: not 
 ``done`` uint8 (the resume bitmap); optional ``prob`` float16. Attributes carry the CRS (WKT),
 geotransform, source path, grid and ``complete``; the root carries config/gallery checksums.
 
-Rules of parallel HDF5 honoured here: creation of groups/datasets/attributes is collective (every
-rank makes the same calls in the same order); in a collective write every rank takes part, with an
-empty selection when it has nothing left; buffers have the dataset's exact dtype; datasets are
-allocated early with fill values never written (every tile, nodata ones included, is written once)
-and are not compressed (filters would force collective I/O everywhere). The mask is written before
-its tile's ``done`` flag, so after a crash ``done`` never claims a tile whose pixels are missing.
+Rules of parallel HDF5 honoured here: the whole layout (groups, datasets, attributes) is created
+before any write, by rank 0 alone with the serial driver (no collective metadata operation per
+scene), and the file is then opened by every rank with ``mpio``; in a collective write every rank
+takes part, with an empty selection when it has nothing left; buffers have the dataset's exact
+dtype; datasets are allocated early, ``done`` zero-filled and the others never filled (every tile,
+nodata ones included, is written once), and are not compressed (filters would force collective
+I/O everywhere). The mask is written before its tile's ``done`` flag, so after a crash ``done``
+never claims a tile whose pixels are missing. Scenes are flagged ``complete`` by one process after
+every writer has closed the file.
 """
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -29,6 +33,7 @@ from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
 
 FORMAT_VERSION = 1
+OPEN_SCENES = 8  # scenes whose datasets a writer keeps open (tiles arrive grouped by scene)
 
 
 @dataclass
@@ -82,41 +87,71 @@ class MaskStore:
         exists = os.path.exists(path)
         if comm is not None:
             exists = comm.bcast(exists, root=0)
+        if restart or not exists:
+            self._lay_out(config_checksum, gallery_checksum)
         kw: dict[str, Any] = {"driver": "mpio", "comm": comm} if comm is not None else {}
-        mode = "a" if (exists and not restart) else "w"
         try:
-            self.file = h5py.File(path, mode, **kw)
+            self.file = h5py.File(path, "r+", **kw)
         except (OSError, ValueError) as exc:
             raise OutputError(f"{path}: cannot open the HDF5 output ({exc}); if the file is a "
                               "leftover of another run, rerun with --restart") from None
-        try:
-            if mode == "w":
-                self._create(config_checksum, gallery_checksum)
-            else:
-                self._check(config_checksum, gallery_checksum)
-        except OSError as exc:
-            raise OutputError(write_failure(Path(path), exc, "cannot lay out the HDF5 output")
-                              ) from None
-        self._groups = [self.file[f"scenes/{i}"] for i in range(len(self.scenes))]
+        if exists and not restart:
+            self._check(config_checksum, gallery_checksum)
+        self._open: OrderedDict[int, dict[str, h5py.Dataset]] = OrderedDict()
+
+    def _datasets(self, scene: int) -> dict[str, h5py.Dataset]:
+        """The scene's open datasets by name; at most OPEN_SCENES scenes' (least recently used
+        closed first): a lookup by path costs more than a small tile's write."""
+        ds = self._open.get(scene)
+        if ds is None:
+            if len(self._open) >= OPEN_SCENES:
+                self._open.popitem(last=False)
+            g = self.file[f"scenes/{scene}"]
+            ds = self._open[scene] = {name: g[name] for name in g}
+        else:
+            self._open.move_to_end(scene)
+        return ds
 
     # -- layout --------------------------------------------------------------------------------
     def _new_dataset(self, group: h5py.Group, name: str, shape: tuple[int, ...], dtype: Any,
-                     chunks: Optional[tuple[int, ...]] = None) -> None:
+                     chunks: Optional[tuple[int, ...]] = None, zero: bool = False) -> None:
+        """Allocated at creation; zero-filled only when ``zero`` (other datasets are written
+        whole before they are read)."""
         dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
         if chunks is not None:
             dcpl.set_chunk(chunks)
-        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+        if zero:
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+            dcpl.set_fill_value(np.zeros(1, dtype))
+        else:
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
         dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
         space = h5py.h5s.create_simple(shape)
         tid = h5py.h5t.py_create(np.dtype(dtype))
         h5py.h5d.create(group.id, name.encode(), tid, space, dcpl=dcpl)
 
-    def _create(self, config_checksum: str, gallery_checksum: str) -> None:
-        f = self.file
+    def _lay_out(self, config_checksum: str, gallery_checksum: str) -> None:
+        """Create the file's whole layout on one process with the serial driver, then every rank
+        opens it for parallel writes: creating groups, datasets and attributes through ``mpio``
+        is collective metadata work, one synchronisation per object and so per scene; serially
+        it is a few milliseconds per scene, once per job, with no other rank involved."""
+        failure = ""
+        if self.rank == 0 or self.comm is None:
+            try:
+                with h5py.File(self.path, "w") as f:
+                    self._create(f, config_checksum, gallery_checksum)
+            except (OSError, ValueError) as exc:
+                failure = write_failure(Path(self.path), exc, "cannot lay out the HDF5 output")
+        if self.comm is not None:
+            failure = self.comm.bcast(failure, root=0)
+        if failure:
+            raise OutputError(failure)
+
+    def _create(self, f: h5py.File, config_checksum: str, gallery_checksum: str) -> None:
         f.attrs.update({"format_version": FORMAT_VERSION, "config_checksum": config_checksum,
                         "gallery_checksum": gallery_checksum, "tile_px": self.tile_px,
                         "halo_px": self.halo_px, "n_scenes": len(self.scenes),
-                        "driver": f.driver,
+                        "driver": "mpio" if self.comm is not None else f.driver,
                         "mpi_size": self.comm.Get_size() if self.comm is not None else 1})
         for i, s in enumerate(self.scenes):
             g = f.create_group(f"scenes/{i}")
@@ -126,22 +161,14 @@ class MaskStore:
             self._new_dataset(g, "mask", (s.height, s.width), np.uint8, chunk)
             if self.save_probabilities:
                 self._new_dataset(g, "prob", (s.height, s.width), np.float16, chunk)
-            for name, dt in (("bucket", np.int16), ("writer_rank", np.int16), ("done", np.uint8)):
+            for name, dt in (("bucket", np.int16), ("writer_rank", np.int16)):
                 self._new_dataset(g, name, (n,), dt)
+            self._new_dataset(g, "done", (n,), np.uint8, zero=True)  # the resume bitmap
             self._new_dataset(g, "code", (n, self.code_bytes), np.uint8)
             g.attrs.update({"source_path": s.path, "crs_wkt": s.crs_wkt,
                             "geotransform": np.asarray(s.geotransform, np.float64),
                             "width": s.width, "height": s.height, "grid_rows": rows,
                             "grid_cols": cols, "complete": 0})
-        f.flush()
-        # FILL_TIME_NEVER leaves 'done' undefined; zero it in parallel (each rank its share).
-        for i in range(len(self.scenes)):
-            d = self.file[f"scenes/{i}/done"]
-            n = d.shape[0]
-            size = self.comm.Get_size() if self.comm is not None else 1
-            lo, hi = n * self.rank // size, n * (self.rank + 1) // size
-            self._write_rows(d, lo, np.zeros(hi - lo, np.uint8), collective=self.comm is not None)
-        f.flush()
 
     def _check(self, config_checksum: str, gallery_checksum: str) -> None:
         a = self.file.attrs
@@ -219,7 +246,7 @@ class MaskStore:
             # One collective call per touched scene dataset, in the same order on every rank.
             for i in touched[k] if collective else ([r.tile.scene] if r else []):
                 mine = r is not None and r.tile.scene == i
-                g = self._groups[i]
+                g = self._datasets(i)
                 self._write_block(g["mask"], r.tile if mine else None, r.mask if mine else None,
                                   collective)
                 if self.save_probabilities:
@@ -235,13 +262,13 @@ class MaskStore:
         for scene, rs in by_scene.items():
             rs = sorted(rs, key=lambda r: r.tile.index)  # file order = buffer order
             idx = np.array([r.tile.index for r in rs], np.int64)
-            g = self._groups[scene]
+            g = self._datasets(scene)
             self._write_points(g["bucket"], idx, np.array([r.bucket for r in rs], np.int16))
             self._write_points(g["writer_rank"], idx, np.full(len(rs), self.rank, np.int16))
             self._write_points(g["code"], idx, np.stack([r.code for r in rs]).astype(np.uint8))
         for scene, rs in by_scene.items():
             idx = np.array(sorted(r.tile.index for r in rs), np.int64)
-            self._write_points(self._groups[scene]["done"], idx, np.ones(len(idx), np.uint8))
+            self._write_points(self._datasets(scene)["done"], idx, np.ones(len(idx), np.uint8))
 
     def _write_points(self, dset: h5py.Dataset, idx: np.ndarray, rows: np.ndarray) -> None:
         """Independent write of rows ``idx`` (ascending) of a 1-D or 2-D dataset in one call."""
@@ -258,23 +285,35 @@ class MaskStore:
     # -- state ---------------------------------------------------------------------------------
     def done_mask(self, scene: int) -> np.ndarray:
         """The resume bitmap of a scene, (n_tiles,) bool."""
-        return self._groups[scene]["done"][...].astype(bool)
-
-    def mark_complete(self, scene: int) -> None:
-        """Collective: flag a scene whose every tile is done (checked by every rank)."""
-        done = bool(self.done_mask(scene).all())
-        self._groups[scene].attrs["complete"] = int(done)
-
-    def is_complete(self, scene: int) -> bool:
-        return bool(self._groups[scene].attrs["complete"])
+        return self._datasets(scene)["done"][...].astype(bool)
 
     def flush(self) -> None:
         self.file.flush()
 
     def close(self) -> None:
         if getattr(self, "file", None) is not None:
+            self._open.clear()
             self.file.close()
             self.file = None  # type: ignore[assignment]
+
+
+def mark_complete_scenes(path: str) -> list[int]:
+    """After every writer closed the store: flag each scene whose every tile is done (attribute
+    ``complete``), on one process with the serial driver; the indices of the complete scenes."""
+    try:
+        with h5py.File(path, "r+") as f:
+            complete = []
+            for i in range(int(f.attrs["n_scenes"])):
+                g = f[f"scenes/{i}"]
+                done = bool(g["done"][...].all())
+                if int(g.attrs["complete"]) != int(done):
+                    g.attrs["complete"] = int(done)
+                if done:
+                    complete.append(i)
+            return complete
+    except OSError as exc:
+        raise OutputError(write_failure(Path(path), exc, "cannot flag the finished scenes")
+                          ) from None
 
 
 def read_scene_arrays(path: str, scene: int) -> dict[str, Any]:

@@ -213,19 +213,25 @@ class Communicator:
         """Apply ``fn`` to item i on rank i % size; rank 0 gets all results in item order.
 
         Expected errors reach every rank (``raise_first``)."""
-        from ..errors import ResflowError
-        mine: list[tuple[int, T]] = []
-        err: Optional[BaseException] = None
-        try:
-            for i in range(self.rank, len(items), self.size):
-                mine.append((i, fn(items[i])))
-        except ResflowError as exc:
-            err = exc
-        self.raise_first(err)
-        parts = self.gather(mine)
+        parts = self.map_shares(list(range(len(items))),
+                                lambda idx: [(i, fn(items[i])) for i in idx])
         if parts is None:
             return None
         return [r for _, r in sorted((p for part in parts for p in part), key=lambda p: p[0])]
+
+    def map_shares(self, items: Sequence[Any], fn: Callable[[list[Any]], T]) -> Optional[list[T]]:
+        """Call ``fn`` once with this rank's share of ``items`` (item i on rank i % size), for work
+        with a per-call setup cost; rank 0 gets every rank's result in rank order. Expected
+        errors reach every rank (``raise_first``)."""
+        from ..errors import ResflowError
+        result: Any = None
+        err: Optional[BaseException] = None
+        try:
+            result = fn(list(items[self.rank::self.size]))
+        except ResflowError as exc:
+            err = exc
+        self.raise_first(err)
+        return self.gather(result)
 
 
 def shared(error: BaseException) -> BaseException:
