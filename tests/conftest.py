@@ -56,6 +56,15 @@ def resflow(args: Sequence[str], ranks: Optional[int] = None, cwd: Optional[Path
     return p
 
 
+def store_scenes(h5_path: str | Path) -> dict[int, dict]:
+    """Every scene of a mask store through the project's reader: ``mask``, the per-tile records
+    (``bucket``, ``code``, ``writer_rank``, ``done``) and the group's ``attrs``."""
+    from resflow_mpi.io.maskstore import MaskReader
+    with MaskReader(str(h5_path)) as r:
+        return {i: {"mask": r.mask(i), **r.tile_records(i), "attrs": r.scene_attrs(i)}
+                for i in range(r.n_scenes())}
+
+
 def write_config(path: Path, **sections: dict) -> Path:
     """TINY_CONFIG updated section by section, written as YAML."""
     cfg = {k: dict(v) for k, v in TINY_CONFIG.items()}

@@ -1,10 +1,13 @@
 """The HDF5 mask store: one file per run, one group per scene, written in parallel with ``mpio``.
 
-Layout (``/scenes/<i>/``): ``mask`` (H, W) uint8 — 0 background, 1 building, 255 nodata — chunked
-by tile; per-tile 1-D datasets indexed by tile index: ``bucket`` int16 (-1: not computed, nodata),
-``code`` (n_tiles, bytes) uint8 packed hash codes, ``writer_rank`` int16 (which rank wrote it),
-``done`` uint8 (the resume bitmap); optional ``prob`` float16. Attributes carry the CRS (WKT),
-geotransform, source path, grid and ``complete``; the root carries config/gallery checksums.
+Layout: ``/scenes/<i>/mask`` (H, W) uint8 — 0 background, 1 building, 255 nodata — chunked by
+tile (optional ``prob`` float16 beside it); the group's attributes carry the CRS (WKT),
+geotransform, source path, tile grid, ``tile_offset`` and ``complete``. Per-tile records are
+archive-wide 1-D datasets under ``/tiles/``, indexed by ``tile_offset`` of the scene + tile index
+(``/tiles/scene_offset`` holds the offsets, n_scenes + 1): ``bucket`` int16 (-1: not computed,
+nodata; -2: out of distribution), ``code`` (n, bytes) uint8 packed hash codes, ``writer_rank``
+int16, ``done`` uint8 (the resume bitmap). So a write round costs one record write per dataset
+however many scenes its tiles come from. The root carries config/gallery checksums.
 
 Rules of parallel HDF5 honoured here: the whole layout (groups, datasets, attributes) is created
 before any write, by rank 0 alone with the serial driver (no collective metadata operation per
@@ -32,7 +35,8 @@ from .oserrors import write_failure
 from ..tiling import Tile, grid_shape
 from .raster import SceneInfo
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+RECORDS = ("bucket", "writer_rank", "done", "code")  # per-tile datasets under /tiles
 OPEN_SCENES = 8  # scenes whose datasets a writer keeps open (tiles arrive grouped by scene)
 
 
@@ -98,6 +102,8 @@ class MaskStore:
         if exists and not restart:
             self._check(config_checksum, gallery_checksum)
         self._open: OrderedDict[int, dict[str, h5py.Dataset]] = OrderedDict()
+        self._offsets = tile_offsets(self.scenes, tile_px)
+        self._records = {name: self.file[f"tiles/{name}"] for name in RECORDS}
 
     def _datasets(self, scene: int) -> dict[str, h5py.Dataset]:
         """The scene's open datasets by name; at most OPEN_SCENES scenes' (least recently used
@@ -107,7 +113,7 @@ class MaskStore:
             if len(self._open) >= OPEN_SCENES:
                 self._open.popitem(last=False)
             g = self.file[f"scenes/{scene}"]
-            ds = self._open[scene] = {name: g[name] for name in g}
+            ds = self._open[scene] = {name: g[name] for name in g}  # mask (and prob)
         else:
             self._open.move_to_end(scene)
         return ds
@@ -153,22 +159,25 @@ class MaskStore:
                         "halo_px": self.halo_px, "n_scenes": len(self.scenes),
                         "driver": "mpio" if self.comm is not None else f.driver,
                         "mpi_size": self.comm.Get_size() if self.comm is not None else 1})
+        offsets = tile_offsets(self.scenes, self.tile_px)
+        n = int(offsets[-1])
+        t = f.create_group("tiles")
+        t["scene_offset"] = offsets
+        for name, dt in (("bucket", np.int16), ("writer_rank", np.int16)):
+            self._new_dataset(t, name, (n,), dt)
+        self._new_dataset(t, "done", (n,), np.uint8, zero=True)  # the resume bitmap
+        self._new_dataset(t, "code", (n, self.code_bytes), np.uint8)
         for i, s in enumerate(self.scenes):
             g = f.create_group(f"scenes/{i}")
             rows, cols = grid_shape(s.width, s.height, self.tile_px)
-            n = rows * cols
             chunk = (min(self.tile_px, s.height), min(self.tile_px, s.width))
             self._new_dataset(g, "mask", (s.height, s.width), np.uint8, chunk)
             if self.save_probabilities:
                 self._new_dataset(g, "prob", (s.height, s.width), np.float16, chunk)
-            for name, dt in (("bucket", np.int16), ("writer_rank", np.int16)):
-                self._new_dataset(g, name, (n,), dt)
-            self._new_dataset(g, "done", (n,), np.uint8, zero=True)  # the resume bitmap
-            self._new_dataset(g, "code", (n, self.code_bytes), np.uint8)
             g.attrs.update({"source_path": s.path, "crs_wkt": s.crs_wkt,
                             "geotransform": np.asarray(s.geotransform, np.float64),
                             "width": s.width, "height": s.height, "grid_rows": rows,
-                            "grid_cols": cols, "complete": 0})
+                            "grid_cols": cols, "tile_offset": int(offsets[i]), "complete": 0})
 
     def _check(self, config_checksum: str, gallery_checksum: str) -> None:
         a = self.file.attrs
@@ -252,23 +261,23 @@ class MaskStore:
                 if self.save_probabilities:
                     self._write_block(g["prob"], r.tile if mine else None,
                                       r.prob if mine else None, collective)
-        # Small per-tile records: one independent write per dataset and scene for the whole
-        # round (a point/row selection), after the pixels; the done flags last.
-        by_scene: dict[int, list[TileResult]] = {}
+        # Small per-tile records: one independent write per record dataset for the whole round
+        # (a row selection over the archive-wide index), after the pixels; the done flags last.
         for r in results:
-            by_scene.setdefault(r.tile.scene, []).append(r)
             self.bytes_written += r.mask.nbytes + (r.prob.nbytes if r.prob is not None else 0)
             self.tiles_written += 1
-        for scene, rs in by_scene.items():
-            rs = sorted(rs, key=lambda r: r.tile.index)  # file order = buffer order
-            idx = np.array([r.tile.index for r in rs], np.int64)
-            g = self._datasets(scene)
-            self._write_points(g["bucket"], idx, np.array([r.bucket for r in rs], np.int16))
-            self._write_points(g["writer_rank"], idx, np.full(len(rs), self.rank, np.int16))
-            self._write_points(g["code"], idx, np.stack([r.code for r in rs]).astype(np.uint8))
-        for scene, rs in by_scene.items():
-            idx = np.array(sorted(r.tile.index for r in rs), np.int64)
-            self._write_points(self._datasets(scene)["done"], idx, np.ones(len(idx), np.uint8))
+        if not results:
+            return
+        rs = sorted(results, key=self._record_index)  # file order = buffer order
+        idx = np.array([self._record_index(r) for r in rs], np.int64)
+        rec = self._records
+        self._write_points(rec["bucket"], idx, np.array([r.bucket for r in rs], np.int16))
+        self._write_points(rec["writer_rank"], idx, np.full(len(rs), self.rank, np.int16))
+        self._write_points(rec["code"], idx, np.stack([r.code for r in rs]).astype(np.uint8))
+        self._write_points(rec["done"], idx, np.ones(len(idx), np.uint8))
+
+    def _record_index(self, r: TileResult) -> int:
+        return int(self._offsets[r.tile.scene]) + r.tile.index
 
     def _write_points(self, dset: h5py.Dataset, idx: np.ndarray, rows: np.ndarray) -> None:
         """Independent write of rows ``idx`` (ascending) of a 1-D or 2-D dataset in one call."""
@@ -285,7 +294,8 @@ class MaskStore:
     # -- state ---------------------------------------------------------------------------------
     def done_mask(self, scene: int) -> np.ndarray:
         """The resume bitmap of a scene, (n_tiles,) bool."""
-        return self._datasets(scene)["done"][...].astype(bool)
+        lo, hi = int(self._offsets[scene]), int(self._offsets[scene + 1])
+        return self._records["done"][lo:hi].astype(bool)
 
     def flush(self) -> None:
         self.file.flush()
@@ -293,35 +303,37 @@ class MaskStore:
     def close(self) -> None:
         if getattr(self, "file", None) is not None:
             self._open.clear()
+            self._records.clear()
             self.file.close()
             self.file = None  # type: ignore[assignment]
 
 
+def tile_offsets(scenes: Sequence[SceneInfo], tile_px: int) -> np.ndarray:
+    """(n_scenes + 1,) int64: scene i's tiles are records offsets[i] .. offsets[i + 1] - 1."""
+    counts = [int(np.prod(grid_shape(s.width, s.height, tile_px))) for s in scenes]
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int64)
+
+
 def mark_complete_scenes(path: str) -> list[int]:
     """After every writer closed the store: flag each scene whose every tile is done (attribute
-    ``complete``), on one process with the serial driver; the indices of the complete scenes."""
+    ``complete``), on one process with the serial driver; the indices of the complete scenes.
+    Reads the archive's done flags once (one byte per tile)."""
     try:
         with h5py.File(path, "r+") as f:
+            done = f["tiles/done"][...].astype(bool)
+            off = f["tiles/scene_offset"][...]
             complete = []
-            for i in range(int(f.attrs["n_scenes"])):
+            for i in range(len(off) - 1):
+                ok = bool(done[off[i]:off[i + 1]].all())
                 g = f[f"scenes/{i}"]
-                done = bool(g["done"][...].all())
-                if int(g.attrs["complete"]) != int(done):
-                    g.attrs["complete"] = int(done)
-                if done:
+                if int(g.attrs["complete"]) != int(ok):
+                    g.attrs["complete"] = int(ok)
+                if ok:
                     complete.append(i)
             return complete
     except OSError as exc:
         raise OutputError(write_failure(Path(path), exc, "cannot flag the finished scenes")
                           ) from None
-
-
-def read_scene_arrays(path: str, scene: int) -> dict[str, Any]:
-    """Small per-scene records and attributes (not the mask) for export and reports."""
-    with h5py.File(path, "r") as f:
-        g = f[f"scenes/{scene}"]
-        return {"attrs": dict(g.attrs), "bucket": g["bucket"][...], "done": g["done"][...],
-                "writer_rank": g["writer_rank"][...], "code": g["code"][...]}
 
 
 @dataclass(frozen=True)
@@ -377,11 +389,31 @@ class MaskReader:
         for r0 in range(0, height, rows_per_block):
             yield r0, mask[r0:min(height, r0 + rows_per_block), :]
 
+    def scene_attrs(self, scene: int) -> dict[str, Any]:
+        """The scene group's attributes (georeferencing, grid, ``complete``, ...)."""
+        return dict(self._group(scene).attrs)
+
+    def tile_records(self, scene: int) -> dict[str, np.ndarray]:
+        """The scene's per-tile records, each indexed by tile index: ``bucket``, ``code``,
+        ``writer_rank``, ``done``."""
+        assert self.file is not None, "MaskReader is closed"
+        lo = int(self._group(scene).attrs["tile_offset"])
+        hi = int(self.file["tiles/scene_offset"][scene + 1])
+        return {name: self.file[f"tiles/{name}"][lo:hi] for name in RECORDS}
+
+    def mask(self, scene: int) -> np.ndarray:
+        """The scene's whole mask (H, W) uint8 (small scenes, tests; export streams rows)."""
+        return self._group(scene)["mask"][...]
+
+    def n_scenes(self) -> int:
+        assert self.file is not None, "MaskReader is closed"
+        return int(self.file.attrs["n_scenes"])
+
     def bucket_grid(self, scene: int) -> np.ndarray:
         """(grid_rows, grid_cols) int64 bucket of every tile (-1: nodata / not computed)."""
         g = self._group(scene)
         rows, cols = int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"])
-        return g["bucket"][...].reshape(rows, cols).astype(np.int64)
+        return self.tile_records(scene)["bucket"].reshape(rows, cols).astype(np.int64)
 
     def close(self) -> None:
         if self.file is not None:

@@ -51,9 +51,13 @@ def run(cmd: list[str], timeout: float, extra_env: dict[str, str] | None = None,
 
 
 def mask_datasets(out: Path) -> dict[str, np.ndarray]:
-    """Every dataset of an output's masks.h5, by 'scene/name'."""
+    """Every dataset of an output's masks.h5, by path ('scenes/0/mask', 'tiles/code', ...)."""
+    found: dict[str, np.ndarray] = {}
     with h5py.File(out / "masks.h5", "r") as f:
-        return {f"{s}/{k}": f[f"scenes/{s}/{k}"][...] for s in f["scenes"] for k in f[f"scenes/{s}"]}
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[...])
+                     if isinstance(obj, h5py.Dataset) else None)
+    assert any(n.startswith("scenes/") for n in found) and "tiles/code" in found, sorted(found)
+    return found
 
 
 def assert_same_masks(out: Path, ref: Path) -> None:

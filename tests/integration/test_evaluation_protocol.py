@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -16,7 +15,7 @@ from osgeo import gdal
 from resflow_mpi.galleries import ImageGallery
 from resflow_mpi.models.hashing import hamming_distance
 from resflow_mpi.synth import UNSEEN_REGIME, archive_specs, synth_archive
-from tests.conftest import resflow, write_config
+from tests.conftest import resflow, store_scenes, write_config
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -58,14 +57,14 @@ def test_run_with_routing_flags_unseen_tiles(eval_archive: Path, tiny_gallery: P
     assert report["bucket_histogram"].get("-2", 0) == report["ood_tiles"]
     train_codes = torch.from_numpy(ImageGallery(tiny_gallery / "images.h5").codes)
     nearest: dict[str, float] = {}
-    with h5py.File(out / "masks.h5", "r") as f:
-        for i, s in enumerate(report["scenes"]):
-            g = f[f"scenes/{i}"]
-            bucket = g["bucket"][...]
-            stem = Path(s["path"]).stem
-            assert int((bucket == -2).sum()) == per_scene[stem]["ood_tiles"]
-            d = hamming_distance(torch.from_numpy(g["code"][...][bucket != -1]), train_codes)
-            nearest[stem] = float(d.min(1).values.float().mean())
+    stored = store_scenes(out / "masks.h5")
+    for i, s in enumerate(report["scenes"]):
+        g = stored[i]
+        bucket = g["bucket"]
+        stem = Path(s["path"]).stem
+        assert int((bucket == -2).sum()) == per_scene[stem]["ood_tiles"]
+        d = hamming_distance(torch.from_numpy(g["code"][bucket != -1]), train_codes)
+        nearest[stem] = float(d.min(1).values.float().mean())
     # The unseen regime's codes lie farther from every training code than a known regime's.
     unseen = [v for k, v in nearest.items() if k.startswith("heldout-unseen")]
     assert min(unseen) > nearest["heldout-perturbed-00"], nearest

@@ -16,14 +16,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 import yaml
 from osgeo import gdal, osr
 
 from resflow_mpi.galleries import ModelGallery
-from tests.conftest import resflow
+from tests.conftest import resflow, store_scenes
 
 gdal.UseExceptions()
 pytestmark = pytest.mark.mpi
@@ -177,24 +176,24 @@ def test_mono_only_map_differs_where_buckets_differ_and_equals_evaluate(
     gallery = ModelGallery(root / "gallery")
     mono_like = {i for i, b in enumerate(gallery.buckets) if b.get("same_as") == "mono"}
     differing_tiles = 0
-    with h5py.File(root / "run" / "masks.h5", "r") as f:
-        for i, name in enumerate(("jpeg-4326", "white-band", "mosaic")):
-            run = _mask(root / "run" / f"{name}.resflow-mask.tif")
-            mono = _mask(root / "mono" / f"{name}.resflow-mask.tif")
-            assert (mono == _mask(root / "eval" / "masks" / "mono" /
-                                  f"{name}.resflow-mask.tif")).all(), name
-            assert (run == _mask(root / "eval" / "masks" / "resflow" /
-                                 f"{name}.resflow-mask.tif")).all(), name
-            assert ((mono == 255) == (run == 255)).all()  # nodata does not depend on the model
-            buckets = f[f"scenes/{i}/bucket"][...]
-            cols = (run.shape[1] + 63) // 64
-            for t, b in enumerate(buckets):
-                r, c = divmod(t, cols)
-                win = (slice(r * 64, r * 64 + 64), slice(c * 64, c * 64 + 64))
-                same = (run[win] == mono[win]).all()
-                if b < 0 or int(b) in mono_like:
-                    assert same, (name, t, int(b))
-                else:
-                    differing_tiles += int(not same)
+    stored = store_scenes(root / "run" / "masks.h5")
+    for i, name in enumerate(("jpeg-4326", "white-band", "mosaic")):
+        run = _mask(root / "run" / f"{name}.resflow-mask.tif")
+        mono = _mask(root / "mono" / f"{name}.resflow-mask.tif")
+        assert (mono == _mask(root / "eval" / "masks" / "mono" /
+                              f"{name}.resflow-mask.tif")).all(), name
+        assert (run == _mask(root / "eval" / "masks" / "resflow" /
+                             f"{name}.resflow-mask.tif")).all(), name
+        assert ((mono == 255) == (run == 255)).all()  # nodata does not depend on the model
+        buckets = stored[i]["bucket"]
+        cols = (run.shape[1] + 63) // 64
+        for t, b in enumerate(buckets):
+            r, c = divmod(t, cols)
+            win = (slice(r * 64, r * 64 + 64), slice(c * 64, c * 64 + 64))
+            same = (run[win] == mono[win]).all()
+            if b < 0 or int(b) in mono_like:
+                assert same, (name, t, int(b))
+            else:
+                differing_tiles += int(not same)
     if len(mono_like) < len(gallery.buckets):
         assert differing_tiles > 0

@@ -6,19 +6,16 @@ import json
 import subprocess
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import RESFLOW, env, resflow
+from tests.conftest import RESFLOW, env, resflow, store_scenes
 
 pytestmark = pytest.mark.mpi
 
 
 def masks(out: Path) -> list[tuple[np.ndarray, np.ndarray]]:
-    with h5py.File(out / "masks.h5", "r") as f:
-        return [(f[f"scenes/{i}/mask"][...], f[f"scenes/{i}/bucket"][...])
-                for i in range(len(f["scenes"]))]
+    return [(s["mask"], s["bucket"]) for _, s in sorted(store_scenes(out / "masks.h5").items())]
 
 
 def test_kill_one_rank_then_resume(tmp_path: Path, run_config) -> None:
@@ -38,9 +35,9 @@ def test_kill_one_rank_then_resume(tmp_path: Path, run_config) -> None:
     out = tmp_path / "crash"
     assert not (out / "run_report.json").exists()
     assert not list(out.glob("*_mask.tif")) and not list(out.glob("*.tif"))
-    with h5py.File(out / "masks.h5", "r") as f:
-        done = sum(int(f[f"scenes/{i}/done"][...].sum()) for i in range(len(f["scenes"])))
-        assert not any(f[f"scenes/{i}"].attrs["complete"] for i in range(len(f["scenes"])))
+    partial = store_scenes(out / "masks.h5")
+    done = sum(int(s["done"].sum()) for s in partial.values())
+    assert not any(s["attrs"]["complete"] for s in partial.values())
     assert 0 < done < total
 
     resflow(["run", str(cfg), "--quiet"], ranks=2)  # same command: resumes

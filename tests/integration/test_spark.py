@@ -26,9 +26,8 @@ needs_spark = pytest.mark.skipif(not HAVE_JAVA, reason="Java is not installed")
 
 
 def read_scenes(h5_path: Path) -> dict[int, dict[str, np.ndarray]]:
-    with h5py.File(h5_path, "r") as f:
-        return {int(i): {name: g[name][...] for name in ("mask", "bucket", "code", "done")}
-                for i, g in f["scenes"].items()}
+    from tests.conftest import store_scenes
+    return store_scenes(h5_path)
 
 
 @pytest.fixture(scope="module")
@@ -96,17 +95,18 @@ def test_spark_resumes_a_partial_output(both_engines: dict, tmp_path: Path) -> N
     missing = 0
     with h5py.File(out / "masks.h5", "r+") as f:
         tile_px, halo_px = int(f.attrs["tile_px"]), int(f.attrs["halo_px"])
+        done = f["tiles/done"][...]
         for g in f["scenes"].values():
-            done = g["done"][...]
+            offset = int(g.attrs["tile_offset"])
             for tile in tile_grid(0, int(g.attrs["width"]), int(g.attrs["height"]), tile_px,
                                   halo_px):
                 if tile.index % 2:
                     o = tile.owned
                     g["mask"][o.row:o.row + o.height, o.col:o.col + o.width] = 7
-                    done[tile.index] = 0
+                    done[offset + tile.index] = 0
                     missing += 1
-            g["done"][...] = done
             g.attrs["complete"] = 0
+        f["tiles/done"][...] = done
     resflow(["run", str(both_engines["config"]), "--engine", "spark", "--quiet",
              "--set", f"output.dir={out}"])
     report = json.loads((out / "run_report.json").read_text())

@@ -127,10 +127,10 @@ def _imports_and_calls(path: Path) -> set[str]:
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
-                and node.value.startswith("scenes/"):
+                and node.value.startswith(("scenes/", "tiles/")):
             found.add("hdf5-layout")
         elif isinstance(node, ast.JoinedStr) and any(
-                isinstance(v, ast.Constant) and str(v.value).startswith("scenes/")
+                isinstance(v, ast.Constant) and str(v.value).startswith(("scenes/", "tiles/"))
                 for v in node.values):
             found.add("hdf5-layout")
     return found

@@ -311,7 +311,7 @@ def test_outputs_of_a_rotated_scene_map_to_the_same_ground(tmp_path: Path) -> No
     store.close()
     with h5py.File(h5, "a") as f:
         f["scenes/0/mask"][...] = 1
-        f["scenes/0/bucket"][...] = np.arange(f["scenes/0/bucket"].shape[0]) % 3
+        f["tiles/bucket"][...] = np.arange(f["tiles/bucket"].shape[0]) % 3  # the one scene's
     out = tmp_path / "out"
     out.mkdir()
     names = [out / output_file_name("rot", k) for k in ("mask", "mask-cog", "buckets")]
