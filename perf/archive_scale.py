@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """Archive scale: the same pixels as 10, 100 and 1,000 scenes, mapped by the MPI engine.
 
-Each archive holds about the same total pixels (``--total-px`` squared), cut into N equal square
-scenes (side total_px / sqrt(N), rounded to whole tiles), so every archive is about the same work
-in tiles. Costs that grow with the
+Each archive holds about the same total pixels (``--total-px`` squared, default 8192: 1,000
+scenes of 256 px, 16 tiles each), cut into N equal square scenes (side total_px / sqrt(N), rounded
+to whole tiles), so every archive is about the same work in tiles. Costs that grow with the
 archive instead of the work (serial planning on rank 0, per-scene collectives in every write
-round) show as time per tile or peak RSS rising with N. Figures per archive: tiles/s, time per
+round) show as time per tile or peak RSS rising with N. ``--total-px 2048`` is the extreme case
+(1,000 scenes of one 64 px tile each): there, what every scene costs whatever its size (opening
+and checking it, its outputs' files) is measured per scene. Figures per archive: tiles/s, time per
 tile, planning seconds (scene checks + nodata prescan), write seconds and peak RSS per rank (each
 rank under perf/rss_wrapper.py).
 
@@ -76,7 +78,7 @@ def measure(n: int, paths: list[str], gallery: Path, out: Path, tile_px: int, ra
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", default="10,100,1000")
-    ap.add_argument("--total-px", type=int, default=2048, help="side of the equivalent one scene")
+    ap.add_argument("--total-px", type=int, default=8192, help="side of the equivalent one scene")
     ap.add_argument("--tile-px", type=int, default=64)
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--gallery", default=None)

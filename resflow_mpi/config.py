@@ -146,15 +146,19 @@ class InferenceConfig:
     model: Literal["buckets", "mono"] = _f("buckets", "buckets: each tile by its hash bucket's "
                                                       "model (RESFlow); mono: every tile by the "
                                                       "single Mono model (comparison, fallback).")
-    ood_routing: Literal["off", "quantile"] = _f(
+    ood_routing: Literal["off", "quantile", "embedding"] = _f(
         "off", "Out-of-distribution routing: off (every tile by its nearest bucket's model, the "
                "paper); quantile: a tile whose code is farther from its bucket's centroid than "
                "the ood_quantile of that bucket's training tiles is mapped by Mono and flagged "
-               "(bucket -2 in the bucket map and the HDF5 output).")
-    ood_quantile: float = _f(0.99, "Quantile of a bucket's in-bucket Hamming distances (training "
-                                   "tiles to the centroid) beyond which a tile is out of "
-                                   "distribution: about 1 - q of in-distribution tiles are "
-                                   "flagged. Also used by `resflow evaluate`'s routing column.")
+               "(bucket -2 in the bucket map and the HDF5 output); embedding: a tile whose CEM "
+               "embedding is farther from the training windows' (mean distance to the 5 nearest) "
+               "than the ood_quantile of windows of held-out training scenes is mapped by Mono "
+               "and flagged (calibrated by init for its tiling).")
+    ood_quantile: float = _f(0.99, "Quantile of the in-distribution scores (quantile: a bucket's "
+                                   "Hamming distances; embedding: held-out training windows' "
+                                   "scores) beyond which a tile is out of distribution: about "
+                                   "1 - q of in-distribution tiles are flagged. Also used by "
+                                   "`resflow evaluate`'s routing column.")
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,10 @@ class TrainingConfig:
                                     "of every batch, gradients are summed over MPI; repeatable "
                                     "for a fixed rank count, not across counts. false: rank 0 "
                                     "trains them with all of its node's cores.")
+    data_parallel_backend: Literal["mpi", "torch"] = _f(
+        "mpi", "How data-parallel gradients are summed: mpi (the job's MPI communicator: reduce "
+               "to rank 0, then broadcast) or torch (torch.distributed all_reduce over the same "
+               "ranks: gloo for CPU training, nccl for CUDA; rendezvous at rank 0's address).")
 
 
 @dataclass(frozen=True)

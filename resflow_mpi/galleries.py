@@ -33,6 +33,7 @@ from torch import nn
 
 from .errors import GalleryError
 from .models import build_from_spec
+from .ood import EmbeddingReference
 from .stages import DTYPE_RANGE, OOD_BUCKET, StageModels
 
 MANIFEST = "manifest.json"
@@ -92,7 +93,33 @@ class ModelGallery:
     def _entries(self) -> list[dict[str, Any]]:
         m = self.manifest
         return ([m["extractor"], m["hash_head"], *self.buckets]
-                + [m[key] for key in ("mono", "mono_wide") if m.get(key)])
+                + [m[key] for key in ("mono", "mono_wide", "ood_reference") if m.get(key)])
+
+    def ood_reference(self) -> Optional[EmbeddingReference]:
+        """The embedding reference of out-of-distribution scores (``ood``), None for galleries
+        built before it."""
+        entry = self.manifest.get("ood_reference")
+        if not entry:
+            return None
+        with np.load(self._checked_path(entry)) as a:
+            return EmbeddingReference.from_arrays(dict(a))
+
+    def embedding_threshold(self, quantile: float, window_px: int) -> tuple[EmbeddingReference,
+                                                                            float]:
+        """The reference and the score threshold of ``inference.ood_routing: embedding`` for a run
+        whose windows are ``window_px`` (tile_px + 2 halo_px) pixels."""
+        ref = self.ood_reference()
+        if ref is None:
+            raise GalleryError(f"{self.root / MANIFEST}: the gallery has no embedding reference "
+                               "(built before embedding routing); rebuild it with `resflow init` "
+                               "or set inference.ood_routing: quantile (or off)")
+        if ref.window_px != window_px:
+            raise GalleryError(
+                f"{self.root / MANIFEST}: embedding routing was calibrated on {ref.window_px} px "
+                f"windows (tiling.tile_px + 2 x halo_px at init), this run cuts {window_px} px "
+                "windows, so its scores would not be comparable: use the tiling of the init "
+                "config, retrain with this tiling, or set inference.ood_routing: quantile")
+        return ref, ref.threshold(quantile)
 
     def _checked_path(self, entry: dict[str, Any]) -> Path:
         p = self.root / entry["file"]
@@ -146,12 +173,16 @@ class ModelGallery:
 
     def stage_models(self, device: torch.device, arch: Optional[str] = None,
                      preset: Optional[str] = None, bucket_override: Optional[str] = None,
-                     ood_quantile: Optional[float] = None) -> StageModels:
+                     ood_quantile: Optional[float] = None, ood_method: str = "quantile",
+                     window_px: Optional[int] = None) -> StageModels:
         """The networks the stages need; segmenters load lazily on first use of a bucket.
 
         ``bucket_override='mono'`` (or ``'mono-wide'``) routes every bucket to the Mono model
-        (for comparisons). ``ood_quantile`` given: tiles beyond their bucket's threshold
-        (``ood_thresholds``) get bucket OOD_BUCKET and the Mono model."""
+        (for comparisons). ``ood_quantile`` given: tiles beyond their threshold get bucket
+        OOD_BUCKET and the Mono model; ``ood_method`` "quantile" thresholds each bucket's
+        Hamming distances (``ood_thresholds``), "embedding" the embedding score
+        (``embedding_threshold``, for runs of ``window_px`` windows). Tiles are scored by the
+        embedding reference whenever the gallery has one (evaluate's routing column)."""
         expect = {k: v for k, v in (("arch", arch), ("preset", preset)) if v is not None}
         extractor = self.load(self.manifest["extractor"])
         hash_head = self.load(self.manifest["hash_head"])
@@ -162,7 +193,12 @@ class ModelGallery:
                 raise GalleryError(f"{self.root}: the gallery has no wide Mono model (set "
                                    "training.mono_wide_preset and rerun `resflow init`)")
             expect.pop("preset", None)
-        thresholds = self.ood_thresholds(ood_quantile) if ood_quantile is not None else None
+        thresholds, limit = None, None
+        reference = self.ood_reference()
+        if ood_quantile is not None and ood_method == "embedding":
+            reference, limit = self.embedding_threshold(ood_quantile, int(window_px or 0))
+        elif ood_quantile is not None:
+            thresholds = self.ood_thresholds(ood_quantile)
 
         def load_segmenter(bucket: int) -> nn.Module:
             if bucket_override == "mono-wide":
@@ -172,7 +208,8 @@ class ModelGallery:
             else:
                 entry = self.buckets[bucket]
             return self.load(entry, expect).to(device).to(memory_format=torch.channels_last)
-        return StageModels(extractor, hash_head, self.centroids, load_segmenter, thresholds)
+        return StageModels(extractor, hash_head, self.centroids, load_segmenter, thresholds,
+                           reference, limit)
 
 
 class ImageGallery:

@@ -170,12 +170,16 @@ def build_stages(cfg: RunConfig, gallery: ModelGallery, device: Any,
     """The three stages on ``device`` with the gallery's models, as the config asks.
 
     ``bucket_override``: None (the config), "mono"/"mono-wide" (every tile by Mono), "buckets"
-    (nearest bucket, no routing) or "routed" (out-of-distribution routing at ood_quantile)."""
+    (nearest bucket, no routing) or "routed" (out-of-distribution routing at ood_quantile, by the
+    config's ood_routing method; Hamming distances when routing is off)."""
     routed = bucket_override == "routed" or (bucket_override is None
-                                             and cfg.inference.ood_routing == "quantile")
+                                             and cfg.inference.ood_routing != "off")
+    method = cfg.inference.ood_routing if cfg.inference.ood_routing != "off" else "quantile"
     models = gallery.stage_models(device, cfg.models.arch, cfg.models.preset,
                                   bucket_override=bucket_override,
-                                  ood_quantile=cfg.inference.ood_quantile if routed else None)
+                                  ood_quantile=cfg.inference.ood_quantile if routed else None,
+                                  ood_method=method,
+                                  window_px=cfg.tiling.tile_px + 2 * cfg.tiling.halo_px)
     return TileStages.from_config(models, device, cfg.inference)
 
 

@@ -122,7 +122,7 @@ class TileProcessor:
         if p.bucket == OOD_BUCKET:
             s = task.tile.scene
             self.stats.ood_by_scene[s] = self.stats.ood_by_scene.get(s, 0) + 1
-        return TileResult(task.tile, mask, p.bucket, p.code, keep)
+        return TileResult(task.tile, mask, p.bucket, p.code, keep, p.ood_score)
 
     def _empty_result(self, task: TileTask) -> TileResult:
         o = task.tile.owned
@@ -177,11 +177,11 @@ class TileProcessor:
         bs = self.stages.batch_size
         for i in range(0, len(work), bs):
             x = self.stages.on_device(batch.x[i:i + bs])  # uploaded once on a GPU
-            _, codes, buckets = self.stages.embed_and_hash(x)
+            _, codes, buckets, scores = self.stages.embed_hash_score(x)
             self.stats.tiles_computed += len(x)
             self.stats.embed_slots += self.stages.batch_size
-            pend = [PendingTile(item, xi, c, int(b))
-                    for item, xi, c, b in zip(work[i:i + bs], x, codes, buckets)]
+            pend = [PendingTile(item, xi, c, int(b), float(sc))
+                    for item, xi, c, b, sc in zip(work[i:i + bs], x, codes, buckets, scores)]
             for p, prob in queues.push(pend):
                 yield self._result(p, prob)
         self._sync_times()

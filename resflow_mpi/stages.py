@@ -18,6 +18,7 @@ from torch import nn
 from .dtypes import DTYPE_RANGE  # float pixels have none: a float scene needs value_max
 from .errors import InputError
 from .models.hashing import assign_buckets, codes_to_bits, hamming_distance, pack_bits
+from .ood import EmbeddingReference
 
 # Bucket value of a tile whose code is out of distribution (farther from its nearest bucket's
 # centroid than that bucket's threshold): it is mapped by Mono. -1 stays "not computed / nodata".
@@ -47,8 +48,12 @@ class StageModels:
     hash_head: nn.Module
     centroids: np.ndarray                          # (n_buckets, code_bytes) packed bits
     load_segmenter: Callable[[int], nn.Module]     # bucket index (or OOD_BUCKET) -> model, lazily
-    # Per-bucket Hamming-distance thresholds (n_buckets,); None: no out-of-distribution routing.
+    # Per-bucket Hamming-distance thresholds (n_buckets,); None: no Hamming routing.
     ood_thresholds: Optional[np.ndarray] = None
+    # The gallery's embedding reference (scores every tile, see ``ood``; None: older gallery) and
+    # the score above which a tile is routed to Mono (None: no embedding routing).
+    ood_reference: Optional[EmbeddingReference] = None
+    ood_score_threshold: Optional[float] = None
     _cache: dict[int, nn.Module] = field(default_factory=dict)
 
     def segmenter(self, bucket: int) -> nn.Module:
@@ -126,9 +131,17 @@ class TileStages:
     def _autocast(self) -> Any:
         return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
 
-    @torch.inference_mode()
     def embed_and_hash(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stages 1-2: embeddings (n, D), packed codes (n, K) uint8 and bucket indices (n,)."""
+        emb, packed, buckets, _ = self.embed_hash_score(x)
+        return emb, packed, buckets
+
+    @torch.inference_mode()
+    def embed_hash_score(self, x: np.ndarray | torch.Tensor
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Stages 1-2 and the out-of-distribution score: embeddings (n, D), packed codes (n, K)
+        uint8, bucket indices (n,) (OOD_BUCKET where routing flags the tile) and scores (n,)
+        float32 (NaN where the gallery has no embedding reference)."""
         n = x.shape[0]
         t0 = time.perf_counter()
         with self._autocast():
@@ -141,10 +154,16 @@ class TileStages:
         if self.models.ood_thresholds is not None:
             buckets = route_out_of_distribution(packed, self.centroids, buckets,
                                                 torch.as_tensor(self.models.ood_thresholds))
+        emb_n = emb[:n].float().cpu()
+        ref, limit = self.models.ood_reference, self.models.ood_score_threshold
+        scores = ref.scores(emb_n) if ref is not None else np.full(n, np.nan, np.float32)
+        if limit is not None:
+            buckets = torch.where(torch.from_numpy(scores > limit), torch.full_like(buckets, OOD_BUCKET),
+                                  buckets)
         t2 = time.perf_counter()
         self.times.embed += t1 - t0
         self.times.hash += t2 - t1
-        return emb[:n].float().cpu().numpy(), packed.numpy(), buckets.numpy()
+        return emb_n.numpy(), packed.numpy(), buckets.numpy(), scores
 
     def _segmenter(self, bucket: int) -> Any:
         if not self.compile_models:
@@ -188,6 +207,7 @@ class PendingTile:
     x: Any                  # (C, S, S) numpy array, or a tensor on the GPU
     code: np.ndarray
     bucket: int
+    ood_score: float = float("nan")
 
 
 class BucketQueues:

@@ -6,14 +6,19 @@ so every rank takes the same optimizer step on (up to floating-point order) the 
 whole batch. BatchNorm running statistics are averaged the same way, so the models stay
 identical on every rank at every step, and ``check_identical`` proves it at the end.
 
-The sum goes through the job's communicator (``Communicator.sum_to_all``: a reduce to rank 0 and a
-broadcast of its bytes), so every rank receives the same bits and a run is repeatable for a fixed
-rank count; a different rank count sums in another order and gives a (slightly) different model.
-Pure torch and numpy: the communicator is passed in, nothing here imports MPI.
+Backends: ``mpi`` sums through the job's communicator (``Communicator.sum_to_all``: a reduce to
+rank 0 and a broadcast of its bytes); ``torch`` through ``torch.distributed.all_reduce`` over the
+same ranks (gloo for CPU models, nccl for CUDA ones: the sum stays on the GPU), the rendezvous
+address being rank 0's, sent through the communicator. Either way every rank receives the same
+bits (``check_identical`` proves it) and a run is repeatable for a fixed rank count; a different
+rank count sums in another order and gives a (slightly) different model. Pure torch and numpy:
+the communicator is passed in, nothing here imports MPI.
 """
 from __future__ import annotations
 
 import hashlib
+import socket
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -26,9 +31,49 @@ from ..tiling import split_block
 class DataParallel:
     """Batch sharing and gradient summation over ``comm``'s ranks (see the module docstring)."""
 
-    def __init__(self, comm: Any):
+    def __init__(self, comm: Any, backend: str = "mpi"):
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
+        self.backend = backend
+        self._group_started = False
+
+    def _torch_group(self, device: torch.device) -> None:
+        """Start torch.distributed over the communicator's ranks (once): gloo, or nccl for CUDA."""
+        import torch.distributed as dist
+        if self._group_started or dist.is_initialized():
+            return
+
+        def rendezvous() -> tuple[str, int]:
+            try:
+                addr = socket.gethostbyname(socket.gethostname())
+            except OSError:
+                addr = "127.0.0.1"
+            with socket.socket() as s:
+                s.bind(("", 0))
+                return addr, int(s.getsockname()[1])
+        addr, port = self.comm.bcast(rendezvous() if self.rank == 0 else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                world_size=self.size, timeout=timedelta(minutes=10))
+        self._group_started = True
+
+    def close(self) -> None:
+        """End the torch.distributed group this object started (the mpi backend has none)."""
+        if self._group_started:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+            self._group_started = False
+
+    def _sum(self, flat: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """Element-wise sum over ranks of a flat float32 tensor, the same bits on every rank."""
+        if self.backend == "torch":
+            import torch.distributed as dist
+            self._torch_group(device)
+            t = flat.contiguous()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            return t
+        arr = self.comm.sum_to_all(np.ascontiguousarray(flat.cpu().numpy(), np.float32))
+        return torch.from_numpy(arr).to(device)
 
     def share(self, n: int) -> slice:
         """This rank's contiguous share of a batch of ``n`` samples (possibly empty)."""
@@ -46,10 +91,10 @@ class DataParallel:
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1)
                  for p in params]
         parts += [b.detach().reshape(-1) for b in buffers]
-        flat = torch.cat([t.float().cpu() for t in parts] + [torch.tensor([float(loss)])])
-        arr = flat.numpy() * np.float32(w)
-        arr = self.comm.sum_to_all(np.ascontiguousarray(arr, np.float32))
-        out = torch.from_numpy(arr)
+        device = params[0].device if params else torch.device("cpu")
+        flat = torch.cat([t.float() for t in parts]
+                         + [torch.tensor([float(loss)], device=device)]) * np.float32(w)
+        out = self._sum(flat, device)
         pos = 0
         for p in params:
             g = out[pos:pos + p.numel()].view_as(p).to(p.device, p.dtype)
@@ -62,7 +107,7 @@ class DataParallel:
             for b in buffers:
                 b.copy_(out[pos:pos + b.numel()].view_as(b))
                 pos += b.numel()
-        return float(out[pos])
+        return float(out[pos].item())
 
     def check_identical(self, module: nn.Module, what: str) -> None:
         """Raise on every rank if the ranks' copies of ``module`` differ (a bug, never input:

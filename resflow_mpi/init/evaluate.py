@@ -52,8 +52,9 @@ def _zero() -> dict[str, int]:
 class CountingSink:
     """Per-tile confusion counts of the tiles this process computed (a local sink).
 
-    ``tiles`` holds ``(scene, tile index, bucket, distance, tp, fp, fn, tn)`` per tile; ``distance``
-    is the tile code's Hamming distance to its bucket's centroid (-1 where not computed)."""
+    ``tiles`` holds ``(scene, tile index, bucket, distance, tp, fp, fn, tn, score)`` per tile;
+    ``distance`` is the tile code's Hamming distance to its bucket's centroid (-1 where not
+    computed), ``score`` its embedding out-of-distribution score (NaN where not scored)."""
 
     kind = "local"
 
@@ -72,7 +73,7 @@ class CountingSink:
                 xor = np.bitwise_xor(np.asarray(r.code, np.uint8), self.centroids[r.bucket])
                 dist = int(np.unpackbits(xor).sum())
             self.tiles.append((s, r.tile.index, int(r.bucket), dist,
-                               c["tp"], c["fp"], c["fn"], c["tn"]))
+                               c["tp"], c["fp"], c["fn"], c["tn"], float(r.ood_score)))
 
     def close(self) -> None:
         self.truth.close()
@@ -117,9 +118,14 @@ class RegionTiles:
     buckets: np.ndarray
 
 
-def region_tiles(per_pass: dict[str, list[tuple[int, ...]]], regions: Sequence[str],
-                 thresholds: Optional[np.ndarray]) -> dict[str, RegionTiles]:
-    """Join the passes' per-tile records by tile; add the baselines and RESFlow+routing columns."""
+def region_tiles(per_pass: dict[str, list[tuple[Any, ...]]], regions: Sequence[str],
+                 thresholds: Optional[np.ndarray] = None,
+                 score_threshold: Optional[float] = None) -> dict[str, RegionTiles]:
+    """Join the passes' per-tile records by tile; add the baselines and RESFlow+routing columns.
+
+    Routing flags a computed tile whose embedding score exceeds ``score_threshold`` (when
+    given: ``ood_routing: embedding``), else whose Hamming distance exceeds its bucket's entry of
+    ``thresholds``; neither given: no tile is flagged."""
     rows = {name: {(t[0], t[1]): t for t in tiles} for name, tiles in per_pass.items()}
     keys = sorted(rows["resflow"])
     by_region: dict[str, list[tuple[int, int]]] = {}
@@ -129,9 +135,12 @@ def region_tiles(per_pass: dict[str, list[tuple[int, ...]]], regions: Sequence[s
     for region, ks in by_region.items():
         counts = {name: np.array([rows[name][k][4:8] for k in ks], np.int64).reshape(-1, 4)
                   for name in rows}
-        res = np.array([rows["resflow"][k] for k in ks], np.int64).reshape(-1, 8)
+        res = np.array([rows["resflow"][k][:8] for k in ks], np.int64).reshape(-1, 8)
         buckets, dist = res[:, 2], res[:, 3]
-        if thresholds is not None:
+        if score_threshold is not None:
+            scores = np.array([rows["resflow"][k][8] for k in ks], np.float64)
+            flagged = (buckets >= 0) & (scores > score_threshold)
+        elif thresholds is not None:
             flagged = (buckets >= 0) & (dist > thresholds[np.clip(buckets, 0, None)])
         else:
             flagged = np.zeros(len(ks), bool)
@@ -290,8 +299,12 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
         per_pass[name] = [t for part in parts or [] for t in part]
     if not comm.is_root:
         return None
-    thresholds = gallery.ood_thresholds(cfg.inference.ood_quantile) \
-        if all("distance_histogram" in b for b in gallery.buckets) else None
+    thresholds, score_threshold = None, None
+    if cfg.inference.ood_routing == "embedding":
+        score_threshold = gallery.embedding_threshold(
+            cfg.inference.ood_quantile, cfg.tiling.tile_px + 2 * cfg.tiling.halo_px)[1]
+    elif all("distance_histogram" in b for b in gallery.buckets):
+        thresholds = gallery.ood_thresholds(cfg.inference.ood_quantile)
     m = gallery.manifest
     info = {"gallery": str(gallery.root), "gallery_checksum": gallery.checksum,
             "seed": m.get("training", {}).get("seed"), "k": m.get("summary", {}).get("k"),
@@ -299,9 +312,11 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
             "bucket_mode": m.get("bucket_mode"), "mono_budget": m.get("mono_budget"),
             "budget": m.get("budget"),
             "ood_thresholds": None if thresholds is None else [int(t) for t in thresholds],
+            "ood_routing": "embedding" if score_threshold is not None else "quantile",
+            "ood_score_threshold": score_threshold,
             "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou"),
             "masks": mask_files}
-    return region_tiles(per_pass, regions, thresholds), info
+    return region_tiles(per_pass, regions, thresholds, score_threshold), info
 
 
 def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
@@ -354,6 +369,17 @@ def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: Cou
     return exported
 
 
+def _routing_text(result: dict[str, Any]) -> str:
+    """How the routing column flagged tiles (the galleries' method and quantile)."""
+    q = result["ood_quantile"]
+    if any(i.get("ood_routing") == "embedding" for i in result["galleries"]):
+        return (f"embedding scores, ood_quantile {q}; 'routed to Mono' is the share of tiles "
+                "whose embedding is farther from the training windows than that quantile of "
+                "held-out training scenes' windows.")
+    return (f"Hamming distances, ood_quantile {q}; 'routed to Mono' is the share of tiles beyond "
+            "their bucket's threshold.")
+
+
 def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -393,9 +419,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
     spread = "mean ± sd over seeds, " if seeds > 1 else ""
     md.append(f"IoU ({spread}[{100 * CONFIDENCE:.0f} % bootstrap interval over tiles, "
               f"{BOOTSTRAP_SAMPLES} resamples]) per held-out region, {seeds} seed(s). Gaps are "
-              "paired (same resampled tiles). Routing: ood_quantile "
-              f"{result['ood_quantile']}; 'routed to Mono' is the share of tiles beyond their "
-              "bucket's threshold.")
+              "paired (same resampled tiles). Routing: " + _routing_text(result))
     for info in result["galleries"]:
         md.append(f"- seed {info['seed']}: k = {info['k']}, hash mAP "
                   f"{_fmt(info['hash_map'])}, bucket mode {info['bucket_mode']}, Mono budget "

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..budget import memory_profile
 from ..config import RunConfig
 from ..errors import InputError, OutputError, ResflowError, os_error_cause
-from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module
+from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module, sha256_file
 from ..io.manifest import scenes_for
 from ..models import build_feature_extractor, build_hash_head, build_segmentation
 from ..models.embedding import ConvAutoencoder
@@ -43,6 +43,7 @@ from ..tiling import Window, split_block
 from .clustering import choose_k, soft_labels
 from .data import TileSet, crop_warnings, open_scenes, sample_tiles
 from .dataparallel import DataParallel
+from .oodfit import fit_embedding_reference
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
 from .segtrain import metrics, train_segmenter, train_selected
@@ -216,8 +217,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
             raise InputError(f"{cfg.scenes.manifest or 'scenes.inputs'}: no training scenes "
                              "found (the manifest's train: list, or an archive's train split)")
         scenes = open_scenes([e.path for e in entries], cfg)
-        return scenes, [e.label for e in entries]
-    scenes, label_specs = comm.root_call(training_scenes)
+        return scenes, [e.label for e in entries], [e.region for e in entries]
+    scenes, label_specs, regions = comm.root_call(training_scenes)
     mine = list(split_block(len(scenes), rank, size))
     # Every rank checks the labels of its own scenes before any training; the first error
     # (in scene order) is raised on every rank.
@@ -264,7 +265,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     # node's cores while the other ranks sleep, or data-parallel over every rank.
     summary: dict[str, Any] = {}
     per_rank_threads = torch.get_num_threads()
-    dp = DataParallel(comm) if tr.data_parallel and size > 1 else None
+    dp = DataParallel(comm, tr.data_parallel_backend) if tr.data_parallel and size > 1 else None
     trains_shared = rank == 0 or dp is not None
     if rank == 0 and dp is None:
         # The other ranks sleep (quiet_barrier) during this serial stage: use the node's cores.
@@ -325,6 +326,20 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                 .tolist() for b in range(k)]
         summary["in_bucket_distance_max"] = [int(dist[~is_val & (buckets == b)].max(initial=0))
                                              for b in range(k)]
+        ood_ref, ood_record = fit_embedding_reference(extractor, scenes, regions, cfg)
+        if ood_ref is not None:
+            tmp_ref = gallery / "ood_reference.npz.tmp"
+            with open(tmp_ref, "wb") as fh:
+                np.savez(fh, **ood_ref.arrays())
+            os.replace(tmp_ref, gallery / "ood_reference.npz")
+            ood_record.update({"file": "ood_reference.npz",
+                               "sha256": sha256_file(gallery / "ood_reference.npz")})
+            _log(f"embedding reference for out-of-distribution routing: "
+                 f"{ood_record['reference_windows']} reference, "
+                 f"{ood_record['calibration_windows']} calibration windows of "
+                 f"{ood_record['window_px']} px")
+        else:
+            _log(f"warning: {ood_record['skipped']}")
         state = (buckets, centroids, codes, hist)
         torch.set_num_threads(per_rank_threads)
     else:
@@ -355,6 +370,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     comm.quiet_barrier()
     if plan.base_steps and dp is None:
         base_state = comm.bcast(base_state, root=0)
+    if dp is not None:
+        dp.close()  # the shared models are trained
     lap("base_model")
     entries: dict[str, dict[str, Any]] = {}
     for job in plan.jobs_of(rank, size):
@@ -409,6 +426,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                 **({"mono_wide": merged["mono-wide"]} if "mono-wide" in merged else {}),
                 "bucket_mode": tr.bucket_mode, "mono_budget": tr.mono_budget,
                 "budget": plan.record(), "summary": summary,
+                **({"ood_reference": ood_record} if "file" in ood_record else
+                   {"ood_reference_skipped": ood_record.get("skipped")}),
                 "training_crops": {
                     "requested_per_scene": tr.tiles_per_scene, "used": int(n),
                     "building_centred": sum(r.building_centred for r in crop_reports),
@@ -430,8 +449,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     summary["seconds"] = time.perf_counter() - t0
     summary["stage_s"] = {key: round(v, 3) for key, v in stage_s.items()}
     summary["ranks"], summary["data_parallel"] = size, dp is not None
+    if dp is not None:
+        summary["data_parallel_backend"] = dp.backend
     _log("seconds on rank 0: " + ", ".join(f"{key} {v:.1f}" for key, v in stage_s.items())
-         + f" ({size} rank(s), shared models {'data-parallel' if dp else 'on rank 0'})")
+         + f" ({size} rank(s), shared models {f'data-parallel ({dp.backend})' if dp else 'on rank 0'})")
     _log(f"gallery written to {gallery}: "
          + (f"{k} bucket model(s) + Mono" if k > 1 else "Mono only (k = 1)") + ", hash mAP "
          f"{summary['hash_map']:.4f}, {summary['seconds']:.0f} s")

@@ -49,6 +49,7 @@ class TileResult:
     bucket: int                    # -1 for all-nodata tiles
     code: np.ndarray               # (n_bytes,) uint8 packed hash code (zeros when not computed)
     prob: Optional[np.ndarray] = None  # (h, w) float16 when probabilities are kept
+    ood_score: float = float("nan")    # out-of-distribution score (NaN: not scored)
 
 
 def _dxpl(collective: bool) -> Any:

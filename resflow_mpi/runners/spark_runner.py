@@ -63,7 +63,7 @@ STATS_KEY = -1
 # Decoded tiles handed to the mask store per write call (bounds the driver's extra memory).
 WRITE_CHUNK_TILES = 256
 # scene, tile index, bucket, owned height, owned width, code bytes, has probabilities
-_RESULT_HEADER = struct.Struct("<iiiiiii")
+_RESULT_HEADER = struct.Struct("<iiiiiiif")  # ..., has_prob, ood_score
 _LOG4J2_PROPERTIES = """\
 rootLogger.level = warn
 rootLogger.appenderRef.stderr.ref = console
@@ -129,7 +129,7 @@ def encode_result(result: TileResult) -> bytes:
     o = result.tile.owned
     code = np.ascontiguousarray(result.code, np.uint8)
     header = _RESULT_HEADER.pack(result.tile.scene, result.tile.index, result.bucket, o.height,
-                                 o.width, code.size, result.prob is not None)
+                                 o.width, code.size, result.prob is not None, result.ood_score)
     body = [np.ascontiguousarray(result.mask, np.uint8).tobytes(), code.tobytes()]
     if result.prob is not None:
         body.append(np.ascontiguousarray(result.prob, np.float16).tobytes())
@@ -139,7 +139,7 @@ def encode_result(result: TileResult) -> bytes:
 
 def decode_result(blob: bytes, scene: SceneInfo, tile_px: int, halo_px: int) -> TileResult:
     """Inverse of ``encode_result``; the tile geometry is rebuilt from the scene's grid."""
-    scene_index, index, bucket, h, w, code_bytes, has_prob = _RESULT_HEADER.unpack_from(blob)
+    scene_index, index, bucket, h, w, code_bytes, has_prob, score = _RESULT_HEADER.unpack_from(blob)
     body = zlib.decompress(blob[_RESULT_HEADER.size:])
     mask = np.frombuffer(body, np.uint8, h * w).reshape(h, w).copy()
     code = np.frombuffer(body, np.uint8, code_bytes, h * w).copy()
@@ -148,7 +148,7 @@ def decode_result(blob: bytes, scene: SceneInfo, tile_px: int, halo_px: int) -> 
     _, cols = grid_shape(scene.width, scene.height, tile_px)
     tile = make_tile(scene_index, index // cols, index % cols, scene.width, scene.height,
                      tile_px, halo_px)
-    return TileResult(tile, mask, bucket, code, prob)
+    return TileResult(tile, mask, bucket, code, prob, score)
 
 
 # -- what executors run ------------------------------------------------------------------------

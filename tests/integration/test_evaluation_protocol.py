@@ -75,20 +75,50 @@ def test_run_with_routing_flags_unseen_tiles(eval_archive: Path, tiny_gallery: P
     assert white == per_scene["heldout-unseen-00"]["ood_tiles"]
 
 
+def test_embedding_routing_flags_the_unseen_regime_and_keeps_known_regimes(
+        eval_archive: Path, tiny_gallery: Path, tmp_path: Path) -> None:
+    """ood_routing: embedding (init's reference, calibrated on held-out training windows cut as
+    the run cuts them): most tiles of a regime no bucket was trained on go to Mono; new scenes of
+    the trained regimes keep their bucket models; another window size is refused."""
+    manifest = json.loads((tiny_gallery / "manifest.json").read_text())
+    assert manifest["ood_reference"]["window_px"] == 64 + 2 * 8
+    new_known = Path(synth_archive(tmp_path / "new", preset="tiny", seed=5))
+    shares = {}
+    for name, archive, split in (("eval", eval_archive, "test"), ("new", new_known, "train")):
+        out = tmp_path / name
+        cfg = write_config(tmp_path / f"{name}.yaml",
+                           scenes={"inputs": [str(archive)], "split": split},
+                           models={"gallery": str(tiny_gallery)}, output={"dir": str(out)},
+                           inference={"ood_routing": "embedding", "ood_quantile": 0.99})
+        resflow(["run", str(cfg), "--quiet", "--no-report-html"], ranks=2)
+        for s in json.loads((out / "run_report.json").read_text())["scenes"]:
+            tiles = -(-s["width"] // 64) * -(-s["height"] // 64)
+            key = "new-known" if name == "new" else Path(s["path"]).stem.rsplit("-", 1)[0]
+            shares.setdefault(key, []).append((s["ood_tiles"], tiles))
+    share = {k: sum(a for a, _ in v) / sum(b for _, b in v) for k, v in shares.items()}
+    print("share of tiles routed to Mono:", share)
+    assert share["heldout-unseen"] > 0.5, share
+    assert share["new-known"] <= 0.1, share
+    bad = resflow(["run", str(cfg), "--quiet", "--set", "tiling.halo_px=16",
+                   "--set", f"output.dir={tmp_path / 'bad'}"], check=False)
+    assert bad.returncode != 0
+    assert "calibrated on 80 px windows" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_evaluate_routes_unseen_regime_to_mono(eval_archive: Path, tiny_gallery: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "eval"
     cfg = write_config(tmp_path / "ev.yaml", scenes={"inputs": [str(eval_archive)], "split": "test"},
                        models={"gallery": str(tiny_gallery)}, output={"dir": str(out)},
-                       inference={"ood_quantile": 0.99})
+                       inference={"ood_routing": "embedding", "ood_quantile": 0.99})
     resflow(["evaluate", str(cfg)], ranks=2)
     result = json.loads((out / "evaluation.json").read_text())
     unseen, known = result["regions"]["heldout-unseen"], result["regions"]["heldout-perturbed"]
     assert unseen["tiles"] == 32 and known["tiles"] == 16
-    # Some unseen tiles are routed to Mono, and routing costs nothing against Mono there. (Most
-    # are not: hash codes of the unseen regime often land on a bucket's centroid; see
-    # evaluation.md, "Out-of-distribution routing".)
-    assert unseen["flagged_share_per_seed"][0] > 0
+    # Most unseen tiles are routed to Mono by their embedding score, and routing costs nothing
+    # against Mono there.
+    assert unseen["flagged_share_per_seed"][0] > 0.5
+    assert result["galleries"][0]["ood_routing"] == "embedding"
     cols = unseen["columns"]
     assert cols["resflow_routed"]["iou_mean"] >= cols["mono"]["iou_mean"] - 0.01
     for region in (unseen, known):
@@ -97,7 +127,7 @@ def test_evaluate_routes_unseen_regime_to_mono(eval_archive: Path, tiny_gallery:
         lo, hi = region["columns"]["mono"]["iou_ci"]
         assert lo <= region["columns"]["mono"]["iou_mean"] <= hi
     md = (out / "evaluation.md").read_text()
-    assert "heldout-unseen" in md and "RESFlow+routing" in md
+    assert "heldout-unseen" in md and "RESFlow+routing" in md and "embedding scores" in md
 
 
 def test_evaluate_over_two_seeds_trains_each_gallery_and_reports_the_spread(

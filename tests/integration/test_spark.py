@@ -143,8 +143,8 @@ def test_tile_result_bytes_round_trip() -> None:
     prob = rng.random((6, 36)).astype(np.float16)
     code = np.array([3, 250], np.uint8)
     for p in (prob, None):
-        got = decode_result(encode_result(TileResult(tile, mask, 5, code, p)), scene, 64, 8)
-        assert got.tile == tile and got.bucket == 5
+        got = decode_result(encode_result(TileResult(tile, mask, 5, code, p, 1.25)), scene, 64, 8)
+        assert got.tile == tile and got.bucket == 5 and got.ood_score == 1.25
         assert np.array_equal(got.mask, mask) and np.array_equal(got.code, code)
         assert (got.prob is None) if p is None else np.array_equal(got.prob, p)
 

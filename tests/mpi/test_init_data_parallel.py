@@ -32,11 +32,13 @@ def galleries(tmp_path_factory: pytest.TempPathFactory, tiny_archive: Path) -> d
     cfg = write_config(work / "init.yaml", scenes={"inputs": [str(tiny_archive)], "split": "train"},
                        models={"gallery": str(work / "unused")}, output={"dir": str(work / "o")},
                        training=FAST)
-    runs = {"dp2a": (2, True), "dp2b": (2, True), "dp3": (3, True)}
+    runs = {"dp2a": (2, "mpi"), "dp2b": (2, "mpi"), "dp3": (3, "mpi"), "dp2t": (2, "torch"),
+            "dp2u": (2, "torch")}
     logs = {}
-    for name, (ranks, dp) in runs.items():
+    for name, (ranks, backend) in runs.items():
         p = resflow(["init", str(cfg), "--set", f"models.gallery={work / name}",
-                     "--set", f"training.data_parallel={str(dp).lower()}"], ranks=ranks)
+                     "--set", "training.data_parallel=true",
+                     "--set", f"training.data_parallel_backend={backend}"], ranks=ranks)
         logs[name] = p.stderr
     return {"work": work, "logs": logs, **{name: work / name for name in runs}}
 
@@ -49,6 +51,21 @@ def test_data_parallel_init_is_repeatable_for_a_rank_count(galleries: dict) -> N
     assert manifest["training"]["data_parallel"] is True
     # Another rank count sums gradients in another order: a different (valid) model.
     assert model_checksums(galleries["dp3"])["cem"] != a["cem"]
+
+
+def test_torch_distributed_backend_is_repeatable_and_agrees_with_mpi(galleries: dict) -> None:
+    """gloo all_reduce over the same two ranks: every rank takes the same step (check_identical
+    ran), two runs give the same models, and the CEM is the MPI backend's up to summation order."""
+    t, u = model_checksums(galleries["dp2t"]), model_checksums(galleries["dp2u"])
+    assert t == u
+    assert "shared models data-parallel (torch)" in galleries["logs"]["dp2t"]
+    manifest = json.loads((galleries["dp2t"] / "manifest.json").read_text())
+    assert manifest["training"]["data_parallel_backend"] == "torch"
+    a = torch.load(galleries["dp2a"] / "cem.pt")
+    b = torch.load(galleries["dp2t"] / "cem.pt")
+    for name in a:
+        if a[name].is_floating_point():
+            assert torch.allclose(a[name], b[name], rtol=1e-3, atol=1e-4), name
 
 
 def test_uneven_shares_over_three_ranks_give_a_complete_gallery(galleries: dict) -> None:

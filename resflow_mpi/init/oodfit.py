@@ -1,0 +1,70 @@
+"""Fits the embedding reference of out-of-distribution routing (``ood.EmbeddingReference``) at init.
+
+Windows are cut from the training scenes exactly as a run cuts them (``tiling.tile_px`` plus the
+halo on each side, edge windows padded the same way), up to ``WINDOWS_PER_SCENE`` per scene
+(seeded, all-nodata windows skipped), embedded by the trained CEM, and split by scene into the
+reference and calibration halves (``ood.split_by_scene``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..io.raster import SceneInfo, WindowReader, tile_coverage
+from ..ood import EmbeddingReference, split_by_scene
+from ..pipeline import scene_tasks
+from ..processor import normalize_scene
+
+WINDOWS_PER_SCENE = 32
+NEIGHBOURS = 5
+
+
+@torch.inference_mode()
+def fit_embedding_reference(extractor: torch.nn.Module, scenes: Sequence[SceneInfo],
+                            groups: Sequence[Optional[str]], cfg: Any
+                            ) -> tuple[Optional[EmbeddingReference], dict[str, Any]]:
+    """The reference and a manifest record; (None, record with the reason) when the training
+    scenes give fewer than two windows for either half."""
+    t, seed = cfg.tiling, cfg.training.seed
+    rng = np.random.default_rng(seed)
+    xs, scene_of = [], []
+    for i, s in enumerate(scenes):
+        cov = tile_coverage(s, t.tile_px, cfg.scenes.bands) if cfg.tiling.prescan_nodata else None
+        tasks = [task for task in scene_tasks(i, s, t.tile_px, t.halo_px, cov) if not task.empty]
+        if len(tasks) > WINDOWS_PER_SCENE:
+            tasks = [tasks[j] for j in sorted(rng.choice(len(tasks), WINDOWS_PER_SCENE,
+                                                         replace=False))]
+        reader = WindowReader(s, cfg.scenes.bands)
+        try:
+            for task in tasks:
+                xs.append(normalize_scene(reader.read_tile(task.tile)[0], s, cfg.normalization))
+                scene_of.append(i)
+        finally:
+            reader.close()
+    # One group per region where the training scenes name regions, else one group for all.
+    named = any(g for g in groups)
+    group_of = [str(groups[i]) if named else "all" for i in scene_of]
+    cal = split_by_scene(scene_of, group_of)
+    window_px = t.tile_px + 2 * t.halo_px
+    record: dict[str, Any] = {"score": f"mean L2 distance to the {NEIGHBOURS} nearest reference "
+                                       "embeddings, standardised", "k": NEIGHBOURS,
+                              "window_px": window_px, "tile_px": t.tile_px, "halo_px": t.halo_px,
+                              "reference_windows": int((~cal).sum()),
+                              "calibration_windows": int(cal.sum()),
+                              "calibration_scenes": len({scene_of[j] for j in np.flatnonzero(cal)})}
+    if (~cal).sum() < 2 or cal.sum() < 2:
+        record["skipped"] = (f"only {len(xs)} window(s) of {window_px} px in the training scenes: "
+                             "no embedding reference (inference.ood_routing: embedding unavailable)")
+        return None, record
+    extractor.eval()
+    emb = []
+    for j in range(0, len(xs), 16):
+        _, e = extractor(torch.from_numpy(np.stack(xs[j:j + 16])))
+        emb.append(e.float().numpy())
+    e_all = np.concatenate(emb)
+    ref = EmbeddingReference.fit(e_all[~cal], e_all[cal], NEIGHBOURS, window_px)
+    record["calibration_score_quantiles"] = {
+        str(q): round(ref.threshold(q), 4) for q in (0.9, 0.95, 0.99)}
+    return ref, record
