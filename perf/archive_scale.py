@@ -8,8 +8,10 @@ archive instead of the work (serial planning on rank 0, per-scene collectives in
 round) show as time per tile or peak RSS rising with N. ``--total-px 2048`` is the extreme case
 (1,000 scenes of one 64 px tile each): there, what every scene costs whatever its size (opening
 and checking it, its outputs' files) is measured per scene. Figures per archive: tiles/s, time per
-tile, planning seconds (scene checks + nodata prescan), write seconds and peak RSS per rank (each
-rank under perf/rss_wrapper.py).
+tile, the networks' share of it and the rest (planning, reads, writes, layout, export: what the
+archive's size can change; the networks' time is the same work at every count and carries most of
+a shared machine's noise), planning seconds (scene checks + nodata prescan), write seconds and
+peak RSS per rank (each rank under perf/rss_wrapper.py).
 
 ``--tree DIR`` runs another checkout of the project (e.g. an older commit in a git worktree) on
 the same archives, for before/after tables. Outputs: archive_scale.json and archive_scale.md in
@@ -67,7 +69,13 @@ def measure(n: int, paths: list[str], gallery: Path, out: Path, tile_px: int, ra
     rss = bk.read_rss(rss_dir)
     r = run.report
     tiles = r["tiles"]
+    # The networks' time is the same work at every scene count (and the noisiest part on a shared
+    # machine); what the archive's size can change is everything else: planning, reads, writes,
+    # layout, export. Reported apart, per tile.
+    net_s = sum(p["segment_s"] + p["embed_s"] + p["hash_s"] for p in r["per_rank"]) / len(r["per_rank"])
     return {"scenes": n, "scene_px": int(round(math.sqrt(r["megapixels"] * 1e6 / n))),
+            "network_ms_per_tile": 1000 * net_s / tiles,
+            "other_ms_per_tile": 1000 * (r["wall_s"] - net_s) / tiles,
             "tiles": tiles, "wall_s": r["wall_s"], "command_wall_s": run.command_wall_s,
             "tiles_per_s": tiles / r["wall_s"], "ms_per_tile": 1000 * r["wall_s"] / tiles,
             "plan_s": r.get("plan_s"), "write_s_max": max(p["write_s"] for p in r["per_rank"]),
@@ -104,13 +112,15 @@ def main() -> int:
     bk.write_json(out / "archive_scale.json", result)
     md = [f"Archive scale ({args.label}): {args.total_px}^2 px as N scenes, tile {args.tile_px}, "
           f"{args.ranks} MPI ranks", "",
-          "| scenes | scene px | tiles | tiles/s | ms/tile (vs 10) | plan s | write s | "
-          "peak RSS MB per rank |", "|---|---|---|---|---|---|---|---|"]
+          "| scenes | scene px | tiles | tiles/s | ms/tile (vs 10) | networks ms/tile | "
+          "other ms/tile | plan s | write s | peak RSS MB per rank |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         plan = "n/a" if r["plan_s"] is None else f"{r['plan_s']:.2f}"
         rss = ", ".join(f"{x:.0f}" for x in r["peak_rss_mb_per_rank"] if x is not None)
         md.append(f"| {r['scenes']} | {r['scene_px']} | {r['tiles']} | {r['tiles_per_s']:.1f} | "
-                  f"{r['ms_per_tile']:.1f} ({r['ms_per_tile_vs_first']:.2f}x) | {plan} | "
+                  f"{r['ms_per_tile']:.1f} ({r['ms_per_tile_vs_first']:.2f}x) | "
+                  f"{r['network_ms_per_tile']:.2f} | {r['other_ms_per_tile']:.2f} | {plan} | "
                   f"{r['write_s_max']:.2f} | {rss} |")
     (out / "archive_scale.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
