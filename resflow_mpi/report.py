@@ -427,8 +427,11 @@ def _ood_section(report: dict[str, Any]) -> str:
         return "<p>out-of-distribution routing: off (every tile by its nearest bucket)</p>"
     rows = [(_esc(Path(str(s.get("path"))).name), _esc(s.get("ood_tiles", 0)))
             for s in report.get("scenes", [])]
-    return (f"<p>out-of-distribution routing: quantile {_esc(inf.get('ood_quantile'))}; "
-            f"{_esc(report.get('ood_tiles', 0))} tile(s) routed to Mono</p>"
+    how = {"embedding": "embedding scores", "quantile": "hash-code distances"}.get(
+        str(inf.get("ood_routing")), str(inf.get("ood_routing")))
+    return (f"<p>out-of-distribution routing: {_esc(how)} at quantile "
+            f"{_esc(inf.get('ood_quantile'))}; {_esc(report.get('ood_tiles', 0))} tile(s) routed "
+            "to Mono</p>"
             + _table(["scene", "tiles routed to Mono"], rows, numeric_cols=(1,)))
 
 

@@ -158,8 +158,8 @@ class TileStages:
         ref, limit = self.models.ood_reference, self.models.ood_score_threshold
         scores = ref.scores(emb_n) if ref is not None else np.full(n, np.nan, np.float32)
         if limit is not None:
-            buckets = torch.where(torch.from_numpy(scores > limit), torch.full_like(buckets, OOD_BUCKET),
-                                  buckets)
+            far = torch.from_numpy(scores > limit)
+            buckets = torch.where(far, torch.full_like(buckets, OOD_BUCKET), buckets)
         t2 = time.perf_counter()
         self.times.embed += t1 - t0
         self.times.hash += t2 - t1

@@ -22,9 +22,14 @@ def masks(out: Path) -> dict[str, np.ndarray]:
     return found
 
 
-def start(cfg: Path, out: Path) -> subprocess.Popen:
+def start(cfg: Path, out: Path, slow_s: float = 0.0) -> subprocess.Popen:
+    """``resflow run`` in the background; ``slow_s``: sleep after every write round (the
+    engine's fault injection), so the job outlasts another process's start-up."""
+    e = env()
+    if slow_s:
+        e["RESFLOW_FAULT"] = f"slow:0:{slow_s}"
     return subprocess.Popen([RESFLOW, "run", str(cfg), "--quiet", "--no-report-html",
-                             "--set", f"output.dir={out}"], env=env(), stdout=subprocess.PIPE,
+                             "--set", f"output.dir={out}"], env=e, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
@@ -50,10 +55,11 @@ def lone(run_config, tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
 
 def test_two_concurrent_runs_on_one_output_dir(lone, tmp_path: Path) -> None:
     """Started together: both import for seconds, then one takes the lock and maps; the other
-    reaches its setup while the first still runs and is refused."""
+    reaches its setup while the first still runs (each write round sleeps 0.5 s: a tiny job
+    could otherwise finish first, and the second would then rightly resume it) and is refused."""
     cfg, reference = lone
     out = tmp_path / "shared"
-    runs = [start(cfg, out), start(cfg, out)]
+    runs = [start(cfg, out, slow_s=0.5), start(cfg, out, slow_s=0.5)]
     errs = [p.communicate(timeout=300)[1] for p in runs]
     codes = [p.returncode for p in runs]
     assert sorted(c == 0 for c in codes) == [False, True], (codes, errs)

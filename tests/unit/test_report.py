@@ -169,3 +169,15 @@ def test_screenshot_of_the_report_is_not_blank(out_dir: Path, tmp_path: Path) ->
     assert proc.stdout.strip() == str(png.resolve())
     pixels = imread(png)
     assert pixels.shape[:2] == (2400, 1280) and float(pixels.var()) > 0
+
+
+def test_ood_section_names_the_routing_method() -> None:
+    from resflow_mpi.report import _ood_section
+    report = {"config": {"inference": {"ood_routing": "embedding", "ood_quantile": 0.99}},
+              "ood_tiles": 9, "scenes": [{"path": "/d/a.tif", "ood_tiles": 9}]}
+    html = _ood_section(report)
+    assert "embedding scores at quantile 0.99; 9 tile(s) routed to Mono" in html and "a.tif" in html
+    report["config"]["inference"]["ood_routing"] = "quantile"
+    assert "hash-code distances at quantile 0.99" in _ood_section(report)
+    report["config"]["inference"]["ood_routing"] = "off"
+    assert "off (every tile by its nearest bucket)" in _ood_section(report)
