@@ -2,8 +2,8 @@
 
 Windows are cut from the training scenes exactly as a run cuts them (``tiling.tile_px`` plus the
 halo on each side, edge windows padded the same way), up to ``WINDOWS_PER_SCENE`` per scene
-(seeded, all-nodata windows skipped), embedded by the trained CEM, and split by scene into the
-reference and calibration halves (``ood.split_by_scene``).
+(seeded, windows without a valid pixel skipped), embedded by the trained CEM, and split by scene
+into the reference and calibration halves (``ood.split_by_scene``).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ..io.raster import SceneInfo, WindowReader, tile_coverage
+from ..io.raster import SceneInfo, WindowReader
 from ..ood import EmbeddingReference, split_by_scene
 from ..pipeline import scene_tasks
 from ..processor import normalize_scene
@@ -31,18 +31,25 @@ def fit_embedding_reference(extractor: torch.nn.Module, scenes: Sequence[SceneIn
     rng = np.random.default_rng(seed)
     xs, scene_of = [], []
     for i, s in enumerate(scenes):
-        cov = tile_coverage(s, t.tile_px, cfg.scenes.bands) if cfg.tiling.prescan_nodata else None
-        tasks = [task for task in scene_tasks(i, s, t.tile_px, t.halo_px, cov) if not task.empty]
-        if len(tasks) > WINDOWS_PER_SCENE:
-            tasks = [tasks[j] for j in sorted(rng.choice(len(tasks), WINDOWS_PER_SCENE,
-                                                         replace=False))]
+        tasks = scene_tasks(i, s, t.tile_px, t.halo_px)
+        # A seeded random order, read until WINDOWS_PER_SCENE windows with valid pixels (at most
+        # four times as many reads): no whole-scene prescan, all-nodata windows skipped; kept in
+        # row order, which the split of a lone scene relies on.
+        order = rng.permutation(len(tasks))[:4 * WINDOWS_PER_SCENE]
+        picked: list[tuple[int, np.ndarray]] = []
         reader = WindowReader(s, cfg.scenes.bands)
         try:
-            for task in tasks:
-                xs.append(normalize_scene(reader.read_tile(task.tile)[0], s, cfg.normalization))
-                scene_of.append(i)
+            for j in order:
+                raw, valid = reader.read_tile(tasks[j].tile)
+                if valid.any():
+                    picked.append((int(j), normalize_scene(raw, s, cfg.normalization)))
+                if len(picked) == WINDOWS_PER_SCENE:
+                    break
         finally:
             reader.close()
+        for _, x in sorted(picked, key=lambda p: p[0]):
+            xs.append(x)
+            scene_of.append(i)
     # One group per region where the training scenes name regions, else one group for all.
     named = any(g for g in groups)
     group_of = [str(groups[i]) if named else "all" for i in scene_of]
