@@ -7,10 +7,9 @@ into the reference and calibration halves (``ood.split_by_scene``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..io.raster import SceneInfo, WindowReader
 from ..ood import EmbeddingReference, split_by_scene
@@ -21,15 +20,16 @@ WINDOWS_PER_SCENE = 32
 NEIGHBOURS = 5
 
 
-@torch.inference_mode()
-def fit_embedding_reference(extractor: torch.nn.Module, scenes: Sequence[SceneInfo],
-                            groups: Sequence[Optional[str]], cfg: Any
+def fit_embedding_reference(embed: Callable[[np.ndarray], np.ndarray],
+                            scenes: Sequence[SceneInfo], groups: Sequence[Optional[str]], cfg: Any
                             ) -> tuple[Optional[EmbeddingReference], dict[str, Any]]:
     """The reference and a manifest record; (None, record with the reason) when the training
-    scenes give fewer than two windows for either half."""
+    scenes give fewer than two windows for either half. ``embed``: (n, C, S, S) windows ->
+    (n, D) embeddings (the trained CEM, as init embeds its crops)."""
     t, seed = cfg.tiling, cfg.training.seed
     rng = np.random.default_rng(seed)
-    xs, scene_of = [], []
+    embs: list[np.ndarray] = []
+    scene_of: list[int] = []
     for i, s in enumerate(scenes):
         tasks = scene_tasks(i, s, t.tile_px, t.halo_px)
         # A seeded random order, read until WINDOWS_PER_SCENE windows with valid pixels (at most
@@ -47,9 +47,10 @@ def fit_embedding_reference(extractor: torch.nn.Module, scenes: Sequence[SceneIn
                     break
         finally:
             reader.close()
-        for _, x in sorted(picked, key=lambda p: p[0]):
-            xs.append(x)
-            scene_of.append(i)
+        if picked:  # embedded per scene: memory holds one scene's windows, never the archive's
+            picked.sort(key=lambda p: p[0])
+            embs.append(np.asarray(embed(np.stack([x for _, x in picked])), np.float32))
+            scene_of += [i] * len(picked)
     # One group per region where the training scenes name regions, else one group for all.
     named = any(g for g in groups)
     group_of = [str(groups[i]) if named else "all" for i in scene_of]
@@ -62,15 +63,11 @@ def fit_embedding_reference(extractor: torch.nn.Module, scenes: Sequence[SceneIn
                               "calibration_windows": int(cal.sum()),
                               "calibration_scenes": len({scene_of[j] for j in np.flatnonzero(cal)})}
     if (~cal).sum() < 2 or cal.sum() < 2:
-        record["skipped"] = (f"only {len(xs)} window(s) of {window_px} px in the training scenes: "
-                             "no embedding reference (inference.ood_routing: embedding unavailable)")
+        record["skipped"] = (f"only {len(scene_of)} window(s) of {window_px} px in the training "
+                             "scenes: no embedding reference (inference.ood_routing: embedding "
+                             "unavailable)")
         return None, record
-    extractor.eval()
-    emb = []
-    for j in range(0, len(xs), 16):
-        _, e = extractor(torch.from_numpy(np.stack(xs[j:j + 16])))
-        emb.append(e.float().numpy())
-    e_all = np.concatenate(emb)
+    e_all = np.concatenate(embs)
     ref = EmbeddingReference.fit(e_all[~cal], e_all[cal], NEIGHBOURS, window_px)
     record["calibration_score_quantiles"] = {
         str(q): round(ref.threshold(q), 4) for q in (0.9, 0.95, 0.99)}

@@ -326,7 +326,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                 .tolist() for b in range(k)]
         summary["in_bucket_distance_max"] = [int(dist[~is_val & (buckets == b)].max(initial=0))
                                              for b in range(k)]
-        ood_ref, ood_record = fit_embedding_reference(extractor, scenes, regions, cfg)
+        ood_ref, ood_record = fit_embedding_reference(lambda x: embed_all(extractor, x)[1],
+                                                      scenes, regions, cfg)
         if ood_ref is not None:
             tmp_ref = gallery / "ood_reference.npz.tmp"
             with open(tmp_ref, "wb") as fh:

@@ -61,8 +61,8 @@ def test_torch_distributed_backend_is_repeatable_and_agrees_with_mpi(galleries: 
     assert "shared models data-parallel (torch)" in galleries["logs"]["dp2t"]
     manifest = json.loads((galleries["dp2t"] / "manifest.json").read_text())
     assert manifest["training"]["data_parallel_backend"] == "torch"
-    a = torch.load(galleries["dp2a"] / "cem.pt")
-    b = torch.load(galleries["dp2t"] / "cem.pt")
+    a = torch.load(galleries["dp2a"] / "cem.pt", weights_only=True)
+    b = torch.load(galleries["dp2t"] / "cem.pt", weights_only=True)
     for name in a:
         if a[name].is_floating_point():
             assert torch.allclose(a[name], b[name], rtol=1e-3, atol=1e-4), name
