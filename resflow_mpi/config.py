@@ -197,7 +197,27 @@ class TrainingConfig:
                                   "manifest).", min=1)
     building_crop_fraction: float = _f(0.5, "Share of the crops centred on building pixels, so "
                                             "rare buildings are not lost; the rest are uniform.")
-    val_fraction: float = _f(0.1, "Held back for validation (hash mAP, model metrics).")
+    val_scene_share: float = _f(0.2, "Share of each region's training scenes held out whole "
+                                     "for every model selection (checkpoints, early stopping, "
+                                     "k, bucket acceptance, routing): at least one scene per "
+                                     "region of two or more; a region's lone scene holds out a "
+                                     "band of its rows instead. Listed in the gallery manifest.")
+    min_gain: float = _f(0.0, "A bucket keeps its own model only where the lower bound of its "
+                              "IoU gain over Mono on its held-out tiles (95 % paired bootstrap) "
+                              "is above this; otherwise the bucket maps with Mono.")
+    k_candidates: int = _f(2, "Bucket counts from the variance curve trained and compared by "
+                              "the whole gallery's held-out IoU (with k = 1, Mono alone); more "
+                              "candidates cost more bucket models at init.", min=1)
+    augment: Literal["full", "geometric", "none"] = _f(
+        "full", "Segmentation augmentation: full (flips, 90-degree rotations, brightness, "
+                "contrast, gamma, small scale jitter), geometric (flips and rotations) or none.")
+    loss: Literal["bce_dice", "bce"] = _f("bce_dice", "Segmentation loss: BCE + soft Dice (sparse "
+                                                      "buildings) or BCE alone.")
+    lr_schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule of the "
+                                                              "segmentation models.")
+    early_stop_patience: int = _f(4, "Stop a segmentation model after this many held-out checks "
+                                     "(every val_every steps) without a better IoU; 0: never.",
+                                  min=0)
     k_min: int = _f(2, "Smallest bucket count tried; 1 also tests for any bucket structure "
                        "(no split beats structureless data by k_min_drop: one bucket, Mono only).",
                     min=1)
@@ -304,8 +324,8 @@ class RunConfig:
                               f"{self.inference.ood_quantile}")
         if self.training.k_min > self.training.k_max:
             raise ConfigError(f"{source}: training.k_min must be <= training.k_max")
-        if not 0.0 < self.training.val_fraction < 0.5:
-            raise ConfigError(f"{source}: training.val_fraction must be in (0, 0.5)")
+        if not 0.0 < self.training.val_scene_share < 0.5:
+            raise ConfigError(f"{source}: training.val_scene_share must be in (0, 0.5)")
         if self.scenes.manifest is not None and self.scenes.inputs:
             raise ConfigError(f"{source}: scenes.manifest and scenes.inputs are both set; list "
                               "every scene in the manifest (train: / predict:) and drop "

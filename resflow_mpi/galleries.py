@@ -5,13 +5,15 @@ Model gallery layout (a directory)::
     manifest.json            architecture specs, per-file SHA-256, bucket codes, training counts, metrics
     cem.pt  hash.pt          feature extractor and hash head (state dicts)
     bucket-<bits>.pt         one segmentation model per bucket, named by its centroid bitstring
-    mono.pt                  the single "Mono" model trained on all tiles (for comparison, and
-                             for out-of-distribution tiles when routing is on)
+    mono.pt                  the single "Mono" model trained on all tiles (for comparison, for
+                             buckets whose model did not beat it, and for flagged tiles unless
+                             init found a better model for them: ``flagged_tiles``)
     mono-wide.pt             optional: Mono of a wider preset (training.mono_wide_preset)
 
 Each bucket entry keeps ``distance_histogram``: how many of its training tiles lie at Hamming
 distance 0..n_bits from its centroid; routing thresholds are quantiles of it (``ood_thresholds``).
-A bucket too small for a model of its own points at mono.pt (``"same_as": "mono"``).
+A bucket too small for a model of its own, or whose model did not beat Mono on its held-out
+tiles (``acceptance``), points at mono.pt (``"same_as": "mono"``).
 
 With one bucket (k = 1) there is no bucket file: the bucket's entry points at mono.pt
 (``"same_as": "mono"``), so the gallery is Mono alone under the bucket's code.
@@ -171,6 +173,16 @@ class ModelGallery:
             out[i] = int(np.searchsorted(np.cumsum(counts), rank))
         return out
 
+    def flagged_entry(self) -> dict[str, Any]:
+        """The model that maps tiles routing flags: the one init found better than Mono on the
+        held-out tiles most unlike the training scenes (``flagged_tiles``), else Mono."""
+        choice = self.manifest.get("flagged_tiles") or {"model": "mono"}
+        if choice.get("model") == "bucket":
+            return self.buckets[int(choice["bucket"])]
+        if choice.get("model") == "mono-wide" and self.manifest.get("mono_wide"):
+            return self.manifest["mono_wide"]
+        return self.manifest["mono"]
+
     def stage_models(self, device: torch.device, arch: Optional[str] = None,
                      preset: Optional[str] = None, bucket_override: Optional[str] = None,
                      ood_quantile: Optional[float] = None, ood_method: str = "quantile",
@@ -179,7 +191,7 @@ class ModelGallery:
 
         ``bucket_override='mono'`` (or ``'mono-wide'``) routes every bucket to the Mono model
         (for comparisons). ``ood_quantile`` given: tiles beyond their threshold get bucket
-        OOD_BUCKET and the Mono model; ``ood_method`` "quantile" thresholds each bucket's
+        OOD_BUCKET (flagged) and the model of ``flagged_entry``; ``ood_method`` "quantile" thresholds each bucket's
         Hamming distances (``ood_thresholds``), "embedding" the embedding score
         (``embedding_threshold``, for runs of ``window_px`` windows). Tiles are scored by the
         embedding reference whenever the gallery has one (evaluate's routing column)."""
@@ -203,8 +215,10 @@ class ModelGallery:
         def load_segmenter(bucket: int) -> nn.Module:
             if bucket_override == "mono-wide":
                 entry = self.manifest["mono_wide"]
-            elif bucket_override == "mono" or bucket == OOD_BUCKET:
+            elif bucket_override == "mono":
                 entry = self.manifest["mono"]
+            elif bucket == OOD_BUCKET:
+                entry = self.flagged_entry()
             else:
                 entry = self.buckets[bucket]
             return self.load(entry, expect).to(device).to(memory_format=torch.channels_last)

@@ -3,8 +3,8 @@
 A tile's score is the mean L2 distance from its CEM embedding to the ``k`` nearest *reference*
 embeddings, each dimension standardised on the reference set. Reference and calibration embeddings
 come from windows cut exactly as a run cuts them (``tiling.tile_px`` + 2 ``halo_px``) from the
-training scenes, split by scene: the reference half gives the neighbours, the calibration half
-(scenes the reference never saw) gives the scores of new in-distribution windows. The routing
+training scenes: the scenes trained on give the neighbours, the held-out scenes (which neither the
+networks nor the reference saw) give the scores of new in-distribution windows. The routing
 threshold at quantile q is their split-conformal ceil(q (n + 1))-th smallest, so a new window of
 the training distribution exceeds it with probability at most 1 - q.
 
@@ -13,8 +13,6 @@ Pure compute (numpy/torch): ``galleries`` stores and loads it, ``init.workflow``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 import torch
 
@@ -25,29 +23,6 @@ def conformal_threshold(scores: np.ndarray, quantile: float) -> float:
     if len(s) == 0:
         return float("inf")
     return float(s[min(len(s), int(np.ceil(quantile * (len(s) + 1)))) - 1])
-
-
-def split_by_scene(scene_of: Sequence[int], group_of: Sequence[str]) -> np.ndarray:
-    """Boolean (n,) calibration flag per window: scenes alternate reference / calibration within
-    each group (region or regime), so every group is in both halves where it has two scenes. A
-    group's lone scene is split in space instead: its windows come in row order, the top half is
-    reference, the bottom half calibration (an unseen area of the scene, the nearest stand-in
-    for an unseen scene of its kind)."""
-    scene_of = np.asarray(scene_of)
-    scenes = list(dict.fromkeys(scene_of.tolist()))
-    group = {s: g for s, g in zip(scene_of.tolist(), group_of)}
-    members: dict[str, list[int]] = {}
-    for s in scenes:
-        members.setdefault(group[s], []).append(s)
-    cal = np.zeros(len(scene_of), bool)
-    for ss in members.values():
-        if len(ss) == 1:
-            idx = np.flatnonzero(scene_of == ss[0])
-            cal[idx[len(idx) // 2:]] = True
-        else:
-            for s in ss[1::2]:
-                cal[scene_of == s] = True
-    return cal
 
 
 @dataclass

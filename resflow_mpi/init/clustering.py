@@ -1,7 +1,7 @@
 """Agglomerative clustering of embeddings with the bucket count chosen from the variance curve."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -20,6 +20,14 @@ class ClusterChoice:
     reason: str = ""                    # one line: why this k
     # k_min = 1: the same drop ratio on structureless reference data (None otherwise)
     reference_knee_score: Optional[list[float]] = None
+    labels_by_k: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def candidates(self, n: int) -> list[int]:
+        """Up to ``n`` bucket counts to train and compare on held-out scenes: the elbow's k,
+        then the other k >= 2 by falling drop ratio (the variance curve as a pre-filter)."""
+        others = sorted((k for k in self.labels_by_k if k >= 2 and k != self.k),
+                        key=lambda k: (-self.knee_score[self.ks.index(k)], k))
+        return ([self.k] + others)[:max(1, n)]
 
 
 def mean_intra_cluster_variance(x: np.ndarray, labels: np.ndarray) -> float:
@@ -95,7 +103,7 @@ def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward",
                       f"spread (best: k = {top}, V({top - 1})/V({top}) = {ratio[top]:.2f} against "
                       f"{ref[top]:.2f}); one bucket, the gallery is Mono only")
             return ClusterChoice(1, labels_by_k[1], ks, [var[k] for k in ks], scores, reason,
-                                 reference)
+                                 reference, labels_by_k)
     if significant:
         best = max(significant)
         reason = (f"k = {best}: the largest k whose added cluster cut the mean intra-cluster "
@@ -110,7 +118,7 @@ def choose_k(x: np.ndarray, k_min: int, k_max: int, linkage: str = "ward",
                   f"{min_drop:.0%} (best: V({top - 1})/V({top}) = {ratio[top]:.2f}); k_min is "
                   "the floor")
     return ClusterChoice(best, labels_by_k[best], ks, [var[k] for k in ks], scores, reason,
-                         reference)
+                         reference, labels_by_k)
 
 
 def soft_labels(x: np.ndarray, labels: np.ndarray, temperature: float = 0.5) -> np.ndarray:

@@ -60,26 +60,40 @@ def _empty_tiles(n_bands: int, tile_px: int) -> TileSet:
                    np.zeros((0, 4), int), np.zeros((0, 4)))
 
 
+RowBand = Optional[tuple[int, int]]
+
+
 def _crop_origin(rng: np.random.Generator, info: SceneInfo, tile_px: int,
-                 building_cells: Optional[np.ndarray], cell_px: int, grid_cols: int
-                 ) -> tuple[int, int]:
-    """Top-left (col, row) of a crop: uniform, or centred on a random pixel of a random coarse
-    cell that holds building (flat indices into a grid of ``grid_cols`` columns)."""
-    max_c, max_r = info.width - tile_px, info.height - tile_px
+                 building_cells: Optional[np.ndarray], cell_px: int, grid_cols: int,
+                 rows: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (col, row) of a crop inside the rows [first, end): uniform, or centred on a
+    random pixel of a random coarse cell that holds building (flat indices into a grid of
+    ``grid_cols`` columns)."""
+    max_c, min_r, max_r = info.width - tile_px, rows[0], rows[1] - tile_px
     if building_cells is None:
-        return int(rng.integers(0, max_c + 1)), int(rng.integers(0, max_r + 1))
+        return int(rng.integers(0, max_c + 1)), int(rng.integers(min_r, max_r + 1))
     gr, gc = divmod(int(building_cells[rng.integers(len(building_cells))]), grid_cols)
     cy = min(info.height - 1, gr * cell_px + int(rng.integers(cell_px)))
     cx = min(info.width - 1, gc * cell_px + int(rng.integers(cell_px)))
-    return int(np.clip(cx - tile_px // 2, 0, max_c)), int(np.clip(cy - tile_px // 2, 0, max_r))
+    return int(np.clip(cx - tile_px // 2, 0, max_c)), int(np.clip(cy - tile_px // 2, min_r, max_r))
+
+
+def _cells_in_rows(cells: np.ndarray, cell_px: int, grid_cols: int,
+                   rows: tuple[int, int]) -> np.ndarray:
+    """The building cells that start inside the rows [first, end)."""
+    top = (cells // grid_cols) * cell_px
+    return cells[(top >= rows[0]) & (top < rows[1])]
 
 
 def sample_tiles(scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpec]],
                  scene_ids: Sequence[int], tile_px: int, per_scene: int, bands: Sequence[int],
                  norm: Any, labels_cfg: LabelsConfig, seed: int,
                  building_fraction: float = 0.5, min_valid: float = 0.9,
+                 row_bands: Optional[Sequence[RowBand]] = None,
                  ) -> tuple[TileSet, list[SceneCrops]]:
     """``per_scene`` random crops per scene (seeded; crops may overlap), with their labels.
+    ``row_bands`` (one per entry of ``scene_ids``, which may then repeat a scene): crops lie
+    inside the band's rows [first, end), and the band gets its share of ``per_scene``.
 
     Each label is checked against its scene first (io.labels: InputError naming file and
     values). ``building_fraction`` of the crops are centred on a random building pixel (from
@@ -87,8 +101,9 @@ def sample_tiles(scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpe
     crop needs ``min_valid`` of its pixels labelled (not ignore, not image nodata)."""
     xs, ys, sc, wins, exts = [], [], [], [], []
     reports: list[SceneCrops] = []
-    for sid in scene_ids:
+    for unit, sid in enumerate(scene_ids):
         info, spec = scenes[sid], labels[sid]
+        band = row_bands[unit] if row_bands is not None else None
         if spec is None:
             raise InputError(f"{info.path}: training scene has no label; give it one in the "
                              "manifest (label:), or set labels.file or labels.pattern")
@@ -96,7 +111,7 @@ def sample_tiles(scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpe
         try:
             summary = src.check()
             tiles, rep = _scene_crops(info, src, summary, sid, tile_px, per_scene, bands, norm,
-                                      seed, building_fraction, min_valid)
+                                      seed, building_fraction, min_valid, band)
         finally:
             src.close()
         rep.warnings[:0] = summary.warnings
@@ -115,23 +130,28 @@ def sample_tiles(scenes: Sequence[SceneInfo], labels: Sequence[Optional[LabelSpe
 
 def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: int,
                  tile_px: int, per_scene: int, bands: Sequence[int], norm: Any, seed: int,
-                 building_fraction: float, min_valid: float,
+                 building_fraction: float, min_valid: float, band: RowBand = None,
                  ) -> tuple[list[tuple[np.ndarray, np.ndarray, tuple[int, ...], tuple[float, ...]]],
                             SceneCrops]:
     name = os.path.basename(info.path)
+    rows = band if band is not None else (0, info.height)
+    if band is not None:
+        name += f" rows {rows[0]}-{rows[1]}"
+        per_scene = max(1, int(round(per_scene * (rows[1] - rows[0]) / info.height)))
     valid_px = info.width * info.height * (1.0 - summary.ignore_fraction)
     capacity = int(valid_px // (tile_px * tile_px))
     rep = SceneCrops(info.path, src.path, src.kind, per_scene, 0, 0, capacity,
                      summary.building_fraction, summary.ignore_fraction)
-    if info.width < tile_px or info.height < tile_px:
-        rep.warnings.append(f"scene {name} ({info.width}x{info.height} px) is smaller than "
+    if info.width < tile_px or rows[1] - rows[0] < tile_px:
+        rep.warnings.append(f"scene {name} ({info.width}x{rows[1] - rows[0]} px) is smaller than "
                             f"training.tile_px={tile_px}; no crops taken from it")
         return [], rep
-    positions = (info.width - tile_px + 1) * (info.height - tile_px + 1)
+    positions = (info.width - tile_px + 1) * (rows[1] - rows[0] - tile_px + 1)
     target = min(per_scene, positions)
-    cells = np.flatnonzero(summary.building_cells.ravel())
+    cells = _cells_in_rows(np.flatnonzero(summary.building_cells.ravel()), summary.cell_px,
+                           summary.building_cells.shape[1], rows)
     n_build = int(round(target * building_fraction)) if len(cells) else 0
-    rng = np.random.default_rng([seed, sid])
+    rng = np.random.default_rng([seed, sid] if band is None else [seed, sid, rows[0]])
     kinds = rng.permutation(np.r_[np.ones(n_build, bool), np.zeros(target - n_build, bool)])
     image = WindowReader(info, bands)
     taken: set[tuple[int, int]] = set()
@@ -143,7 +163,7 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
             # uniform positions rather than repeating one crop.
             use_cells = cells if centred and attempt < 10 else None
             c, r = _crop_origin(rng, info, tile_px, use_cells, summary.cell_px,
-                                summary.building_cells.shape[1])
+                                summary.building_cells.shape[1], rows)
             if (c, r) in taken:
                 repeats += 1
                 continue

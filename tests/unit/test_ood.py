@@ -1,4 +1,4 @@
-"""Out-of-distribution scores (resflow_mpi.ood): the conformal rule, the split by scene, k-NN
+"""Out-of-distribution scores (resflow_mpi.ood): the conformal rule, k-NN
 scores on known points, the stored form, and the gallery's refusal of another window size."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from resflow_mpi.ood import EmbeddingReference, conformal_threshold, split_by_scene
+from resflow_mpi.ood import EmbeddingReference, conformal_threshold
 
 
 def test_conformal_threshold_is_the_ceil_q_n_plus_1_th_smallest() -> None:
@@ -16,14 +16,6 @@ def test_conformal_threshold_is_the_ceil_q_n_plus_1_th_smallest() -> None:
     assert conformal_threshold(s, 0.5) == 10.0   # ceil(0.5 * 20) = 10
     assert conformal_threshold(s, 0.99) == 19.0  # ceil(19.8) = 20 > n: capped at the largest
     assert math.isinf(conformal_threshold(np.zeros(0), 0.9))
-
-
-def test_split_by_scene_alternates_scenes_within_groups() -> None:
-    scene_of = [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4]
-    groups = ["a", "a", "b", "b", "a", "a", "b", "b", "c", "c", "c"]
-    cal = split_by_scene(scene_of, groups)
-    # a: scenes 0 (reference), 2 (calibration); b: 1, 3; c's lone scene: top window reference
-    assert cal.tolist() == [False, False, False, False, True, True, True, True, False, True, True]
 
 
 def test_knn_scores_and_stored_form() -> None:

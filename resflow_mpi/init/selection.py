@@ -1,0 +1,163 @@
+"""Model selection on held-out tiles: paired bootstrap gains, bucket acceptance, k, flagged tiles.
+
+All decisions compare maps of the *same* held-out tiles (per-tile TP/FP/FN/TN counts, (n, 4)):
+the IoU of summed counts, and its difference between two maps resampled over tiles with the same
+draws (paired). Pure numpy: ``workflow`` trains and counts, this module decides.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+BOOTSTRAP_SAMPLES = 1000
+CONFIDENCE = 0.95
+# Fewer held-out tiles than this: no evidence, the bucket maps with Mono.
+MIN_EVIDENCE_TILES = 3
+# Held-out tiles most unlike the training scenes (by the embedding score), as a share of all
+# held-out tiles: the stand-in for the tiles routing flags when choosing their model.
+FLAGGED_PROXY_SHARE = 0.2
+
+
+def summed_iou(counts: np.ndarray) -> np.ndarray:
+    """IoU of the building class over the last axis of summed counts (..., 4) (TP, FP, FN, TN);
+    NaN where there is nothing to score."""
+    c = np.asarray(counts, np.float64)
+    den = c[..., 0] + c[..., 1] + c[..., 2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, c[..., 0] / np.maximum(den, 1), np.nan)
+
+
+@dataclass(frozen=True)
+class Gain:
+    """IoU of map A and map B on the same tiles, and A - B with its paired bootstrap interval."""
+
+    tiles: int
+    iou_a: Optional[float]
+    iou_b: Optional[float]
+    gain: Optional[float]
+    low: Optional[float]
+    high: Optional[float]
+
+    def record(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+    def text(self) -> str:
+        if self.gain is None or self.low is None or self.high is None:
+            return "n/a"
+        return f"{self.gain:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def _f(v: Any) -> Optional[float]:
+    v = float(v)
+    return None if np.isnan(v) else v
+
+
+def paired_gain(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
+                confidence: float = CONFIDENCE) -> Gain:
+    """IoU(A) - IoU(B) over the same tiles, with the percentile interval of the paired bootstrap
+    over tiles (``a``, ``b``: (n, 4) per-tile counts)."""
+    a, b = np.asarray(a, np.int64).reshape(-1, 4), np.asarray(b, np.int64).reshape(-1, 4)
+    n = len(a)
+    if n == 0:
+        return Gain(0, None, None, None, None, None)
+    ia, ib = summed_iou(a.sum(0)), summed_iou(b.sum(0))
+    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
+    diff = summed_iou(a[idx].sum(1)) - summed_iou(b[idx].sum(1))
+    diff = diff[~np.isnan(diff)]
+    if len(diff) == 0:
+        return Gain(n, _f(ia), _f(ib), None, None, None)
+    q = (1 - confidence) / 2
+    return Gain(n, _f(ia), _f(ib), _f(ia - ib), float(np.quantile(diff, q)),
+                float(np.quantile(diff, 1 - q)))
+
+
+@dataclass(frozen=True)
+class BucketVerdict:
+    """Whether one bucket keeps its own model, with the evidence."""
+
+    bucket: int
+    train_tiles: int
+    held_out_tiles: int
+    gain: Gain            # bucket model - Mono on the bucket's held-out tiles
+    kept: bool
+    reason: str
+
+    def record(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "train_tiles": self.train_tiles,
+                "held_out_tiles": self.held_out_tiles, "bucket_iou": self.gain.iou_a,
+                "mono_iou": self.gain.iou_b, "gain": self.gain.gain,
+                "gain_ci": [self.gain.low, self.gain.high], "kept": self.kept,
+                "reason": self.reason}
+
+
+def judge_bucket(bucket: int, train_tiles: int, own: Optional[np.ndarray], mono: np.ndarray,
+                 min_gain: float, seed: int = 0) -> BucketVerdict:
+    """Keep the bucket's model only where the lower bound of its paired gain over Mono on the
+    bucket's held-out tiles is above ``min_gain`` (``own`` None: it has no model)."""
+    n = len(mono)
+    if own is None:
+        return BucketVerdict(bucket, train_tiles, n, paired_gain(mono, mono), False,
+                             "no model of its own (too few training tiles)")
+    g = paired_gain(own, mono, seed=seed)
+    if n < MIN_EVIDENCE_TILES or g.low is None:
+        return BucketVerdict(bucket, train_tiles, n, g, False,
+                             f"{n} held-out tile(s): too few to show a gain, maps with Mono")
+    if g.low > min_gain:
+        return BucketVerdict(bucket, train_tiles, n, g, True,
+                             f"beats Mono: gain lower bound {g.low:+.3f} > {min_gain:+.3f}")
+    return BucketVerdict(bucket, train_tiles, n, g, False,
+                         f"not shown better than Mono (gain lower bound {g.low:+.3f} <= "
+                         f"{min_gain:+.3f}): maps with Mono")
+
+
+def gallery_counts(buckets: np.ndarray, kept: dict[int, np.ndarray], mono: np.ndarray) -> np.ndarray:
+    """Per-tile counts of the gallery's map: a tile's bucket model where the bucket kept one
+    (``kept``: bucket -> counts of that bucket model on *every* held-out tile), else Mono."""
+    out = np.array(mono, copy=True)
+    for b, counts in kept.items():
+        sel = buckets == b
+        out[sel] = counts[sel]
+    return out
+
+
+def verdict_table(verdicts: Sequence[BucketVerdict], codes: Sequence[str],
+                  hash_map: Sequence[Optional[float]]) -> list[str]:
+    """The per-bucket acceptance table, one line per bucket (init's log, report.html)."""
+    lines = ["bucket  code      train  held-out  hash mAP  bucket IoU  Mono IoU  gain [95 %]"
+             "                 verdict"]
+    for v, code, m in zip(verdicts, codes, hash_map):
+        def f(x: Optional[float]) -> str:
+            return "   n/a" if x is None else f"{x:6.3f}"
+        lines.append(f"{v.bucket:>6}  {code[:8]:<8}  {v.train_tiles:>5}  {v.held_out_tiles:>8}  "
+                     f"{f(m):>8}  {f(v.gain.iou_a):>10}  {f(v.gain.iou_b):>8}  "
+                     f"{v.gain.text():<24}  {'kept' if v.kept else 'Mono'}")
+    return lines
+
+
+def flagged_proxy(scores: np.ndarray, share: float = FLAGGED_PROXY_SHARE) -> np.ndarray:
+    """Boolean (n,): the ``share`` of held-out tiles with the highest out-of-distribution scores
+    (at least one where there are tiles)."""
+    s = np.asarray(scores, np.float64)
+    out = np.zeros(len(s), bool)
+    if len(s) == 0:
+        return out
+    m = max(1, int(round(share * len(s))))
+    out[np.argsort(-s, kind="stable")[:m]] = True
+    return out
+
+
+def choose_flagged_model(candidates: dict[str, np.ndarray], seed: int = 0
+                         ) -> tuple[str, dict[str, Any]]:
+    """The model for flagged tiles: Mono unless another candidate beats it on the flagged
+    stand-in tiles with a paired-bootstrap lower bound above 0 (then the best such one).
+    ``candidates``: name -> per-tile counts on those tiles; must hold "mono"."""
+    mono = candidates["mono"]
+    table = {name: paired_gain(c, mono, seed=seed) for name, c in candidates.items()
+             if name != "mono"}
+    better = {n: g for n, g in table.items() if g.low is not None and g.low > 0}
+    choice = max(better, key=lambda n: better[n].gain or 0.0) if better else "mono"
+    return choice, {"tiles": int(len(mono)), "mono_iou": _f(summed_iou(mono.sum(0)))
+                    if len(mono) else None,
+                    "candidates": {n: g.record() for n, g in table.items()}, "chosen": choice}
