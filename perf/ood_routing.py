@@ -8,7 +8,7 @@ scenes), every test tile is embedded and hashed exactly as `resflow run` does
 (``TileStages.embed_and_hash`` on the halo window). Per bucket, a centroid and the split-conformal
 threshold (the ceil(q (n + 1))-th smallest of the bucket's n training distances, capped at the
 largest; the rule of ``ModelGallery.ood_thresholds``) are fitted on the training tiles (re-derived
-with init's own sampler and seed; the validation tiles are held out as a calibration check).
+with init's own sampler and seed; crops of the gallery's held-out scenes are a calibration check).
 
 Distances compared:
   hamming  code to the bucket's centroid code (what ``inference.ood_routing: quantile`` uses)
@@ -75,6 +75,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from resflow_mpi.config import config_from_dict
     from resflow_mpi.galleries import ModelGallery
     from resflow_mpi.init.data import open_scenes, sample_tiles
+    from resflow_mpi.init.holdout import HoldoutPlan
+    from resflow_mpi.init.workflow import held_out_crops
     from resflow_mpi.init.evaluate import evaluation_scenes
     from resflow_mpi.io.manifest import scenes_for
     from resflow_mpi.io.raster import WindowReader
@@ -115,9 +117,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     tiles, _ = sample_tiles(scenes, [e.label for e in entries], list(range(len(scenes))),
                             tr.tile_px, tr.tiles_per_scene, cfg.scenes.bands, cfg.normalization,
                             cfg.labels, tr.seed, tr.building_crop_fraction)
-    n = len(tiles.x)
-    is_val = np.zeros(n, bool)
-    is_val[np.random.default_rng(tr.seed).permutation(n)[:max(1, int(round(n * tr.val_fraction)))]] = True
+    # Held out: crops of the scenes (or row bands) the gallery held out for model selection.
+    val = g.manifest.get("validation", {})
+    paths = [s.path for s in scenes]
+    held = HoldoutPlan([paths.index(p) for p in val.get("held_out_scenes", []) if p in paths],
+                       {paths.index(p): int(v["held_out_rows_from"])
+                        for p, v in val.get("row_split_scenes", {}).items() if p in paths})
+    is_val = held_out_crops(tiles, held)
     emb_tr, code_tr, b_tr = embed(tiles.x)
     fit = ~is_val
     k = len(g.buckets)

@@ -173,6 +173,18 @@ class ModelGallery:
             out[i] = int(np.searchsorted(np.cumsum(counts), rank))
         return out
 
+    def selection_record(self) -> dict[str, Any]:
+        """What init chose on its held-out scenes, for run reports: each bucket's verdict
+        against Mono, the model of flagged tiles, the held-out scenes (empty for galleries
+        made before scene-level validation)."""
+        m = self.manifest
+        if "validation" not in m:
+            return {}
+        return {"buckets": [{"code": b.get("code"), "hash_map": b.get("hash_map"),
+                             **b.get("acceptance", {})} for b in m.get("buckets", [])],
+                "flagged_tiles": m.get("flagged_tiles"), "validation": m["validation"],
+                "k": len(m.get("buckets", [])), "hash_warning": m.get("hash_warning")}
+
     def flagged_entry(self) -> dict[str, Any]:
         """The model that maps tiles routing flags: the one init found better than Mono on the
         held-out tiles most unlike the training scenes (``flagged_tiles``), else Mono."""

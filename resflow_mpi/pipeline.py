@@ -300,6 +300,7 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
              "tiles_total_planned": total, "export_s": export_s, "plan_s": job.plan_s,
              "memory_estimate": job.memory_estimate,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
+             "gallery_selection": job.gallery.selection_record(),
              **runner.report_extra()}
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,
                           time.perf_counter() - t_start, complete, exported, job.plan.skipped,

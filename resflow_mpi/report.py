@@ -168,13 +168,13 @@ def _save_png(fig_or_array: Any, path: Path) -> Path:
 def _bucket_label(key: str, tiles: Optional[int]) -> str:
     count = f" ({tiles} tiles)" if tiles is not None else ""
     if int(key) == -2:
-        return f"out of distribution: Mono{count}"
+        return f"flagged out of distribution{count}"
     return f"bucket {key}{count}" if int(key) >= 0 else f"empty{count}"
 
 
 def bucket_colour(bucket: int) -> tuple[int, int, int]:
     """The RGB colour of a bucket in the bucket maps (black for empty tiles, white for tiles
-    routed to Mono as out of distribution)."""
+    flagged out of distribution)."""
     if bucket == -2:
         return tuple(int(v) for v in OOD_COLOUR)  # type: ignore[return-value]
     if bucket < 0:
@@ -421,7 +421,7 @@ def _bucket_table(report: dict[str, Any]) -> str:
 
 
 def _ood_section(report: dict[str, Any]) -> str:
-    """Out-of-distribution routing: the setting, and the tiles routed to Mono per scene."""
+    """Out-of-distribution routing: the setting, and the tiles flagged per scene."""
     inf = report.get("config", {}).get("inference", {})
     if inf.get("ood_routing", "off") == "off":
         return "<p>out-of-distribution routing: off (every tile by its nearest bucket)</p>"
@@ -430,9 +430,42 @@ def _ood_section(report: dict[str, Any]) -> str:
     how = {"embedding": "embedding scores", "quantile": "hash-code distances"}.get(
         str(inf.get("ood_routing")), str(inf.get("ood_routing")))
     return (f"<p>out-of-distribution routing: {_esc(how)} at quantile "
-            f"{_esc(inf.get('ood_quantile'))}; {_esc(report.get('ood_tiles', 0))} tile(s) routed "
-            "to Mono</p>"
-            + _table(["scene", "tiles routed to Mono"], rows, numeric_cols=(1,)))
+            f"{_esc(inf.get('ood_quantile'))}; {_esc(report.get('ood_tiles', 0))} tile(s) flagged "
+            "(mapped by the model init chose for flagged tiles, below)</p>"
+            + _table(["scene", "tiles flagged"], rows, numeric_cols=(1,)))
+
+
+def _selection_section(report: dict[str, Any]) -> str:
+    """The gallery's per-bucket verdicts on its held-out scenes (bucket model vs Mono)."""
+    sel = report.get("gallery_selection") or {}
+    if not sel.get("buckets"):
+        return "<p>the gallery records no held-out selection (made before scene-level validation)</p>"
+
+    def num(v: Any) -> str:
+        return "n/a" if v is None else f"{float(v):.3f}"
+
+    rows = []
+    for b in sel["buckets"]:
+        ci = b.get("gain_ci") or [None, None]
+        gain = ("n/a" if b.get("gain") is None or None in ci else
+                f"{b['gain']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]")
+        rows.append((_esc(b.get("bucket")), _esc(str(b.get("code"))[:12]),
+                     _esc(b.get("train_tiles")), _esc(b.get("held_out_tiles")),
+                     num(b.get("hash_map")), num(b.get("bucket_iou")), num(b.get("mono_iou")),
+                     _esc(gain), "own model" if b.get("kept") else "Mono"))
+    val = sel.get("validation", {})
+    flagged = sel.get("flagged_tiles") or {}
+    who = (f"bucket {flagged.get('bucket')}'s model" if flagged.get("model") == "bucket"
+           else str(flagged.get("model", "mono")))
+    notes = [f"held-out scenes: {len(val.get('held_out_scenes', []))} whole, "
+             f"{len(val.get('row_split_scenes', {}))} by a band of rows; "
+             f"{val.get('held_out_crops', 0)} held-out crops",
+             f"flagged (out-of-distribution) tiles map with {who}"]
+    if sel.get("hash_warning"):
+        notes.append(f"warning: {sel['hash_warning']}")
+    return (_table(["bucket", "code", "train tiles", "held-out tiles", "hash mAP", "bucket IoU",
+                    "Mono IoU", "gain [95 %]", "maps with"], rows, numeric_cols=(2, 3, 4, 5, 6))
+            + "".join(f"<p>{_esc(n)}</p>" for n in notes))
 
 
 def _skipped_section(report: dict[str, Any]) -> str:
@@ -450,8 +483,8 @@ def _scene_section(scene: dict[str, Any], looks: Optional[SceneLooks]) -> str:
              f"{_esc(scene.get('height'))} px, {_num(scene.get('area_km2', 0), '.3f')} km2, "
              f"{_esc(state)}</p>"]
     if scene.get("ood_tiles"):
-        parts.append(f"<p>{_esc(scene['ood_tiles'])} tile(s) out of distribution, mapped by "
-                     "Mono (white in the bucket map)</p>")
+        parts.append(f"<p>{_esc(scene['ood_tiles'])} tile(s) flagged out of distribution "
+                     "(white in the bucket map)</p>")
     outputs = scene.get("outputs", [])
     if outputs:
         parts.append("<p>outputs: " + ", ".join(_esc(Path(o).name) for o in outputs) + "</p>")
@@ -480,6 +513,7 @@ def render_html(report: dict[str, Any], looks: Quicklooks, title: str) -> str:
         _img(looks.stage_times_png, "seconds per stage"),
         "<h2>Ranks</h2>", _rank_table(report), _img(looks.rank_load_png, "load per rank"),
         "<h2>Buckets</h2>", _bucket_table(report), _ood_section(report),
+        "<h2>Bucket models against Mono (held-out scenes)</h2>", _selection_section(report),
         "<h2>Skipped scenes</h2>", _skipped_section(report),
         "<h2>Scenes</h2>", scenes or "<p>no scenes</p>",
         "</body></html>", ""])

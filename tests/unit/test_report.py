@@ -176,7 +176,7 @@ def test_ood_section_names_the_routing_method() -> None:
     report = {"config": {"inference": {"ood_routing": "embedding", "ood_quantile": 0.99}},
               "ood_tiles": 9, "scenes": [{"path": "/d/a.tif", "ood_tiles": 9}]}
     html = _ood_section(report)
-    assert "embedding scores at quantile 0.99; 9 tile(s) routed to Mono" in html and "a.tif" in html
+    assert "embedding scores at quantile 0.99; 9 tile(s) flagged" in html and "a.tif" in html
     report["config"]["inference"]["ood_routing"] = "quantile"
     assert "hash-code distances at quantile 0.99" in _ood_section(report)
     report["config"]["inference"]["ood_routing"] = "off"
