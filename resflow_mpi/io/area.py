@@ -55,16 +55,29 @@ class GroundArea:
         self._to_equal_area: dict[tuple[float, float], osr.CoordinateTransformation] = {}
 
     # -- projections -------------------------------------------------------------------------
+    def _outside(self, x: float, y: float) -> InputError:
+        return InputError(f"{self.where}: point ({x:.6g}, {y:.6g}) lies outside the domain of its "
+                          f"CRS ({self.srs.GetName()}), so its ground area is undefined; check "
+                          "the geotransform and CRS")
+
     def _lonlat_deg(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Longitudes and latitudes in degrees of points in the CRS (InputError off its domain)."""
-        pts = np.asarray(self._to_geog.TransformPoints(np.column_stack([x, y]).tolist()))
+        try:
+            pts = np.asarray(self._to_geog.TransformPoints(np.column_stack([x, y]).tolist()))
+        except RuntimeError:
+            pts = np.array([self._to_geog_or_nan(px, py) for px, py in zip(x, y)])
         lon, lat = pts[:, 0] * self._degrees_per_geog_unit, pts[:, 1] * self._degrees_per_geog_unit
-        if not (np.isfinite(lon).all() and np.isfinite(lat).all()):
-            bad = int(np.flatnonzero(~(np.isfinite(lon) & np.isfinite(lat)))[0])
-            raise InputError(f"{self.where}: point ({x[bad]:.6g}, {y[bad]:.6g}) lies outside the "
-                             f"domain of its CRS ({self.srs.GetName()}), so its ground area is "
-                             "undefined; check the geotransform and CRS")
+        bad = ~(np.isfinite(lon) & np.isfinite(lat) & (np.abs(lat) <= 90.0 + 1e-9))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise self._outside(float(x[i]), float(y[i]))
         return lon, lat
+
+    def _to_geog_or_nan(self, x: float, y: float) -> tuple[float, float]:
+        try:
+            return tuple(self._to_geog.TransformPoint(float(x), float(y))[:2])
+        except RuntimeError:
+            return (math.nan, math.nan)
 
     def _equal_area(self, lon_deg: float, lat_deg: float) -> osr.CoordinateTransformation:
         """The CRS -> Lambert azimuthal equal-area transformation centred near (lon, lat)."""
@@ -89,7 +102,12 @@ class GroundArea:
         lon, lat = self._lonlat_deg(np.array([(x0 + x1) / 2]), np.array([(y0 + y1) / 2]))
         g = geom.Clone()
         g.Segmentize(self.segment)
-        g.Transform(self._equal_area(float(lon[0]), float(lat[0])))
+        try:
+            g.Transform(self._equal_area(float(lon[0]), float(lat[0])))
+        except RuntimeError:
+            raise InputError(f"{self.where}: a polygon near ({(x0 + x1) / 2:.6g}, "
+                             f"{(y0 + y1) / 2:.6g}) cannot be projected to an equal-area CRS; "
+                             "check the CRS") from None
         return float(g.GetArea())
 
     def window_m2(self, geotransform: Sequence[float], window: Window) -> float:
@@ -120,12 +138,15 @@ class GroundArea:
         cx, cy = _apply(gt, np.array([(c0 + c1) / 2]), np.array([(r0 + r1) / 2]))
         lon, lat = self._lonlat_deg(cx, cy)
         ct = self._equal_area(float(lon[0]), float(lat[0]))
-        pts = np.asarray(ct.TransformPoints(np.column_stack([x, y]).tolist()))
+        try:
+            pts = np.asarray(ct.TransformPoints(np.column_stack([x, y]).tolist()))
+        except RuntimeError:
+            pts = np.full((len(x), 2), math.nan)
         if not np.isfinite(pts[:, :2]).all():
             self._lonlat_deg(x, y)  # names the point outside the CRS's domain
             raise InputError(f"{self.where}: window ({c0:g}, {r0:g})-({c1:g}, {r1:g}) px cannot be "
                              "projected to an equal-area CRS; check the geotransform and CRS")
-        px, py = pts[:, 0], pts[:, 1]
+        px, py = pts[:, 0] - pts[:, 0].mean(), pts[:, 1] - pts[:, 1].mean()
         return float(abs(np.dot(px, np.roll(py, -1)) - np.dot(py, np.roll(px, -1))) / 2.0)
 
     def metres_per_unit(self, x: float, y: float) -> float:

@@ -266,6 +266,10 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str],
                      blank_fill_ranges=rules.blank_fill_ranges,
                      blank_fill_min_run_px=rules.blank_fill_min_run_px)
     ds = None
+    # Computed once here: a georeferencing off its CRS's domain is refused before any work.
+    if not info.area_km2 > 0:
+        raise InputError(f"{path}: the geotransform {tuple(gt)} gives the scene no ground area; "
+                         "fix its georeferencing (gdal_edit.py -a_ullr / -a_srs)")
     return info
 
 
