@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from osgeo import gdal, ogr
 
 from resflow_mpi.errors import InputError
 from resflow_mpi.cli import cmd_vectorize as vectorize_command
-from resflow_mpi.io.vectorize import expand_mask_inputs, output_paths, vectorize_mask
+from resflow_mpi.io.vectorize import (expand_mask_inputs, merge_layers, output_paths,
+                                      vectorize_mask)
 from resflow_mpi.runtime.device import LAUNCHER_SIZE_VARS
 
 gdal.UseExceptions()
@@ -184,3 +186,42 @@ def test_geographic_masks_get_areas_in_square_metres(tmp_path: Path) -> None:
     assert result["polygons"] == 1
     assert result["area_m2"] == pytest.approx(expected_m2, rel=0.01)
     assert read_layer(tmp_path / "geo.gpkg", "buildings")[1] == "4326"
+
+
+@pytest.mark.parametrize("name, driver", [("all.shp", "ESRI Shapefile"), ("all.gpkg", "GPKG"),
+                                          ("all.geojson", "GeoJSON")])
+def test_merged_layer_is_written_in_the_format_its_extension_names(
+        mask_tif: Path, tmp_path: Path, name: str, driver: str) -> None:
+    result = vectorize_mask(mask_tif, tmp_path / "one.gpkg")
+    merged = merge_layers([result["gpkg"]], tmp_path / name)
+    ds = ogr.Open(merged["path"])
+    assert ds.GetDriver().GetName() == driver
+    layer = ds.GetLayer(0)
+    assert layer.GetFeatureCount() == result["polygons"] == 4
+    assert layer.GetSpatialRef().GetAuthorityCode(None) == "4326"
+    assert sorted(f.GetField("area_m2") for f in layer) == ground([PIXEL_AREA_M2] + RECT_AREAS_M2)
+    if driver == "ESRI Shapefile":
+        assert all((tmp_path / f"all{ext}").is_file() for ext in (".shx", ".dbf", ".prj"))
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_merged_path_problems_are_one_line_before_any_work(mask_tif: Path,
+                                                          tmp_path: Path) -> None:
+    def args(merged: str) -> argparse.Namespace:
+        return argparse.Namespace(masks=[str(mask_tif)], out=str(tmp_path / "vec"),
+                                  min_area_m2=0.0, simplify_m=0.0, geojson=False, merged=merged,
+                                  merged_crs="EPSG:4326")
+    (tmp_path / "adir.gpkg").mkdir()
+    cases = [(tmp_path / "all.csv", "unsupported extension '.csv'; use one of .gpkg, .geojson"),
+             (tmp_path / "noext", "unsupported extension '(none)'"),
+             (tmp_path / "nodir" / "x.gpkg",
+              f"folder {tmp_path / 'nodir'} does not exist; create it"),
+             (tmp_path / "adir.gpkg", "is a directory")]
+    for merged, says in cases:
+        with pytest.raises(InputError, match=re.escape(f"--merged {merged}: {says}")):
+            vectorize_command(args(str(merged)))
+    assert not (tmp_path / "vec" / "0000_scene.resflow-buildings.gpkg").exists()
+    bad_crs = args(str(tmp_path / "all.gpkg"))
+    bad_crs.merged_crs = "EPSG:99999999"
+    with pytest.raises(InputError, match="--merged-crs EPSG:99999999: not a known"):
+        vectorize_command(bad_crs)
