@@ -11,7 +11,7 @@ GDAL 3.6 has no geodesic area of its own (``OGRGeometry::GetGeodesicArea`` came 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 from osgeo import ogr, osr
@@ -43,16 +43,36 @@ class GroundArea:
             raise InputError(f"{where}: has no CRS, so its ground area is unknown; assign one "
                              "with gdal_edit.py -a_srs")
         self.where = where
-        self.srs = _traditional(osr.SpatialReference(wkt=crs_wkt))
+        try:
+            self.srs = _traditional(osr.SpatialReference(wkt=crs_wkt))
+        except RuntimeError:
+            raise InputError(f"{where}: its CRS cannot be read, so its ground area is unknown; "
+                             "assign one with gdal_edit.py -a_srs") from None
         self.geographic = bool(self.srs.IsGeographic())
-        self._geog = _traditional(self.srs.CloneGeogCS())
+        self._to_equal_area: dict[tuple[float, float], osr.CoordinateTransformation] = {}
+        # A local (engineering) CRS has no ellipsoid: its plane is the ground, in its own unit.
+        self._local_m_per_unit: Optional[float] = None
+        geog = self.srs.CloneGeogCS() if self.geographic or self.srs.IsProjected() else None
+        if geog is None:
+            if not (self.srs.IsLocal() and self.srs.GetLinearUnits() > 0):
+                raise InputError(f"{where}: its CRS ({self.srs.GetName()}) has no ellipsoid and no "
+                                 "linear unit, so its ground area is unknown; assign a "
+                                 "geographic or projected CRS with gdal_edit.py -a_srs")
+            self._local_m_per_unit = float(self.srs.GetLinearUnits())
+            self.segment = math.inf
+            return
+        self._geog = _traditional(geog)
         self._degrees_per_geog_unit = self._geog.GetAngularUnits() * 180.0 / math.pi
-        self._to_geog = osr.CoordinateTransformation(self.srs, self._geog)
+        try:
+            self._to_geog = osr.CoordinateTransformation(self.srs, self._geog)
+        except RuntimeError:
+            raise InputError(f"{where}: its CRS ({self.srs.GetName()}) cannot be converted to "
+                             "longitude/latitude, so its ground area is unknown; check the "
+                             "CRS") from None
         if self.geographic:
             self.segment = SEGMENT_DEG / (self.srs.GetAngularUnits() * 180.0 / math.pi)
         else:
             self.segment = SEGMENT_M / (self.srs.GetLinearUnits() or 1.0)
-        self._to_equal_area: dict[tuple[float, float], osr.CoordinateTransformation] = {}
 
     # -- projections -------------------------------------------------------------------------
     def _outside(self, x: float, y: float) -> InputError:
@@ -98,6 +118,8 @@ class GroundArea:
         """Ground area in m2 of a polygon (or multipolygon) in this CRS."""
         if geom is None or geom.IsEmpty():
             return 0.0
+        if self._local_m_per_unit is not None:
+            return float(geom.GetArea()) * self._local_m_per_unit ** 2
         x0, x1, y0, y1 = geom.GetEnvelope()
         lon, lat = self._lonlat_deg(np.array([(x0 + x1) / 2]), np.array([(y0 + y1) / 2]))
         g = geom.Clone()
@@ -114,6 +136,10 @@ class GroundArea:
         """Ground area in m2 of a pixel window of a raster with this CRS and ``geotransform``."""
         if window.width <= 0 or window.height <= 0:
             return 0.0
+        if self._local_m_per_unit is not None:
+            gt = geotransform
+            return (abs(gt[1] * gt[5] - gt[2] * gt[4]) * window.width * window.height
+                    * self._local_m_per_unit ** 2)
         c0, r0 = float(window.col), float(window.row)
         c1, r1 = c0 + window.width, r0 + window.height
         cols, rows = _ring(c0, r0, c1, r1, 8)
@@ -152,6 +178,8 @@ class GroundArea:
     def metres_per_unit(self, x: float, y: float) -> float:
         """Ground length in metres of one CRS unit near (x, y): the square root of the local
         area scale (exact for conformal projections such as UTM and Web Mercator)."""
+        if self._local_m_per_unit is not None:
+            return self._local_m_per_unit
         d = self.segment / 20.0
         ring = ogr.Geometry(ogr.wkbLinearRing)
         for px, py in ((x, y), (x + d, y), (x + d, y + d), (x, y + d), (x, y)):

@@ -191,3 +191,13 @@ def test_points_outside_the_crs_domain_are_one_line_errors() -> None:
     lonlat = GroundArea(srs_of(4326).ExportToWkt(), "y.tif")
     with pytest.raises(InputError, match=r"y.tif: point \(0, 200\) lies outside the domain"):
         lonlat.window_m2((0.0, 1.0, 0.0, 200.0, 0.0, -1.0), Window(0, 0, 4, 4))
+
+
+def test_a_local_crs_is_its_own_plane_in_its_unit() -> None:
+    """An engineering (site) grid has no ellipsoid: its plane is the ground, in its linear unit."""
+    wkt = ('LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT["foot",0.3048],'
+           'AXIS["X",EAST],AXIS["Y",NORTH]]')
+    site = GroundArea(wkt, "site.tif")
+    assert site.window_m2((0.0, 2.0, 0.0, 0.0, 0.0, -2.0), Window(0, 0, 10, 5)) == \
+        pytest.approx(50 * (2 * 0.3048) ** 2, rel=1e-12)
+    assert site.metres_per_unit(0.0, 0.0) == 0.3048
