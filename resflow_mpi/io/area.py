@@ -30,6 +30,8 @@ SEGMENT_M = 500
 MAX_SPAN_DEG = 20.0
 # Projection centres are snapped to this grid so the tiles of a scene share one transformation.
 CENTRE_GRID_DEG = 1.0
+# Polygons within a cell of this many segment lengths (0.25 deg, 25 km) share one projection.
+CELL_SEGMENTS = 50
 
 
 class GroundArea:
@@ -50,6 +52,7 @@ class GroundArea:
                              "assign one with gdal_edit.py -a_srs") from None
         self.geographic = bool(self.srs.IsGeographic())
         self._to_equal_area: dict[tuple[float, float], osr.CoordinateTransformation] = {}
+        self._by_cell: dict[tuple[int, int], osr.CoordinateTransformation] = {}
         # A local (engineering) CRS has no ellipsoid: its plane is the ground, in its own unit.
         self._local_m_per_unit: Optional[float] = None
         geog = self.srs.CloneGeogCS() if self.geographic or self.srs.IsProjected() else None
@@ -121,11 +124,18 @@ class GroundArea:
         if self._local_m_per_unit is not None:
             return float(geom.GetArea()) * self._local_m_per_unit ** 2
         x0, x1, y0, y1 = geom.GetEnvelope()
-        lon, lat = self._lonlat_deg(np.array([(x0 + x1) / 2]), np.array([(y0 + y1) / 2]))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        # Polygons of one neighbourhood share a transformation (no point lookup per polygon).
+        cell = (math.floor(cx / (self.segment * CELL_SEGMENTS)),
+                math.floor(cy / (self.segment * CELL_SEGMENTS)))
+        ct = self._by_cell.get(cell)
+        if ct is None:
+            lon, lat = self._lonlat_deg(np.array([cx]), np.array([cy]))
+            ct = self._by_cell[cell] = self._equal_area(float(lon[0]), float(lat[0]))
         g = geom.Clone()
         g.Segmentize(self.segment)
         try:
-            g.Transform(self._equal_area(float(lon[0]), float(lat[0])))
+            g.Transform(ct)
         except RuntimeError:
             raise InputError(f"{self.where}: a polygon near ({(x0 + x1) / 2:.6g}, "
                              f"{(y0 + y1) / 2:.6g}) cannot be projected to an equal-area CRS; "
