@@ -50,12 +50,12 @@ class GroundArea:
         except RuntimeError:
             raise InputError(f"{where}: its CRS cannot be read, so its ground area is unknown; "
                              "assign one with gdal_edit.py -a_srs") from None
-        self.geographic = bool(self.srs.IsGeographic())
+        geographic = bool(self.srs.IsGeographic())
         self._to_equal_area: dict[tuple[float, float], osr.CoordinateTransformation] = {}
         self._by_cell: dict[tuple[int, int], osr.CoordinateTransformation] = {}
         # A local (engineering) CRS has no ellipsoid: its plane is the ground, in its own unit.
         self._local_m_per_unit: Optional[float] = None
-        geog = self.srs.CloneGeogCS() if self.geographic or self.srs.IsProjected() else None
+        geog = self.srs.CloneGeogCS() if geographic or self.srs.IsProjected() else None
         if geog is None:
             if not (self.srs.IsLocal() and self.srs.GetLinearUnits() > 0):
                 raise InputError(f"{where}: its CRS ({self.srs.GetName()}) has no ellipsoid and no "
@@ -72,7 +72,7 @@ class GroundArea:
             raise InputError(f"{where}: its CRS ({self.srs.GetName()}) cannot be converted to "
                              "longitude/latitude, so its ground area is unknown; check the "
                              "CRS") from None
-        if self.geographic:
+        if geographic:
             self.segment = SEGMENT_DEG / (self.srs.GetAngularUnits() * 180.0 / math.pi)
         else:
             self.segment = SEGMENT_M / (self.srs.GetLinearUnits() or 1.0)
@@ -98,9 +98,10 @@ class GroundArea:
 
     def _to_geog_or_nan(self, x: float, y: float) -> tuple[float, float]:
         try:
-            return tuple(self._to_geog.TransformPoint(float(x), float(y))[:2])
+            lon, lat = self._to_geog.TransformPoint(float(x), float(y))[:2]
         except RuntimeError:
             return (math.nan, math.nan)
+        return (float(lon), float(lat))
 
     def _equal_area(self, lon_deg: float, lat_deg: float) -> osr.CoordinateTransformation:
         """The CRS -> Lambert azimuthal equal-area transformation centred near (lon, lat)."""
