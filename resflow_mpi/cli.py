@@ -128,7 +128,7 @@ def cmd_vectorize(args: argparse.Namespace) -> int:
     """Building polygons from exported masks (GeoPackage/GeoJSON), masks spread over ranks."""
     from .io import vectorize as vec
     from .runtime.device import launched_by_mpi
-    vec.prepare_out_dir(args.out)
+    vec.prepare_outputs(args)
 
     def work(runner: Any) -> Optional[int]:
         comm = runner.comm
@@ -227,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--simplify-m", type=float, default=0.0)
     sp.add_argument("--geojson", action="store_true", help="also write GeoJSON")
     sp.add_argument("--merged", default=None, metavar="PATH",
-                    help="also write every scene's polygons into one layer (.gpkg or .geojson) "
-                         "in --merged-crs, for archives that span several CRSs")
+                    help="also write every scene's polygons into one layer in --merged-crs "
+                         "(.gpkg, .geojson, .shp or .fgb), for archives that span several CRSs")
     sp.add_argument("--merged-crs", default="EPSG:4326")
     sp.set_defaults(func=cmd_vectorize)
     sp = sub.add_parser("config-doc", help=cmd_config_doc.__doc__)

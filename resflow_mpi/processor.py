@@ -75,11 +75,6 @@ class TileProcessor:
         self.stats = PipelineStats()
         self._readers: OrderedDict[int, WindowReader] = OrderedDict()  # least recent first
 
-    def _km2_per_px(self, scene: int) -> float:
-        """Mean ground area of a pixel of ``scene`` (geodesic where the CRS is geographic)."""
-        s = self.scenes[scene]
-        return s.area_km2 / max(1, s.width * s.height)
-
     # -- reading (background thread) -----------------------------------------------------------
     def _reader(self, scene: int) -> WindowReader:
         """The scene's open reader; the least recently used one is closed beyond OPEN_SCENES."""
@@ -167,7 +162,7 @@ class TileProcessor:
             self.stats.tiles += 1
             owned_px = task.tile.owned.width * task.tile.owned.height
             self.stats.pixels += owned_px
-            self.stats.area_km2 += owned_px * self._km2_per_px(task.tile.scene)
+            self.stats.area_km2 += self.scenes[task.tile.scene].window_area_km2(task.tile.owned)
             if task.empty:
                 yield self._empty_result(task)
             else:

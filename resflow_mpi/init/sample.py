@@ -10,13 +10,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, OutputError
+
+SUMMARY_NAME = "sample.json"
+INDEX_NAME = "chips.gpkg"
+# The only files of an earlier sample that a new one removes: chips in their bucket folders.
+CHIP_PATH = re.compile(r"bucket-[0-9]+/[^/]+\.tif")
 
 
 def _spread_order(centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -87,6 +93,65 @@ def _bucket_codes(gallery_path: Path) -> dict[int, str]:
         return {}
 
 
+def _previous_chips(out: Path) -> Optional[list[str]]:
+    """Chip paths (relative to ``out``) an earlier `resflow sample` wrote into ``out``, from its
+    summary and its index; None when ``out`` holds neither (the folder is not the tool's)."""
+    from ..io.chips import read_chip_paths
+
+    summary, index = out / SUMMARY_NAME, out / INDEX_NAME
+    if not summary.is_file() and not index.is_file():
+        return None
+    chips: list[str] = []
+    try:
+        listed = json.loads(summary.read_text()).get("chip_files", []) if summary.is_file() else []
+        chips.extend(str(c) for c in listed if isinstance(c, str))
+    except (OSError, ValueError, AttributeError):
+        pass
+    if index.is_file():
+        chips.extend(read_chip_paths(index))
+    return chips
+
+
+def prepare_out_dir(out: Path) -> None:
+    """Make ``--out`` ready for a new sample: created when missing; in a folder an earlier
+    `resflow sample` wrote, that call's chips, index and summary are removed (nothing else); a
+    file, or a non-empty folder the tool did not write, is refused (InputError)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file, not a folder; give a folder for the chips "
+                         "(it is created when missing)")
+    if out.is_dir() and any(out.iterdir()):
+        previous = _previous_chips(out)
+        if previous is None:
+            raise InputError(f"--out {out}: folder is not empty and holds no {SUMMARY_NAME} of an "
+                             "earlier `resflow sample`; give a new or empty folder")
+        root = out.resolve()
+        try:
+            for rel in dict.fromkeys(previous):
+                chip = (out / rel).resolve()
+                if CHIP_PATH.fullmatch(rel) and chip.parent.parent == root and chip.is_file():
+                    chip.unlink()
+                    if not any(chip.parent.iterdir()):
+                        chip.parent.rmdir()
+            for name in (INDEX_NAME, SUMMARY_NAME):
+                (out / name).unlink(missing_ok=True)
+        except OSError as exc:
+            raise OutputError(f"--out {out}: cannot remove the chips of the earlier sample "
+                              f"({exc.strerror}: {exc.filename}); remove them or give another "
+                              "folder") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+
+
+def _write_summary(out: Path, summary: dict[str, Any]) -> None:
+    try:
+        (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=1))
+    except OSError as exc:
+        raise OutputError(f"{out / SUMMARY_NAME}: cannot write ({exc.strerror}); check --out is "
+                          "writable and has space") from None
+
+
 def sample_command(args: argparse.Namespace) -> int:
     """`resflow sample GALLERY/images.h5 --per-bucket N [--scenes ...] --seed S --out DIR`."""
     from ..galleries import ImageGallery, bits_to_str
@@ -100,8 +165,7 @@ def sample_command(args: argparse.Namespace) -> int:
     picked = select_stratified(gallery.bucket, gallery.scene, gallery.window, args.per_bucket,
                                args.seed, allowed=allowed_scenes[gallery.scene])
     centroid = _bucket_codes(Path(args.gallery))
-    out = Path(args.out)
-    records: list[ChipRecord] = []
+    planned: list[tuple[int, int, dict[str, Any], tuple[int, int, int, int], str]] = []
     for b, tiles in picked.items():
         for tile in tiles:
             meta = gallery.scenes[int(gallery.scene[tile])]
@@ -109,22 +173,28 @@ def sample_command(args: argparse.Namespace) -> int:
                 raise InputError(f"{args.gallery}: the image gallery does not record scene paths; "
                                  "rebuild it with `resflow init`")
             col, row, width, height = (int(v) for v in gallery.window[tile])
-            name = f"{meta['name']}_c{col}_r{row}.tif"
-            chip = Path(f"bucket-{b:02d}") / name
-            write_chip(meta["path"], (col, row, width, height), out / chip)
-            records.append(ChipRecord(tile=int(tile), bucket=b,
-                                      code=bits_to_str(gallery.codes[tile], gallery.n_bits),
-                                      bucket_code=centroid.get(b, ""), scene=meta["name"],
-                                      scene_path=meta["path"], window=(col, row, width, height),
-                                      chip=str(chip)))
-    index = write_chip_index(out / "chips.gpkg", records)
+            chip = f"bucket-{b:02d}/{meta['name']}_c{col}_r{row}.tif"
+            planned.append((int(tile), b, meta, (col, row, width, height), chip))
+    out = Path(args.out)
+    prepare_out_dir(out)
+    # Written first, so a later call can remove these chips even if this one stops half-way.
+    _write_summary(out, {"complete": False, "chip_files": [p[-1] for p in planned]})
+    records: list[ChipRecord] = []
+    for tile, b, meta, window, chip in planned:
+        write_chip(meta["path"], window, out / chip)
+        records.append(ChipRecord(tile=tile, bucket=b,
+                                  code=bits_to_str(gallery.codes[tile], gallery.n_bits),
+                                  bucket_code=centroid.get(b, ""), scene=meta["name"],
+                                  scene_path=meta["path"], window=window, chip=chip))
+    index = write_chip_index(out / INDEX_NAME, records)
     counts = {b: len(t) for b, t in picked.items()}
     short = {b: n for b, n in counts.items() if n < args.per_bucket}
     summary = {"gallery": str(args.gallery), "per_bucket": args.per_bucket, "seed": args.seed,
                "index": str(index), "chips": len(records), "per_bucket_written": counts,
                "buckets_short": short,
-               "scenes": sorted({r.scene for r in records})}
-    (out / "sample.json").write_text(json.dumps(summary, indent=1))
+               "scenes": sorted({r.scene for r in records}), "complete": True,
+               "chip_files": [r.chip for r in records]}
+    _write_summary(out, summary)
     for b, n in counts.items():
         note = f" (the bucket has only {n} tile(s) in these scenes)" if b in short else ""
         print(f"bucket {b}: {n} chip(s){note}")

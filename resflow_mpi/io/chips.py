@@ -78,6 +78,17 @@ def _footprint(scene_path: str, window: tuple[int, int, int, int]) -> tuple[ogr.
     return polygon, src.GetProjection()
 
 
+def read_chip_paths(path: Path) -> list[str]:
+    """The ``chip`` column of a chip index (paths relative to it); [] when it cannot be read."""
+    ensure_configured()
+    try:
+        ds = ogr.Open(str(path))
+        layer = ds.GetLayerByName(INDEX_LAYER) if ds is not None else None
+        return [str(f.GetField("chip")) for f in layer] if layer is not None else []
+    except RuntimeError:
+        return []
+
+
 def write_chip_index(path: Path, records: Sequence[ChipRecord]) -> Path:
     """GeoPackage of chip footprints (layer ``chips``), replacing any earlier index at ``path``.
 

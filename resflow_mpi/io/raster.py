@@ -18,6 +18,7 @@ from osgeo import gdal, osr
 from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
+from .area import GroundArea
 from .gdalenv import ensure_configured
 from .naming import inside_output_dir, is_label_name, is_output_name
 
@@ -104,29 +105,17 @@ class SceneInfo:
         return " + ".join(parts) or "no nodata declared"
 
     @functools.cached_property
-    def _area(self) -> "_AreaModel":
-        return _AreaModel(self.crs_wkt, self.geotransform)
-
-    @property
-    def pixel_area_m2(self) -> float:
-        """Ground area of one pixel in m2 (the scene's mean in a geographic CRS)."""
-        if self._area.geographic:
-            return self.area_km2 * 1e6 / max(1, self.width * self.height)
-        return self._area.projected_pixel_m2
+    def _ground(self) -> GroundArea:
+        return GroundArea(self.crs_wkt, self.path)
 
     @functools.cached_property
     def area_km2(self) -> float:
-        """Ground area of the whole scene in km2 (geodesic in a geographic CRS)."""
+        """Ground area of the whole scene in km2 (on the CRS's ellipsoid, see ``io/area.py``)."""
         return self.window_area_km2(Window(0, 0, self.width, self.height))
-
-    @property
-    def km2_per_pixel(self) -> float:
-        """Mean ground area of one pixel in km2 (progress lines, throughput)."""
-        return self.area_km2 / max(1, self.width * self.height)
 
     def window_area_km2(self, w: Window) -> float:
         """Ground area in km2 of a pixel window (e.g. a tile's owned window)."""
-        return self._area.window_m2(w) / 1e6
+        return self._ground.window_m2(self.geotransform, w) / 1e6
 
     def window_extent(self, w: Window) -> tuple[float, float, float, float]:
         """Georeferenced (xmin, ymin, xmax, ymax) of a pixel window (any geotransform)."""
@@ -157,7 +146,7 @@ class SceneInfo:
         return json.dumps(asdict(self))
 
     def __getstate__(self) -> dict[str, Any]:
-        # Fields only (and the area once computed): the cached area model holds OSR objects.
+        # Fields only (and the area once computed): the cached ground-area model holds OSR objects.
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         if "area_km2" in self.__dict__:
             state["area_km2"] = self.__dict__["area_km2"]
@@ -166,76 +155,6 @@ class SceneInfo:
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
             object.__setattr__(self, k, v)
-
-
-class _AreaModel:
-    """Ground areas of pixel windows: pixel area (in metres) in a projected CRS, and in a geographic
-    CRS the area of the window's footprint in a Lambert azimuthal equal-area projection centred on
-    it (equal-area on the CRS's ellipsoid; GDAL 3.6 has no OGR geodesic area)."""
-
-    EDGE_POINTS = 32       # points per footprint edge (edges of constant latitude are curves)
-    MAX_SPAN_DEG = 20.0    # larger footprints are split so each piece stays near its centre
-
-    def __init__(self, crs_wkt: str, gt: Sequence[float]):
-        ensure_configured()
-        self.gt = tuple(gt)
-        self.srs: Optional[osr.SpatialReference] = None
-        self.geographic = False
-        units = 1.0
-        if crs_wkt:
-            srs = osr.SpatialReference(wkt=crs_wkt)
-            srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-            self.geographic = bool(srs.IsGeographic())
-            if not self.geographic and srs.IsProjected():
-                units = srs.GetLinearUnits() or 1.0
-            self.srs = srs
-        self.projected_pixel_m2 = abs(gt[1] * gt[5] - gt[2] * gt[4]) * units * units
-
-    def _geo(self, col: float, row: float) -> tuple[float, float]:
-        g = self.gt
-        return g[0] + col * g[1] + row * g[2], g[3] + col * g[4] + row * g[5]
-
-    def window_m2(self, w: Window) -> float:
-        if not self.geographic:
-            return w.width * w.height * self.projected_pixel_m2
-        x0, y0, x1, y1 = _bounds([self._geo(c, r) for c in (w.col, w.col + w.width)
-                                  for r in (w.row, w.row + w.height)])
-        nx = max(1, math.ceil((x1 - x0) / self.MAX_SPAN_DEG))
-        ny = max(1, math.ceil((y1 - y0) / self.MAX_SPAN_DEG))
-        total = 0.0
-        for i in range(nx):
-            for j in range(ny):
-                c0, c1 = w.col + w.width * i / nx, w.col + w.width * (i + 1) / nx
-                r0, r1 = w.row + w.height * j / ny, w.row + w.height * (j + 1) / ny
-                total += self._piece_m2(c0, r0, c1, r1)
-        return total
-
-    def _piece_m2(self, c0: float, r0: float, c1: float, r1: float) -> float:
-        n = self.EDGE_POINTS
-        t = np.arange(n) / n
-        cols = np.concatenate([c0 + (c1 - c0) * t, np.full(n, c1), c1 - (c1 - c0) * t, np.full(n, c0)])
-        rows = np.concatenate([np.full(n, r0), r0 + (r1 - r0) * t, np.full(n, r1), r1 - (r1 - r0) * t])
-        g = self.gt
-        lon = g[0] + cols * g[1] + rows * g[2]
-        lat = g[3] + cols * g[4] + rows * g[5]
-        assert self.srs is not None
-        # Centre of the piece, in the geographic CRS's own units (degrees, or grads, radians).
-        to_deg = self.srs.GetAngularUnits() * 180.0 / math.pi
-        lon0, lat0 = float(lon.mean()) * to_deg, float(lat.mean()) * to_deg
-        a, rf = self.srs.GetSemiMajor(), self.srs.GetInvFlattening()
-        shape = f"+a={a!r} +rf={rf!r}" if rf else f"+R={a!r}"
-        laea = osr.SpatialReference()
-        laea.ImportFromProj4(f"+proj=laea +lat_0={lat0!r} +lon_0={lon0!r} {shape} +units=m +no_defs")
-        laea.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-        ct = osr.CoordinateTransformation(self.srs, laea)
-        pts = np.asarray(ct.TransformPoints(np.column_stack([lon, lat]).tolist()))
-        x, y = pts[:, 0], pts[:, 1]
-        return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
-
-
-def _bounds(points: Sequence[tuple[float, float]]) -> tuple[float, float, float, float]:
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    return min(xs), min(ys), max(xs), max(ys)
 
 
 def _open(path: str) -> gdal.Dataset:
@@ -347,6 +266,10 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str],
                      blank_fill_ranges=rules.blank_fill_ranges,
                      blank_fill_min_run_px=rules.blank_fill_min_run_px)
     ds = None
+    # Computed once here: a georeferencing off its CRS's domain is refused before any work.
+    if not info.area_km2 > 0:
+        raise InputError(f"{path}: the geotransform {tuple(gt)} gives the scene no ground area; "
+                         "fix its georeferencing (gdal_edit.py -a_ullr / -a_srs)")
     return info
 
 
@@ -555,13 +478,6 @@ def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneIn
     if mode != "scene" or info.band_stats is not None:
         return info
     return replace(info, band_stats=scene_statistics(info, bands))
-
-
-def same_crs(a: SceneInfo, b: SceneInfo) -> bool:
-    """True when two scenes share one coordinate reference system."""
-    ensure_configured()
-    sa, sb = osr.SpatialReference(wkt=a.crs_wkt), osr.SpatialReference(wkt=b.crs_wkt)
-    return bool(sa.IsSame(sb))
 
 
 # -- scene discovery --------------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Building polygons from exported masks: GeoPackage (scene CRS) and optional GeoJSON (WGS84).
 
+Polygon areas (``area_m2``) are ground areas on the CRS's ellipsoid, from ``io/area.py``.
+
 ``gdal.Polygonize`` reads the mask block by block, so a huge scene never sits in memory. Files
 appear only complete: each is written under a ``.partial`` name and renamed at the end.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 from xml.sax.saxutils import escape
@@ -15,15 +17,17 @@ from xml.sax.saxutils import escape
 from osgeo import gdal, ogr, osr
 
 from ..errors import InputError, OutputError, ResflowError
+from .area import GroundArea
 from .gdalenv import ensure_configured
 from .oserrors import write_failure
 from .naming import MASK, output_file_name
 
 LAYER_NAME = "buildings"
+# --merged extensions and the OGR drivers that write them.
+MERGED_FORMATS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON",
+                  ".shp": "ESRI Shapefile", ".fgb": "FlatGeobuf"}
 MASK_SUFFIX = output_file_name("", MASK)
 BUILDING_VALUE = 1
-# Metres per degree of latitude: converts simplify_m to a tolerance for geographic masks.
-METRES_PER_DEGREE = 111_320.0
 
 
 def _partial(path: Path) -> Path:
@@ -65,44 +69,12 @@ def _building_selector(mask_tif: Path, width_px: int, height_px: int) -> gdal.Da
     return gdal.Open(xml)
 
 
-class _AreaMeter:
-    """Areas in m2 and simplification tolerances in layer units, for projected or geographic CRSs."""
-
-    def __init__(self, srs: osr.SpatialReference, extent: tuple[float, float, float, float]):
-        self.to_equal_area: Optional[osr.CoordinateTransformation] = None
-        if srs.IsGeographic():
-            # A Lambert equal-area projection centred on the mask keeps areas exact enough.
-            lon0 = (extent[0] + extent[1]) / 2
-            lat0 = (extent[2] + extent[3]) / 2
-            laea = osr.SpatialReference()
-            laea.ImportFromProj4(f"+proj=laea +lat_0={lat0} +lon_0={lon0} +datum=WGS84 +units=m")
-            laea.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-            self.to_equal_area = osr.CoordinateTransformation(srs, laea)
-            self.metres_per_unit = METRES_PER_DEGREE * math.cos(math.radians(lat0))
-            self.square_metres_per_unit2 = 1.0
-        else:
-            self.metres_per_unit = srs.GetLinearUnits() or 1.0
-            self.square_metres_per_unit2 = self.metres_per_unit ** 2
-
-    def area_m2(self, geom: ogr.Geometry) -> float:
-        """The geometry's area in square metres."""
-        if self.to_equal_area is None:
-            return geom.GetArea() * self.square_metres_per_unit2
-        g = geom.Clone()
-        g.Transform(self.to_equal_area)
-        return g.GetArea()
-
-    def tolerance(self, simplify_m: float) -> float:
-        """A distance in metres expressed in the layer's units."""
-        return simplify_m / self.metres_per_unit
-
-
 def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: float = 0.0,
                    simplify_m: float = 0.0, geojson_path: Optional[str | Path] = None
                    ) -> dict[str, Any]:
     """Polygonize a mask's building pixels into a GeoPackage layer "buildings" (id, area_m2).
 
-    Polygons smaller than ``min_area_m2`` (pixel area, before simplification) are dropped;
+    Polygons smaller than ``min_area_m2`` (ground area, before simplification) are dropped;
     ``simplify_m`` > 0 simplifies with topology preserved. Returns the paths written, the polygon
     count and the total area in m2 (of the written geometries).
     """
@@ -135,7 +107,11 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
         gdal.Polygonize(ds.GetRasterBand(1), selector.GetRasterBand(1), raw_layer, -1, [])
         raw_layer.CommitTransaction()
 
-        meter = _AreaMeter(srs, raw_layer.GetExtent()) if raw_layer.GetFeatureCount() else None
+        ground = GroundArea(ds.GetProjection(), str(mask_tif))
+        tolerance = 0.0
+        if simplify_m > 0 and raw_layer.GetFeatureCount():
+            x0, x1, y0, y1 = raw_layer.GetExtent()
+            tolerance = simplify_m / ground.metres_per_unit((x0 + x1) / 2, (y0 + y1) / 2)
         out_ds = gpkg_driver.CreateDataSource(str(gpkg_tmp))
         layer = out_ds.CreateLayer(LAYER_NAME, srs=srs, geom_type=ogr.wkbPolygon,
                                    options=["FID=fid"])
@@ -145,16 +121,15 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
         layer.StartTransaction()
         for raw in raw_layer:
             geom = raw.GetGeometryRef()
-            assert meter is not None  # features exist, so the meter was made
-            if min_area_m2 > 0 and meter.area_m2(geom) < min_area_m2:
+            if min_area_m2 > 0 and ground.geometry_m2(geom) < min_area_m2:
                 dropped += 1
                 continue
             if simplify_m > 0:
-                geom = geom.SimplifyPreserveTopology(meter.tolerance(simplify_m))
+                geom = geom.SimplifyPreserveTopology(tolerance)
                 if geom is None or geom.IsEmpty():
                     dropped += 1
                     continue
-            area_m2 = meter.area_m2(geom)
+            area_m2 = ground.geometry_m2(geom)
             polygons += 1
             total_area_m2 += area_m2
             feat = ogr.Feature(defn)
@@ -193,14 +168,36 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
             "polygons": polygons, "area_m2": total_area_m2, "dropped": dropped}
 
 
+def merged_driver(out_path: str | Path) -> str:
+    """The OGR driver that ``--merged`` writes, from its extension; InputError (one line) for an
+    extension without one, a missing folder or a directory in its place."""
+    ensure_configured()
+    path = Path(out_path)
+    driver = MERGED_FORMATS.get(path.suffix.lower())
+    if driver is None or ogr.GetDriverByName(driver) is None:
+        known = ", ".join(e for e, d in MERGED_FORMATS.items() if ogr.GetDriverByName(d))
+        raise InputError(f"--merged {out_path}: unsupported extension "
+                         f"'{path.suffix or '(none)'}'; use one of {known}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise InputError(f"--merged {out_path}: folder {folder} does not exist; create it or "
+                         "give a path in an existing folder")
+    if path.is_dir():
+        raise InputError(f"--merged {out_path}: is a directory; give a file name such as "
+                         f"{path / 'buildings.gpkg'}")
+    return driver
+
+
 def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
                  target_crs: str = "EPSG:4326") -> dict[str, Any]:
-    """One layer of every scene's polygons in ``target_crs`` (scenes in any CRSs): columns
-    ``scene`` (source GeoPackage stem), ``id`` and ``area_m2`` as measured in the scene's CRS."""
-    ensure_configured()
+    """One layer of every scene's polygons in ``target_crs`` (scenes in any CRSs), in the format
+    the extension names (GeoPackage, GeoJSON, Shapefile, FlatGeobuf): columns ``scene`` (source
+    GeoPackage stem), ``id`` and ``area_m2`` (ground area, see ``io/area.py``).
+
+    The files are written in a hidden folder beside the target and moved into place at the end
+    (a Shapefile is several files)."""
     out_path = Path(out_path)
-    tmp = _partial(out_path)
-    tmp.unlink(missing_ok=True)
+    driver_name = merged_driver(out_path)
     dst = osr.SpatialReference()
     try:
         dst.SetFromUserInput(target_crs)
@@ -208,10 +205,12 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
         raise InputError(f"--merged-crs {target_crs}: not a known coordinate reference system "
                          "(use e.g. EPSG:4326)") from None
     dst.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    staging = out_path.parent / f".{out_path.name}.partial"
     count = 0
     try:
-        driver = ogr.GetDriverByName("GPKG" if out_path.suffix == ".gpkg" else "GeoJSON")
-        out_ds = driver.CreateDataSource(str(tmp))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        out_ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(staging / out_path.name))
         layer = out_ds.CreateLayer(LAYER_NAME, srs=dst, geom_type=ogr.wkbPolygon)
         for name, kind in (("scene", ogr.OFTString), ("id", ogr.OFTInteger64),
                            ("area_m2", ogr.OFTReal)):
@@ -239,11 +238,12 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
         layer.CommitTransaction()
         layer = None
         out_ds = None
-        os.replace(tmp, out_path)
-    except RuntimeError as exc:
+        for part in sorted(staging.iterdir()):
+            os.replace(part, out_path.parent / part.name)
+    except (RuntimeError, OSError) as exc:
         raise OutputError(write_failure(out_path, exc, "merging polygon layers failed")) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return {"path": str(out_path), "polygons": count, "crs": target_crs}
 
 
@@ -296,14 +296,23 @@ def result_line(result: dict[str, Any]) -> str:
             f"-> {result['gpkg']}{extra}")
 
 
-def prepare_out_dir(out: Optional[str]) -> None:
-    """Create ``--out`` before any work (a one-line error when it cannot be)."""
-    if out is None:
-        return
-    try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot create output directory ({exc.strerror})") from None
+def prepare_outputs(args: argparse.Namespace) -> None:
+    """Check the outputs before any work: create ``--out``, and check ``--merged`` (its format,
+    its folder) and ``--merged-crs``; a one-line error for each problem."""
+    if args.out is not None:
+        try:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{args.out}: cannot create output directory "
+                              f"({exc.strerror})") from None
+    if getattr(args, "merged", None):
+        merged_driver(args.merged)
+        merged_crs = getattr(args, "merged_crs", "EPSG:4326")
+        try:
+            osr.SpatialReference().SetFromUserInput(merged_crs)
+        except RuntimeError:
+            raise InputError(f"--merged-crs {merged_crs}: not a known coordinate reference "
+                             "system (use e.g. EPSG:4326)") from None
 
 
 def summarise(results: Sequence[dict[str, Any]], ranks: int = 1) -> int:

@@ -2,6 +2,7 @@
 exactly as their scene windows, and a GeoPackage index that OGR opens with one feature per chip."""
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr
 
+from resflow_mpi.errors import InputError
 from resflow_mpi.galleries import ImageGallery
-from resflow_mpi.init.sample import select_stratified
+from resflow_mpi.init.sample import sample_command, select_stratified
 from resflow_mpi.synth import write_raster_from_array
 from tests.conftest import RESFLOW, env
 
@@ -142,3 +144,56 @@ def test_sample_one_crs_keeps_it_and_filters_scenes(tmp_path: Path) -> None:
                          env=env(), timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "--scenes nope: not a scene of the image gallery" in bad.stderr
+
+
+def _sample(images: Path, out: Path, per_bucket: int, seed: int) -> subprocess.CompletedProcess:
+    return subprocess.run([RESFLOW, "sample", str(images), "--per-bucket", str(per_bucket),
+                           "--seed", str(seed), "--out", str(out)], capture_output=True, text=True,
+                          env=env(), timeout=120)
+
+
+def _sample_here(images: Path, out: Path, per_bucket: int, seed: int) -> int:
+    """`resflow sample` in this process (the CLI's own function)."""
+    return sample_command(argparse.Namespace(gallery=str(images), per_bucket=per_bucket,
+                                             scenes=None, seed=seed, out=str(out)))
+
+
+def _indexed_chips(out: Path) -> set[str]:
+    ds = ogr.Open(str(out / "chips.gpkg"))
+    return {f.GetField("chip") for f in ds.GetLayerByName("chips")}
+
+
+def test_second_sample_into_one_folder_leaves_only_its_own_chips(tmp_path: Path) -> None:
+    images, _ = _gallery(tmp_path, _scenes(tmp_path))
+    out = tmp_path / "sample"
+    assert _sample_here(images, out, PER_BUCKET, 7) == 0
+    first = _indexed_chips(out)
+    (out / "notes.txt").write_text("mine")                      # the user's files stay
+    (out / "bucket-00" / "labels").mkdir()
+    (out / "bucket-00" / "labels" / "a.tif").write_text("label")
+    (out / "bucket-00" / "my_label.tif").write_text("label")   # named like a chip, not one
+    assert _sample_here(images, out, 1, 3) == 0
+    second = _indexed_chips(out)
+    on_disk = {str(q.relative_to(out)) for q in out.glob("bucket-*/*.tif")}
+    assert on_disk == second | {"bucket-00/my_label.tif"} and len(second) == 3 and first - second
+    assert set(json.loads((out / "sample.json").read_text())["chip_files"]) == second
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "bucket-00" / "labels" / "a.tif").is_file()
+    assert not list(out.glob("bucket-*/*.partial*"))
+
+
+def test_sample_refuses_a_file_or_a_folder_it_did_not_make(tmp_path: Path) -> None:
+    images, _ = _gallery(tmp_path, _scenes(tmp_path))
+    a_file = tmp_path / "chips.txt"
+    a_file.write_text("x")
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.tif").write_text("not a chip")
+    p = _sample(images, a_file, 1, 0)   # what a user sees: one line, no traceback
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"error: --out {a_file}: is a file, not a folder"), lines[0]
+    with pytest.raises(InputError, match=f"--out {foreign}: folder is not empty and holds no "
+                                         "sample.json of an earlier `resflow sample`"):
+        _sample_here(images, foreign, 1, 0)
+    assert a_file.read_text() == "x" and [q.name for q in foreign.iterdir()] == ["holiday.tif"]

@@ -1,7 +1,8 @@
-"""Mask -> building polygons: counts, exact areas, CRS, filters, GeoJSON in WGS84, CLI expansion."""
+"""Mask -> building polygons: counts, ground areas, CRS, filters, GeoJSON in WGS84, CLI expansion."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from osgeo import gdal, ogr
 
 from resflow_mpi.errors import InputError
 from resflow_mpi.cli import cmd_vectorize as vectorize_command
-from resflow_mpi.io.vectorize import expand_mask_inputs, output_paths, vectorize_mask
+from resflow_mpi.io.vectorize import (expand_mask_inputs, merge_layers, output_paths,
+                                      vectorize_mask)
 from resflow_mpi.runtime.device import LAUNCHER_SIZE_VARS
 
 gdal.UseExceptions()
@@ -22,8 +24,15 @@ ORIGIN = (500_000.0, 1_000_000.0)  # UTM 37N easting/northing of the upper-left 
 # (row0, row1, col0, col1) of the building rectangles, in pixels.
 RECTANGLES = [(10, 20, 10, 30), (40, 60, 50, 55), (70, 90, 80, 110)]
 SPECK = (30, 100)
-PIXEL_AREA_M2 = PIXEL_M * PIXEL_M
+PIXEL_AREA_M2 = PIXEL_M * PIXEL_M   # on the map (UTM metres)
 RECT_AREAS_M2 = sorted((r1 - r0) * (c1 - c0) * PIXEL_AREA_M2 for r0, r1, c0, c1 in RECTANGLES)
+# UTM's scale factor on its central meridian (easting 500 km): ground area = map area / k0^2.
+UTM_K0 = 0.9996
+
+
+def ground(map_areas_m2: list[float]) -> list[float]:
+    """Ground areas (m2) of map areas on the central meridian, for comparison to 1e-6."""
+    return pytest.approx([a / UTM_K0 ** 2 for a in map_areas_m2], rel=1e-6)
 
 
 def write_mask(path: Path, labels: np.ndarray, bands: int = 1) -> Path:
@@ -70,8 +79,8 @@ def test_polygons_have_exact_pixel_areas_in_the_scene_crs(mask_tif: Path, tmp_pa
     assert result["polygons"] == count == len(RECTANGLES) + 1
     assert epsg == str(EPSG)
     areas = sorted(f["area_m2"] for f in feats)
-    assert areas == [PIXEL_AREA_M2] + RECT_AREAS_M2
-    assert sorted(f["geom"].GetArea() for f in feats) == areas
+    assert areas == ground([PIXEL_AREA_M2] + RECT_AREAS_M2)
+    assert sorted(f["geom"].GetArea() for f in feats) == [PIXEL_AREA_M2] + RECT_AREAS_M2
     assert result["area_m2"] == pytest.approx(sum(areas))
     assert sorted(f["id"] for f in feats) == list(range(1, count + 1))
     assert not list(tmp_path.glob("*.partial*"))
@@ -92,7 +101,7 @@ def test_min_area_drops_the_speck(mask_tif: Path, tmp_path: Path) -> None:
     feats, _, count = read_layer(out, "buildings")
     assert result["polygons"] == count == len(RECTANGLES)
     assert result["dropped"] == 1
-    assert sorted(f["area_m2"] for f in feats) == RECT_AREAS_M2
+    assert sorted(f["area_m2"] for f in feats) == ground(RECT_AREAS_M2)
 
 
 def test_simplify_straightens_a_staircase(tmp_path: Path) -> None:
@@ -117,7 +126,7 @@ def test_geojson_is_wgs84_with_the_same_features(mask_tif: Path, tmp_path: Path)
     xmin, xmax, ymin, ymax = gj_ds.GetLayer(0).GetExtent()
     # Easting 500 km is zone 37's central meridian (39 E); northing 1000 km is about 9 N.
     assert 38.99 < xmin < xmax < 39.01 and 9.0 < ymin < ymax < 9.1
-    assert sorted(f["area_m2"] for f in feats) == [PIXEL_AREA_M2] + RECT_AREAS_M2
+    assert sorted(f["area_m2"] for f in feats) == ground([PIXEL_AREA_M2] + RECT_AREAS_M2)
 
 
 def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
@@ -177,3 +186,42 @@ def test_geographic_masks_get_areas_in_square_metres(tmp_path: Path) -> None:
     assert result["polygons"] == 1
     assert result["area_m2"] == pytest.approx(expected_m2, rel=0.01)
     assert read_layer(tmp_path / "geo.gpkg", "buildings")[1] == "4326"
+
+
+@pytest.mark.parametrize("name, driver", [("all.shp", "ESRI Shapefile"), ("all.gpkg", "GPKG"),
+                                          ("all.geojson", "GeoJSON")])
+def test_merged_layer_is_written_in_the_format_its_extension_names(
+        mask_tif: Path, tmp_path: Path, name: str, driver: str) -> None:
+    result = vectorize_mask(mask_tif, tmp_path / "one.gpkg")
+    merged = merge_layers([result["gpkg"]], tmp_path / name)
+    ds = ogr.Open(merged["path"])
+    assert ds.GetDriver().GetName() == driver
+    layer = ds.GetLayer(0)
+    assert layer.GetFeatureCount() == result["polygons"] == 4
+    assert layer.GetSpatialRef().GetAuthorityCode(None) == "4326"
+    assert sorted(f.GetField("area_m2") for f in layer) == ground([PIXEL_AREA_M2] + RECT_AREAS_M2)
+    if driver == "ESRI Shapefile":
+        assert all((tmp_path / f"all{ext}").is_file() for ext in (".shx", ".dbf", ".prj"))
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_merged_path_problems_are_one_line_before_any_work(mask_tif: Path,
+                                                          tmp_path: Path) -> None:
+    def args(merged: str) -> argparse.Namespace:
+        return argparse.Namespace(masks=[str(mask_tif)], out=str(tmp_path / "vec"),
+                                  min_area_m2=0.0, simplify_m=0.0, geojson=False, merged=merged,
+                                  merged_crs="EPSG:4326")
+    (tmp_path / "adir.gpkg").mkdir()
+    cases = [(tmp_path / "all.csv", "unsupported extension '.csv'; use one of .gpkg, .geojson"),
+             (tmp_path / "noext", "unsupported extension '(none)'"),
+             (tmp_path / "nodir" / "x.gpkg",
+              f"folder {tmp_path / 'nodir'} does not exist; create it"),
+             (tmp_path / "adir.gpkg", "is a directory")]
+    for merged, says in cases:
+        with pytest.raises(InputError, match=re.escape(f"--merged {merged}: {says}")):
+            vectorize_command(args(str(merged)))
+    assert not (tmp_path / "vec" / "0000_scene.resflow-buildings.gpkg").exists()
+    bad_crs = args(str(tmp_path / "all.gpkg"))
+    bad_crs.merged_crs = "EPSG:99999999"
+    with pytest.raises(InputError, match="--merged-crs EPSG:99999999: not a known"):
+        vectorize_command(bad_crs)
