@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -19,7 +17,6 @@ from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
 from .gdalenv import ensure_configured
-from .naming import inside_output_dir, is_label_name, is_output_name
 
 SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 
@@ -562,102 +559,6 @@ def same_crs(a: SceneInfo, b: SceneInfo) -> bool:
     ensure_configured()
     sa, sb = osr.SpatialReference(wkt=a.crs_wkt), osr.SpatialReference(wkt=b.crs_wkt)
     return bool(sa.IsSame(sb))
-
-
-# -- scene discovery --------------------------------------------------------------------------
-SCAN_SUFFIXES = (".tif", ".tiff")
-# A directory with one of these names was meant to be a file: say so instead of scanning it.
-FILE_LIKE_SUFFIXES = SCAN_SUFFIXES + (".vrt", ".jp2", ".img", ".ntf", ".json", ".txt")
-
-
-def _directory_named_like_a_file(path: str) -> InputError:
-    return InputError(f"{path}: is a directory, not a scene file (its name looks like a file); "
-                      f"list the scene files inside it, e.g. {os.path.join(path, '*.tif')}")
-
-
-def _glob_base(pattern: str) -> str:
-    """The longest leading directory of a glob pattern without wildcards."""
-    base = pattern
-    while glob.has_magic(base):
-        base = os.path.dirname(base)
-    return base or "."
-
-
-def resolve_scene_inputs(inputs: Sequence[str], split: str = "all", exclude: Sequence[str] = (),
-                         notes: Optional[list[str]] = None) -> list[str]:
-    """Expand globs, directories, .txt lists and archive.json manifests into scene paths.
-
-    Paths come back real (symlinks and '..' resolved) and each file once, in listed order
-    (globs and directories sorted). A file listed again under another name is dropped with a
-    note, appended to ``notes`` (or printed to stderr when ``notes`` is None). Globs and directory
-    scans never take label rasters (``*_mask.tif``, any path in ``exclude``), resflow outputs
-    (names with ``.resflow-``, older ``*_mask_cog.tif``/``*_buckets.tif``) or anything under a
-    directory marked as resflow output.
-    """
-    excluded = {os.path.realpath(p) for p in exclude}
-    listed: list[str] = []
-
-    def discovered(hits: Sequence[str], top: str, what: str) -> None:
-        kept = 0
-        for p in hits:
-            name = os.path.basename(p)
-            if os.path.isdir(p):
-                if name.lower().endswith(FILE_LIKE_SUFFIXES):
-                    raise _directory_named_like_a_file(p)
-                continue
-            if (is_label_name(name) or is_output_name(name) or os.path.realpath(p) in excluded
-                    or inside_output_dir(p, top)):
-                continue
-            listed.append(p)
-            kept += 1
-        if not kept:
-            raise InputError(f"{what}: no scene found (label files and resflow outputs are never "
-                             "taken as scenes); check the path")
-
-    for item in inputs:
-        if item.endswith(".json") and os.path.isfile(item):
-            try:
-                entries = json.loads(Path(item).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{item}: not a readable archive manifest ({exc})") from None
-            base = os.path.dirname(os.path.abspath(item))
-            listed += [os.path.join(base, e["image"]) for e in entries
-                       if split == "all" or e.get("split") == split]
-        elif item.endswith(".txt") and os.path.isfile(item):
-            listed += [ln.strip() for ln in Path(item).read_text().splitlines()
-                       if ln.strip() and not ln.startswith("#")]
-        elif os.path.isdir(item):
-            if os.path.basename(os.path.normpath(item)).lower().endswith(FILE_LIKE_SUFFIXES):
-                raise _directory_named_like_a_file(item)
-            hits = sorted(p for p in glob.glob(os.path.join(glob.escape(item), "*"))
-                          if p.lower().endswith(SCAN_SUFFIXES))
-            discovered(hits, item, item)
-        elif glob.has_magic(item):
-            hits = sorted(glob.glob(item, recursive=True))
-            if not hits:
-                raise InputError(f"{item}: pattern matches no scene")
-            discovered(hits, _glob_base(item), item)
-        else:
-            listed.append(item)  # a single path; open_scene reports it when missing
-
-    first: dict[str, str] = {}
-    unique: list[str] = []
-    for p in listed:
-        real = os.path.realpath(p)
-        if real in first:
-            if p != first[real]:
-                _note(notes, f"note: {p} is the same file as {first[real]} ({real}); mapped once")
-            continue
-        first[real] = p
-        unique.append(real)
-    return unique
-
-
-def _note(notes: Optional[list[str]], line: str) -> None:
-    if notes is None:
-        print(line, file=sys.stderr)
-    else:
-        notes.append(line)
 
 
 class WindowReader:
