@@ -368,15 +368,19 @@ def _read_mask(band: gdal.Band, w: Window, out_shape: Optional[tuple[int, int]])
 
 
 def _nodata_pixels(info: SceneInfo, bands: Sequence[int], pixels: np.ndarray) -> Optional[np.ndarray]:
-    """True where every band that declares a nodata value holds it (NaN nodata matches NaN)."""
+    """True where every band that declares a nodata value holds it (NaN nodata matches NaN), or
+    where any band that declares NaN nodata is NaN (NaN is never a value, in any one band)."""
     hit: Optional[np.ndarray] = None
+    nan: Optional[np.ndarray] = None
     for i, b in enumerate(bands):
         nd = info.nodata_of(b)
         if nd is None:
             continue
         eq = np.isnan(pixels[i]) if math.isnan(nd) else pixels[i] == nd
         hit = eq if hit is None else hit & eq
-    return hit
+        if math.isnan(nd):
+            nan = eq if nan is None else nan | eq
+    return hit if nan is None or hit is None else hit | nan
 
 
 # Blank fill decoded from JPEG is not exactly constant where it meets the image: chroma upsampling
@@ -420,8 +424,12 @@ def valid_pixels(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int], w: Win
                  out_shape: Optional[tuple[int, int]] = None) -> np.ndarray:
     """(h, w) bool: True where a pixel of window ``w`` is data.
 
-    A pixel is invalid when every band that declares nodata holds its nodata value, when the GDAL
-    mask band or the alpha band is 0 there, or when it is blank fill. ``pixels`` (the window's
+    A pixel is invalid when every band that declares nodata holds its nodata value (or one band
+    that declares NaN nodata is NaN), when the GDAL mask band or the alpha band is 0 there, or when
+    it is blank fill (``SceneInfo.blank_fill_ranges``: scenes.blank_fill). Every route that asks
+    which pixels are data reads it here: runs and evaluation (``WindowReader.read_tile``), training
+    crops (``WindowReader.read_valid``), the nodata prescan, scene statistics and value-range
+    checks (decimated), and the routing calibration's window choice. ``pixels`` (the window's
     bands, already read) saves a read; ``out_shape`` gives a nearest-neighbour decimated answer
     (blank-fill runs are then measured in decimated pixels).
     """
@@ -605,6 +613,22 @@ class WindowReader:
         except RuntimeError as exc:
             raise InputError(f"{self.info.path}: read of window {tuple(w)} failed "
                              f"({str(exc).strip().splitlines()[0]}); the file may be truncated") from None
+
+    def read_valid(self, w: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(C, h, w) pixels of a window inside the scene and its validity (h, w) bool, checked
+        as ``read_tile`` checks a tile: NaN/inf refused unless declared nodata, validity from
+        ``valid_pixels``, then declared-NaN pixels zeroed (training crops read through here)."""
+        arr = self.read_window(w)
+        if arr.dtype.kind == "f":
+            arr = self._finite(arr, w)
+        try:
+            valid = valid_pixels(self._ds, self.info, self.bands, w, arr)
+        except RuntimeError as exc:
+            raise InputError(f"{self.info.path}: read of the validity of window {tuple(w)} "
+                             f"failed ({str(exc).strip().splitlines()[0]})") from None
+        if arr.dtype.kind == "f":
+            arr = np.nan_to_num(arr, nan=0.0)
+        return arr, valid
 
     def _finite(self, arr: np.ndarray, w: Any) -> np.ndarray:
         """Refuse NaN/inf unless the band declares NaN as its nodata."""
