@@ -34,8 +34,9 @@ FILE_LIKE_SUFFIXES = SCENE_EXTENSIONS + (".json", ".txt")
 
 
 def scene_key(path: str) -> str:
-    """The identity of a scene file: its real path (symlinks, '.' and '..' resolved)."""
-    return os.path.realpath(path)
+    """The identity of a scene file: its real path (symlinks, '.' and '..' resolved); a GDAL
+    virtual path (/vsicurl/, /vsis3/, ...) as written."""
+    return path if path.startswith("/vsi") else os.path.realpath(path)
 
 
 def pattern_label(image: str, pattern: str) -> str:
@@ -103,7 +104,7 @@ def expand(item: str, where: str = "", labels: Collection[str] = (),
             raise _directory_named_like_a_file(item)
         hits = sorted(glob.glob(os.path.join(glob.escape(item), "*")))
         return _scenes_among(hits, item, item, where, labels)
-    if glob.has_magic(item):
+    if glob.has_magic(item) and not item.startswith("/vsi"):  # a URL's '?' is no wildcard
         hits = sorted(glob.glob(item, recursive=True))
         if not hits:
             raise InputError(f"{item}: pattern matches no scene{_where(where)}")
@@ -114,7 +115,7 @@ def expand(item: str, where: str = "", labels: Collection[str] = (),
     if scene_key(item) in labels:
         raise InputError(f"{item}: listed as a scene and as a label{_where(where)}; a label file "
                          "is never a scene")
-    if not missing_ok and not os.path.exists(item):
+    if not missing_ok and not item.startswith("/vsi") and not os.path.exists(item):
         raise InputError(f"{item}: scene file not found{_where(where)}")
     return [item]
 

@@ -175,6 +175,8 @@ def load_manifest(path: str | Path, labels: LabelsConfig,
         raise ConfigError(f"{mpath}: the scene manifest lists no scenes (train: / predict:)")
 
     def resolve(p: str) -> str:
+        if p.startswith("/vsi"):  # a GDAL virtual path (URL, archive member) as written
+            return p
         return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
 
     named_labels = {scene_key(resolve(e["label"])) for items in sections.values() for e in items

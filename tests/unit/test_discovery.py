@@ -215,3 +215,11 @@ def test_plan_counts_each_scene_once(folders: Path) -> None:
         assert sorted(Path(s.path).name for s in plan.scenes) == ["S.tif", "T.tif", "a.tif"]
         assert sum(s.area_km2 for s in plan.scenes) == pytest.approx(70 * (100 + 80 + 60) * 0.25
                                                                      / 1e6)
+
+
+def test_gdal_virtual_paths_are_kept_as_written(tmp_path: Path) -> None:
+    url = "/vsicurl/https://example.org/scenes//a.tif?token=x"
+    assert resolve_scene_inputs([url, url], notes=[]) == [url]
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"predict": [url]}))
+    assert [e.path for e in load_manifest(m, config_from_dict({}).labels)["predict"]] == [url]
