@@ -14,7 +14,7 @@ from osgeo import gdal
 from resflow_mpi.config import config_from_dict
 from resflow_mpi.errors import InputError
 from resflow_mpi.io.discovery import resolve_scene_inputs
-from resflow_mpi.io.manifest import load_manifest, scenes_for
+from resflow_mpi.io.manifest import load_manifest, require_labels, scenes_for
 from resflow_mpi.io.naming import mark_output_dir, output_file_name
 from resflow_mpi.pipeline import plan_scenes
 from tests.unit.test_scene_semantics import make_scene, pixels
@@ -207,9 +207,15 @@ def test_manifest_and_inputs_discover_the_same_scenes(folders: Path, items: list
 
 
 def test_plan_counts_each_scene_once(folders: Path) -> None:
+    """run (plan: scenes, area), init (train scenes) and evaluate (labelled scenes) each see
+    every scene once, however often it is listed."""
     items = CASES["everything"][0]
     m = folders / "work" / "m.yaml"
-    m.write_text(yaml.safe_dump({"predict": items}))
+    m.write_text(yaml.safe_dump({"train": items, "predict": items}))
+    by_manifest = config_from_dict({"scenes": {"manifest": str(m)}})
+    assert len(scenes_for(by_manifest, "train", [])) == 3
+    labelled = require_labels(scenes_for(by_manifest, "evaluate", []), by_manifest)
+    assert [Path(e.path).name for e in labelled] == ["S.tif"]
     for scenes in ({"manifest": str(m)}, {"inputs": items, "split": "all"}):
         plan = plan_scenes(config_from_dict({"scenes": scenes}))
         assert sorted(Path(s.path).name for s in plan.scenes) == ["S.tif", "T.tif", "a.tif"]
