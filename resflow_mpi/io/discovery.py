@@ -86,8 +86,8 @@ def _scenes_among(hits: Sequence[str], top: str, item: str, where: str,
         kept.append(p)
     if not kept:
         raise InputError(f"{item}: no scene found{_where(where)} (scenes end in "
-                         f"{', '.join(SCENE_EXTENSIONS)}; label files and resflow outputs are never "
-                         "taken as scenes); check the path, or name the file itself")
+                         f"{', '.join(SCENE_EXTENSIONS)}; label files and resflow outputs are "
+                         "never taken as scenes); check the path, or name the file itself")
     return kept
 
 
@@ -166,16 +166,23 @@ def distinct(paths: Sequence[str], label_pattern: Optional[str] = None,
         first[real] = p
         kept.append(i)
     out: list[int] = []
+    read_by_vrt: dict[str, str] = {}  # source file -> the kept VRT that reads it
     for i in kept:
         sources = _vrt_sources(paths[i])
-        listed = sorted((sources or set()) & set(first)) if sources else []
-        if sources and len(listed) == len(sources):
+        if not sources:
+            out.append(i)
+            continue
+        listed = sorted(sources & set(first))
+        if len(listed) == len(sources):
             note(notes, f"note: {paths[i]} only reads {', '.join(listed)}, listed too; "
                         "mapped once, from the listed file")
             continue
-        if listed:
-            note(notes, f"warning: {paths[i]} reads {', '.join(listed)}, listed too: those pixels "
+        twice = sorted(set(listed) | {f"{s} (through {read_by_vrt[s]})" for s in sources
+                                      if s in read_by_vrt})
+        if twice:
+            note(notes, f"warning: {paths[i]} reads {', '.join(twice)}, listed too: those pixels "
                         "are mapped (and counted) twice; list the VRT or its sources, not both")
+        read_by_vrt.update({s: paths[i] for s in sources if s not in read_by_vrt})
         out.append(i)
     return out
 

@@ -104,6 +104,14 @@ def test_a_vrt_over_listed_scenes_is_dropped_with_a_note(tmp_path: Path) -> None
     assert got == [str(b), str(tmp_path / "mosaic.vrt")]
     assert len(notes) == 1 and notes[0].startswith("warning: ") and "mapped (and counted) twice" \
         in notes[0]
+    # two VRTs over one scene that is not listed: both kept, the second with a warning
+    gdal.BuildVRT(str(other / "c1.vrt"), [str(c)]).FlushCache()
+    gdal.BuildVRT(str(other / "c2.vrt"), [str(c)]).FlushCache()
+    notes = []
+    got = resolve_scene_inputs([str(other / "c1.vrt"), str(other / "c2.vrt")], notes=notes)
+    assert len(got) == 2 and len(notes) == 1
+    assert notes[0].startswith(f"warning: {other / 'c2.vrt'} reads {c} (through "
+                               f"{other / 'c1.vrt'})")
 
 
 def test_custom_label_pattern_is_never_a_scene(tmp_path: Path) -> None:
