@@ -168,9 +168,8 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
                 repeats += 1
                 continue
             y = src.read_window(c, r, tile_px, tile_px)
-            raw = image.read_window(Window(c, r, tile_px, tile_px))
-            if info.nodata is not None:
-                y[~(raw != info.nodata).any(axis=0)] = IGNORE
+            raw, valid = image.read_valid(Window(c, r, tile_px, tile_px))
+            y[~valid] = IGNORE  # image nodata (raster.valid_pixels, as runs read it)
             if (y != IGNORE).mean() < min_valid:
                 sparse += 1
                 continue

@@ -20,7 +20,6 @@ An ``archive.json`` written by ``resflow synth`` is a manifest too: its ``train`
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import yaml
 
 from ..config import LabelsConfig, RunConfig
 from ..errors import ConfigError, InputError
+from .discovery import distinct, expand, note, pattern_label, resolve_scene_inputs, scene_key
 from .labels import LabelSpec
 
 Purpose = Literal["train", "predict", "evaluate"]
@@ -43,7 +43,6 @@ ENTRY_KEYS = {"image": "Scene path, glob or folder (relative to the manifest).",
               "where": "OGR SQL filter on the label's features (default: labels.where).",
               "class_field": "Label attribute mapped by labels.values (default: "
                              "labels.class_field)."}
-SCENE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -77,11 +76,6 @@ def manifest_reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pattern_label(image: str, labels: LabelsConfig) -> str:
-    stem = Path(image).stem
-    return os.path.normpath(os.path.join(os.path.dirname(image), labels.pattern.format(stem=stem)))
-
-
 def _label_spec(image: str, labels: LabelsConfig, label: Optional[str] = None,
                 options: Optional[Mapping[str, Optional[str]]] = None) -> Optional[LabelSpec]:
     """The label of a scene: the one given, else labels.file, else labels.pattern if it exists."""
@@ -89,7 +83,7 @@ def _label_spec(image: str, labels: LabelsConfig, label: Optional[str] = None,
     if label is None and labels.file is not None:
         label = os.path.abspath(labels.file)
     if label is None:
-        guess = _pattern_label(image, labels)
+        guess = pattern_label(image, labels.pattern)
         if not os.path.isfile(guess):
             return None
         label = guess
@@ -97,26 +91,6 @@ def _label_spec(image: str, labels: LabelsConfig, label: Optional[str] = None,
                      layer=opts.get("label_layer") or labels.layer,
                      where=opts.get("where") or labels.where,
                      class_field=opts.get("class_field") or labels.class_field)
-
-
-def _expand_images(pattern: str, where: str, excluded: set[str], labels: LabelsConfig) -> list[str]:
-    """A path, glob or folder -> scene paths; label files (named in the manifest or by
-    labels.pattern beside a matched scene) are never taken as scenes."""
-    if os.path.isdir(pattern):
-        hits = sorted(p for p in glob.glob(os.path.join(pattern, "*"))
-                      if p.lower().endswith(SCENE_EXTENSIONS))
-    elif any(ch in pattern for ch in "*?["):
-        hits = sorted(glob.glob(pattern))
-    else:
-        if not os.path.exists(pattern):
-            raise InputError(f"{pattern}: scene file not found ({where})")
-        return [pattern]
-    by_pattern = {_pattern_label(h, labels) for h in hits}
-    scenes = [h for h in hits if os.path.normpath(h) not in by_pattern | excluded
-              and not h.endswith((".aux.xml", ".ovr", ".msk"))]
-    if not scenes:
-        raise InputError(f"{pattern}: matches no scene ({where})")
-    return scenes
 
 
 def _archive_entries(items: list[Any], path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -169,10 +143,14 @@ def _check_entry(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def load_manifest(path: str | Path, labels: LabelsConfig) -> dict[str, list[SceneEntry]]:
+def load_manifest(path: str | Path, labels: LabelsConfig,
+                  notes: Optional[list[str]] = None) -> dict[str, list[SceneEntry]]:
     """Parse and check a manifest (or archive.json): {'train': [...], 'predict': [...]}.
 
-    Paths are relative to the manifest; images must exist, and so must labels named in it."""
+    Paths are relative to the manifest; images must exist, and so must labels named in it.
+    Images are found by ``io.discovery`` (the rules of scenes.inputs) and come back as real
+    paths, each scene once per section (a note for each duplicate, to ``notes`` or stderr); a
+    scene listed twice in a section with another region or label is an InputError."""
     mpath = Path(path)
     raw = _read(mpath)
     base = mpath.resolve().parent
@@ -197,78 +175,94 @@ def load_manifest(path: str | Path, labels: LabelsConfig) -> dict[str, list[Scen
         raise ConfigError(f"{mpath}: the scene manifest lists no scenes (train: / predict:)")
 
     def resolve(p: str) -> str:
+        if p.startswith("/vsi"):  # a GDAL virtual path (URL, archive member) as written
+            return p
         return os.path.normpath(p if os.path.isabs(p) else os.path.join(base, p))
 
-    named_labels = {resolve(e["label"]) for items in sections.values() for e in items
+    named_labels = {scene_key(resolve(e["label"])) for items in sections.values() for e in items
                     if e.get("label")}
+    if labels.file is not None:
+        named_labels.add(scene_key(labels.file))
     out: dict[str, list[SceneEntry]] = {}
     for name, items in sections.items():
-        out[name] = []
+        found: list[tuple[str, SceneEntry, str]] = []  # (path as listed, entry, manifest key)
         for i, e in enumerate(items):
             where = f"manifest {mpath}, {name}[{i}]"
             label = resolve(e["label"]) if e.get("label") else None
             if label is not None and not label.startswith("/vsi") and not os.path.exists(label):
                 raise InputError(f"{label}: label file not found ({where}.label)")
-            for image in _expand_images(resolve(e["image"]), f"{where}.image", named_labels,
-                                        labels):
-                if image in named_labels:
-                    raise InputError(f"{image}: listed as a scene and as a label ({where}); a "
-                                     "label file is never a scene")
-                out[name].append(SceneEntry(path=image,
-                                            label=_label_spec(image, labels, label, e),
-                                            region=e.get("region") or Path(image).stem))
+            for image in expand(resolve(e["image"]), f"{where}.image", named_labels):
+                real = scene_key(image)
+                found.append((image, SceneEntry(path=real,
+                                                label=_label_spec(real, labels, label, e),
+                                                region=e.get("region") or Path(real).stem), where))
+        _check_one_meaning(found)
+        out[name] = [found[k][1] for k in distinct([f[0] for f in found], labels.pattern, notes)]
     return out
 
 
-def _inputs_entries(cfg: RunConfig, split: str) -> list[SceneEntry]:
-    """scenes.inputs (globs, folders, lists, archive.json) -> entries; split filters archives."""
-    from .raster import resolve_scene_inputs
-    out: list[SceneEntry] = []
-    plain: list[str] = []
+def _check_one_meaning(found: Sequence[tuple[str, SceneEntry, str]]) -> None:
+    """A scene listed twice in one section must mean the same both times (region, label)."""
+    first: dict[str, tuple[SceneEntry, str]] = {}
+    for _, entry, where in found:
+        other, other_where = first.setdefault(entry.path, (entry, where))
+        if other == entry:
+            continue
 
-    def flush() -> None:
-        # Plain items are resolved together, so one file listed twice (a symlink, a/../a/x.tif)
-        # is noted and mapped once.
-        out.extend(SceneEntry(os.path.abspath(p), _label_spec(os.path.abspath(p), cfg.labels),
-                              Path(p).stem) for p in resolve_scene_inputs(plain, split))
-        plain.clear()
+        def meaning(e: SceneEntry) -> str:
+            parts = [f"region {e.region!r}"] if other.region != entry.region else []
+            if other.label != entry.label:
+                parts.append("no label" if e.label is None else f"label {e.label.path}")
+            return ", ".join(parts)
+        raise InputError(f"{entry.path}: listed twice with different meanings ({other_where}: "
+                         f"{meaning(other)}; {where}: {meaning(entry)}); list each scene once")
+
+
+def _inputs_entries(cfg: RunConfig, split: str, notes: Optional[list[str]] = None
+                    ) -> list[SceneEntry]:
+    """scenes.inputs (globs, folders, lists, archive.json) -> entries; split filters archives.
+
+    The scenes come from ``discovery.resolve_scene_inputs`` (the rules manifests follow too);
+    an archive's entries keep their labels and regions."""
+    wanted = {"all": ("train", "predict"), "train": ("train",), "test": ("predict",)}[split]
+    from_archives: dict[str, SceneEntry] = {}
     for item in cfg.scenes.inputs:
-        if item.endswith(".json") and os.path.isfile(item):
-            raw = _read(Path(item))
-            if isinstance(raw, list):
-                flush()
-                wanted = {"all": ("train", "predict"), "train": ("train",),
-                          "test": ("predict",)}[split]
-                m = load_manifest(item, cfg.labels)
-                out += [e for name in wanted for e in m[name]]
-                continue
-        plain.append(item)
-    if plain:
-        flush()
-    # A label file (labels.file, or labels.pattern beside another scene) is never a scene, even
-    # when a glob or folder matches it.
-    labels = {os.path.normpath(e.label.path) for e in out if e.label is not None}
-    unique: dict[str, SceneEntry] = {}
-    for e in out:
-        if os.path.normpath(e.path) not in labels:
-            unique.setdefault(e.path, e)
-    return list(unique.values())
+        if item.endswith(".json") and os.path.isfile(item) and isinstance(_read(Path(item)), list):
+            m = load_manifest(item, cfg.labels, notes=[])  # its duplicates are noted below
+            for name in wanted:
+                for e in m[name]:
+                    from_archives.setdefault(e.path, e)
+    exclude = [e.label.path for e in from_archives.values() if e.label is not None]
+    if cfg.labels.file is not None:
+        exclude.append(cfg.labels.file)
+    paths = resolve_scene_inputs(cfg.scenes.inputs, split, exclude, cfg.labels.pattern, notes)
+    return [from_archives.get(p) or SceneEntry(p, _label_spec(p, cfg.labels), Path(p).stem)
+            for p in paths]
 
 
-def scenes_for(cfg: RunConfig, purpose: Purpose) -> list[SceneEntry]:
+def scenes_for(cfg: RunConfig, purpose: Purpose,
+               notes: Optional[list[str]] = None) -> list[SceneEntry]:
     """The scenes a command uses: init 'train', run 'predict', evaluate 'evaluate' (the predict
     scenes; pass them to :func:`require_labels`). From scenes.manifest when set, else from
     scenes.inputs (archive.json splits: train for init, scenes.split for run, test for evaluate
-    when scenes.split is all)."""
+    when scenes.split is all). Notes (duplicates dropped, scenes to evaluate that are also
+    training scenes) go to ``notes``, or to stderr when None."""
     if cfg.scenes.manifest is not None:
-        m = load_manifest(cfg.scenes.manifest, cfg.labels)
+        m = load_manifest(cfg.scenes.manifest, cfg.labels, notes)
+        if purpose == "evaluate":
+            trained = {e.path for e in m["train"]}
+            for e in m["predict"]:
+                if e.path in trained:
+                    note(notes, f"warning: {e.path} is listed under both train: and predict: of "
+                                f"{cfg.scenes.manifest}; its scores (region {e.region}) are not "
+                                "held-out, init trained on it")
         return m["train"] if purpose == "train" else m["predict"]
     split = cfg.scenes.split
     if purpose == "train":
         split = "train"
     elif purpose == "evaluate" and split == "all":
         split = "test"
-    return _inputs_entries(cfg, split)
+    return _inputs_entries(cfg, split, notes)
 
 
 def require_labels(entries: Sequence[SceneEntry], cfg: RunConfig) -> list[SceneEntry]:
@@ -281,7 +275,7 @@ def require_labels(entries: Sequence[SceneEntry], cfg: RunConfig) -> list[SceneE
     labelled = [e for e in entries if e.label is not None]
     if not labelled:
         first = entries[0].path
-        guess = _pattern_label(first, cfg.labels)
+        guess = pattern_label(first, cfg.labels.pattern)
         raise InputError(f"{source}: none of the {len(entries)} scene(s) to evaluate has a label "
                          f"(e.g. {first}: no label given and no {guess}); evaluate needs ground "
                          "truth: give each scene a label in the manifest, or set labels.file or "

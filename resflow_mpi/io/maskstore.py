@@ -2,7 +2,9 @@
 
 Layout: ``/scenes/<i>/mask`` (H, W) uint8 — 0 background, 1 building, 255 nodata — chunked by
 tile (optional ``prob`` float16 beside it); the group's attributes carry the CRS (WKT),
-geotransform, source path, tile grid, ``tile_offset`` and ``complete``. Per-tile records are
+geotransform, source path, the source's identity (``source_identity``, see ``scene_identity``:
+a resumed run refuses a scene file replaced since the layout), tile grid, ``tile_offset`` and
+``complete``. Per-tile records are
 archive-wide 1-D datasets under ``/tiles/``, indexed by ``tile_offset`` of the scene + tile index
 (``/tiles/scene_offset`` holds the offsets, n_scenes + 1): ``bucket`` int16 (-1: not computed,
 nodata; -2: out of distribution), ``code`` (n, bytes) uint8 packed hash codes, ``writer_rank``
@@ -21,6 +23,9 @@ every writer has closed the file.
 """
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -94,6 +99,8 @@ class MaskStore:
             exists = comm.bcast(exists, root=0)
         if restart or not exists:
             self._lay_out(config_checksum, gallery_checksum)
+        else:
+            self._check_identities()
         kw: dict[str, Any] = {"driver": "mpio", "comm": comm} if comm is not None else {}
         try:
             self.file = h5py.File(path, "r+", **kw)
@@ -176,9 +183,47 @@ class MaskStore:
             if self.save_probabilities:
                 self._new_dataset(g, "prob", (s.height, s.width), np.float16, chunk)
             g.attrs.update({"source_path": s.path, "crs_wkt": s.crs_wkt,
+                            "source_identity": json.dumps(scene_identity(s)),
                             "geotransform": np.asarray(s.geotransform, np.float64),
                             "width": s.width, "height": s.height, "grid_rows": rows,
                             "grid_cols": cols, "tile_offset": int(offsets[i]), "complete": 0})
+
+    def _check_identities(self) -> None:
+        """Before resuming: every scene file is still the one laid out (``scene_identity``).
+        Checked by one process with the serial driver before the parallel open; a store whose
+        layout does not match the scene list is left to ``_check``."""
+        failure = ""
+        if self.rank == 0 or self.comm is None:
+            failure = self._identity_problem()
+        if self.comm is not None:
+            failure = self.comm.bcast(failure, root=0)
+        if failure:
+            raise OutputError(failure)
+
+    def _identity_problem(self) -> str:
+        try:
+            f = h5py.File(self.path, "r")
+        except OSError:
+            return ""  # reported by the open that follows
+        with f:
+            if f.attrs.get("format_version") != FORMAT_VERSION or \
+                    int(f.attrs.get("n_scenes", -1)) != len(self.scenes):
+                return ""
+            for i, s in enumerate(self.scenes):
+                g = f.get(f"scenes/{i}")
+                if g is None or g.attrs.get("source_path") != s.path:
+                    return ""
+                recorded = g.attrs.get("source_identity")
+                if recorded is None:
+                    return (f"{self.path}: partial output records no identity of scene {i} "
+                            f"({s.path}) (made by an older resflow); rerun with --restart to "
+                            "start over")
+                change = identity_change(json.loads(str(recorded)), scene_identity(s))
+                if change:
+                    return (f"{self.path}: scene {i} ({s.path}) changed since this output was "
+                            f"started ({change}); its finished tiles belong to the old file: "
+                            "rerun with --restart to start over")
+        return ""
 
     def _check(self, config_checksum: str, gallery_checksum: str) -> None:
         a = self.file.attrs
@@ -307,6 +352,39 @@ class MaskStore:
             self._records.clear()
             self.file.close()
             self.file = None  # type: ignore[assignment]
+
+
+IDENTITY_HEAD_BYTES = 1 << 16  # the header (and first blocks) checksummed per scene
+
+
+def scene_identity(info: SceneInfo) -> dict[str, Any]:
+    """What tells a scene file from another put at its path: size in px, band count, data type,
+    geotransform, file size, modification time (ns) and a checksum of the first 64 KiB."""
+    st = os.stat(info.path)
+    with open(info.path, "rb") as f:
+        head = hashlib.sha256(f.read(IDENTITY_HEAD_BYTES)).hexdigest()
+    return {"size_px": [info.width, info.height], "bands": info.band_count, "dtype": info.dtype,
+            "geotransform": [float(v) for v in info.geotransform], "file_bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns, "head_sha256": head}
+
+
+def identity_change(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two ``scene_identity`` records, in words ('' when nothing)."""
+    def when(ns: Any) -> str:
+        t = datetime.datetime.fromtimestamp(int(ns) / 1e9, datetime.timezone.utc)
+        return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+    shown = {"size_px": lambda v: f"{v[0]}x{v[1]} px", "bands": lambda v: f"{v} band(s)",
+             "file_bytes": lambda v: f"{v} bytes", "mtime_ns": when}
+    names = {"size_px": "size", "bands": "bands", "dtype": "data type",
+             "geotransform": "geotransform", "file_bytes": "file size",
+             "mtime_ns": "modified", "head_sha256": "header checksum"}
+    parts = []
+    for key, name in names.items():
+        if old.get(key) != new.get(key):
+            fmt = shown.get(key)
+            parts.append(f"{name} {fmt(old.get(key))} -> {fmt(new.get(key))}" if fmt and
+                         old.get(key) is not None else f"{name} differs")
+    return ", ".join(parts)
 
 
 def tile_offsets(scenes: Sequence[SceneInfo], tile_px: int) -> np.ndarray:

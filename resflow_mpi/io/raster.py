@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -20,7 +18,6 @@ from ..errors import InputError
 from ..tiling import Tile, Window, grid_shape
 from .area import GroundArea
 from .gdalenv import ensure_configured
-from .naming import inside_output_dir, is_label_name, is_output_name
 
 SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 
@@ -294,15 +291,19 @@ def _read_mask(band: gdal.Band, w: Window, out_shape: Optional[tuple[int, int]])
 
 
 def _nodata_pixels(info: SceneInfo, bands: Sequence[int], pixels: np.ndarray) -> Optional[np.ndarray]:
-    """True where every band that declares a nodata value holds it (NaN nodata matches NaN)."""
+    """True where every band that declares a nodata value holds it (NaN nodata matches NaN), or
+    where any band that declares NaN nodata is NaN (NaN is never a value, in any one band)."""
     hit: Optional[np.ndarray] = None
+    nan: Optional[np.ndarray] = None
     for i, b in enumerate(bands):
         nd = info.nodata_of(b)
         if nd is None:
             continue
         eq = np.isnan(pixels[i]) if math.isnan(nd) else pixels[i] == nd
         hit = eq if hit is None else hit & eq
-    return hit
+        if math.isnan(nd):
+            nan = eq if nan is None else nan | eq
+    return hit if nan is None or hit is None else hit | nan
 
 
 # Blank fill decoded from JPEG is not exactly constant where it meets the image: chroma upsampling
@@ -346,8 +347,12 @@ def valid_pixels(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int], w: Win
                  out_shape: Optional[tuple[int, int]] = None) -> np.ndarray:
     """(h, w) bool: True where a pixel of window ``w`` is data.
 
-    A pixel is invalid when every band that declares nodata holds its nodata value, when the GDAL
-    mask band or the alpha band is 0 there, or when it is blank fill. ``pixels`` (the window's
+    A pixel is invalid when every band that declares nodata holds its nodata value (or one band
+    that declares NaN nodata is NaN), when the GDAL mask band or the alpha band is 0 there, or when
+    it is blank fill (``SceneInfo.blank_fill_ranges``: scenes.blank_fill). Every route that asks
+    which pixels are data reads it here: runs and evaluation (``WindowReader.read_tile``), training
+    crops (``WindowReader.read_valid``), the nodata prescan, scene statistics and value-range
+    checks (decimated), and the routing calibration's window choice. ``pixels`` (the window's
     bands, already read) saves a read; ``out_shape`` gives a nearest-neighbour decimated answer
     (blank-fill runs are then measured in decimated pixels).
     """
@@ -480,102 +485,6 @@ def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneIn
     return replace(info, band_stats=scene_statistics(info, bands))
 
 
-# -- scene discovery --------------------------------------------------------------------------
-SCAN_SUFFIXES = (".tif", ".tiff")
-# A directory with one of these names was meant to be a file: say so instead of scanning it.
-FILE_LIKE_SUFFIXES = SCAN_SUFFIXES + (".vrt", ".jp2", ".img", ".ntf", ".json", ".txt")
-
-
-def _directory_named_like_a_file(path: str) -> InputError:
-    return InputError(f"{path}: is a directory, not a scene file (its name looks like a file); "
-                      f"list the scene files inside it, e.g. {os.path.join(path, '*.tif')}")
-
-
-def _glob_base(pattern: str) -> str:
-    """The longest leading directory of a glob pattern without wildcards."""
-    base = pattern
-    while glob.has_magic(base):
-        base = os.path.dirname(base)
-    return base or "."
-
-
-def resolve_scene_inputs(inputs: Sequence[str], split: str = "all", exclude: Sequence[str] = (),
-                         notes: Optional[list[str]] = None) -> list[str]:
-    """Expand globs, directories, .txt lists and archive.json manifests into scene paths.
-
-    Paths come back real (symlinks and '..' resolved) and each file once, in listed order
-    (globs and directories sorted). A file listed again under another name is dropped with a
-    note, appended to ``notes`` (or printed to stderr when ``notes`` is None). Globs and directory
-    scans never take label rasters (``*_mask.tif``, any path in ``exclude``), resflow outputs
-    (names with ``.resflow-``, older ``*_mask_cog.tif``/``*_buckets.tif``) or anything under a
-    directory marked as resflow output.
-    """
-    excluded = {os.path.realpath(p) for p in exclude}
-    listed: list[str] = []
-
-    def discovered(hits: Sequence[str], top: str, what: str) -> None:
-        kept = 0
-        for p in hits:
-            name = os.path.basename(p)
-            if os.path.isdir(p):
-                if name.lower().endswith(FILE_LIKE_SUFFIXES):
-                    raise _directory_named_like_a_file(p)
-                continue
-            if (is_label_name(name) or is_output_name(name) or os.path.realpath(p) in excluded
-                    or inside_output_dir(p, top)):
-                continue
-            listed.append(p)
-            kept += 1
-        if not kept:
-            raise InputError(f"{what}: no scene found (label files and resflow outputs are never "
-                             "taken as scenes); check the path")
-
-    for item in inputs:
-        if item.endswith(".json") and os.path.isfile(item):
-            try:
-                entries = json.loads(Path(item).read_text())
-            except (OSError, ValueError) as exc:
-                raise InputError(f"{item}: not a readable archive manifest ({exc})") from None
-            base = os.path.dirname(os.path.abspath(item))
-            listed += [os.path.join(base, e["image"]) for e in entries
-                       if split == "all" or e.get("split") == split]
-        elif item.endswith(".txt") and os.path.isfile(item):
-            listed += [ln.strip() for ln in Path(item).read_text().splitlines()
-                       if ln.strip() and not ln.startswith("#")]
-        elif os.path.isdir(item):
-            if os.path.basename(os.path.normpath(item)).lower().endswith(FILE_LIKE_SUFFIXES):
-                raise _directory_named_like_a_file(item)
-            hits = sorted(p for p in glob.glob(os.path.join(glob.escape(item), "*"))
-                          if p.lower().endswith(SCAN_SUFFIXES))
-            discovered(hits, item, item)
-        elif glob.has_magic(item):
-            hits = sorted(glob.glob(item, recursive=True))
-            if not hits:
-                raise InputError(f"{item}: pattern matches no scene")
-            discovered(hits, _glob_base(item), item)
-        else:
-            listed.append(item)  # a single path; open_scene reports it when missing
-
-    first: dict[str, str] = {}
-    unique: list[str] = []
-    for p in listed:
-        real = os.path.realpath(p)
-        if real in first:
-            if p != first[real]:
-                _note(notes, f"note: {p} is the same file as {first[real]} ({real}); mapped once")
-            continue
-        first[real] = p
-        unique.append(real)
-    return unique
-
-
-def _note(notes: Optional[list[str]], line: str) -> None:
-    if notes is None:
-        print(line, file=sys.stderr)
-    else:
-        notes.append(line)
-
-
 class WindowReader:
     """Reads tile windows of one scene (one open GDAL handle per reader, per thread)."""
 
@@ -620,6 +529,22 @@ class WindowReader:
         except RuntimeError as exc:
             raise InputError(f"{self.info.path}: read of window {tuple(w)} failed "
                              f"({str(exc).strip().splitlines()[0]}); the file may be truncated") from None
+
+    def read_valid(self, w: Window) -> tuple[np.ndarray, np.ndarray]:
+        """(C, h, w) pixels of a window inside the scene and its validity (h, w) bool, checked
+        as ``read_tile`` checks a tile: NaN/inf refused unless declared nodata, validity from
+        ``valid_pixels``, then declared-NaN pixels zeroed (training crops read through here)."""
+        arr = self.read_window(w)
+        if arr.dtype.kind == "f":
+            arr = self._finite(arr, w)
+        try:
+            valid = valid_pixels(self._ds, self.info, self.bands, w, arr)
+        except RuntimeError as exc:
+            raise InputError(f"{self.info.path}: read of the validity of window {tuple(w)} "
+                             f"failed ({str(exc).strip().splitlines()[0]})") from None
+        if arr.dtype.kind == "f":
+            arr = np.nan_to_num(arr, nan=0.0)
+        return arr, valid
 
     def _finite(self, arr: np.ndarray, w: Any) -> np.ndarray:
         """Refuse NaN/inf unless the band declares NaN as its nodata."""

@@ -1,12 +1,11 @@
 """Input semantics: pixel validity (nodata, mask band, alpha, override, blank fill), float ranges,
-geodesic area, scene identity and discovery, rotated geotransforms of outputs, honest write errors.
+geodesic area, rotated geotransforms of outputs, honest write errors.
 Every case uses real GDAL files made here."""
 from __future__ import annotations
 
 import errno
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +20,9 @@ from resflow_mpi.config import config_from_dict
 from resflow_mpi.errors import InputError, OutputError
 from resflow_mpi.io.export import export_failure, export_scene
 from resflow_mpi.io.maskstore import MaskStore
-from resflow_mpi.io.naming import mark_output_dir, output_file_name
+from resflow_mpi.io.naming import output_file_name
 from resflow_mpi.io.raster import (PixelRules, WindowReader, open_scene, prepare_scene,
-                                   resolve_scene_inputs, scene_statistics, tile_coverage,
-                                   valid_pixels)
+                                   scene_statistics, tile_coverage, valid_pixels)
 from resflow_mpi.tiling import Window, tile_grid
 
 gdal.UseExceptions()
@@ -237,57 +235,6 @@ def test_projected_area_uses_the_crs_linear_units(tmp_path: Path) -> None:
     assert info.area_km2 == pytest.approx(100 * 70 * (2 * 0.3048006096) ** 2 / 1e6, rel=1e-3)
     metric = open_scene(make_scene(tmp_path / "m.tif", pixels()), BANDS)
     assert metric.area_km2 == pytest.approx(100 * 70 * 0.25 / 1e6, rel=1e-3)
-
-
-# -- discovery --------------------------------------------------------------------------------
-def test_scene_identity_by_real_path(tmp_path: Path) -> None:
-    a = tmp_path / "a"
-    a.mkdir()
-    x = make_scene(a / "x.tif", pixels())
-    (tmp_path / "link.tif").symlink_to(x)
-    notes: list[str] = []
-    got = resolve_scene_inputs([str(x), str(a / ".." / "a" / "x.tif"), str(tmp_path / "link.tif")],
-                               notes=notes)
-    assert got == [os.path.realpath(x)]
-    assert len(notes) == 2 and all("mapped once" in n and str(x) in n for n in notes)
-    # a directory with the same file: still once
-    assert resolve_scene_inputs([str(a), str(tmp_path / "link.tif")], notes=notes) == got
-
-
-def test_directory_named_like_a_file_has_its_own_message(tmp_path: Path) -> None:
-    (tmp_path / "x.tif").mkdir()
-    real = make_scene(tmp_path / "real.tif", pixels())
-    for inputs in ([str(tmp_path / "x.tif")], [str(real), str(tmp_path / "x.tif")],
-                   [str(tmp_path / "*.tif")]):
-        with pytest.raises(InputError, match=r"x.tif: is a directory, not a scene file"):
-            resolve_scene_inputs(inputs)
-
-
-def test_discovery_skips_labels_and_outputs(tmp_path: Path) -> None:
-    inp = tmp_path / "in"
-    inp.mkdir()
-    scene = make_scene(inp / "s.tif", pixels())
-    for name in ("s_mask.tif", "s_labels.tif", "0000_s_mask_cog.tif", "0000_s_buckets.tif",
-                 output_file_name("s", "mask"), output_file_name("s", "buckets")):
-        shutil.copy(scene, inp / name)
-    out = inp / "out"  # an output directory inside the input folder
-    (out / "quicklooks").mkdir(parents=True)
-    mark_output_dir(out)
-    shutil.copy(scene, out / "anything.tif")
-    shutil.copy(scene, out / "quicklooks" / "q.tif")
-    want = [os.path.realpath(scene)]
-    labels = [str(inp / "s_labels.tif")]
-    assert resolve_scene_inputs([str(inp)], exclude=labels) == want
-    assert resolve_scene_inputs([str(inp / "*.tif")], exclude=labels) == want
-    assert resolve_scene_inputs([str(inp / "**" / "*.tif")], exclude=labels) == want
-    # output.dir == the input folder: the names (not the marker) tell outputs from scenes
-    mark_output_dir(inp)
-    assert resolve_scene_inputs([str(inp)], exclude=labels) == want
-    only_outputs = tmp_path / "only"
-    only_outputs.mkdir()
-    shutil.copy(scene, only_outputs / output_file_name("s", "mask"))
-    with pytest.raises(InputError, match="no scene found"):
-        resolve_scene_inputs([str(only_outputs)])
 
 
 # -- geotransforms of outputs -----------------------------------------------------------------
