@@ -149,11 +149,12 @@ class InferenceConfig:
     ood_routing: Literal["off", "quantile", "embedding"] = _f(
         "off", "Out-of-distribution routing: off (every tile by its nearest bucket's model, the "
                "paper); quantile: a tile whose code is farther from its bucket's centroid than "
-               "the ood_quantile of that bucket's training tiles is mapped by Mono and flagged "
-               "(bucket -2 in the bucket map and the HDF5 output); embedding: a tile whose CEM "
-               "embedding is farther from the training windows' (mean distance to the 5 nearest) "
-               "than the ood_quantile of windows of held-out training scenes is mapped by Mono "
-               "and flagged (calibrated by init for its tiling).")
+               "the ood_quantile of that bucket's training tiles is flagged (bucket -2 in the "
+               "bucket map and the HDF5 output) and mapped by the model init chose for flagged "
+               "tiles (Mono unless another did better on held-out scenes); embedding: the same "
+               "for a tile whose CEM embedding is farther from the trained scenes' windows (mean "
+               "distance to the 5 nearest) than the ood_quantile of the held-out scenes' windows "
+               "(calibrated by init for its tiling).")
     ood_quantile: float = _f(0.99, "Quantile of the in-distribution scores (quantile: a bucket's "
                                    "Hamming distances; embedding: held-out training windows' "
                                    "scores) beyond which a tile is out of distribution: about "

@@ -1,6 +1,7 @@
 """Training crops: random seeded windows of the training scenes with their labels (io.labels)."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -189,6 +190,21 @@ def _scene_crops(info: SceneInfo, src: LabelSource, summary: LabelSummary, sid: 
         rep.warnings.append(f"scene {name}: {per_scene} crops of {tile_px} px asked, it has only "
                             f"{positions} distinct positions; took {target}")
     return out, rep
+
+
+def per_scene_reports(reports: Sequence[SceneCrops]) -> list[SceneCrops]:
+    """One report per scene: the row bands of a scene (held-out and training parts) summed."""
+    merged: dict[str, SceneCrops] = {}
+    for r in reports:
+        m = merged.get(r.scene)
+        if m is None:
+            merged[r.scene] = dataclasses.replace(r, warnings=list(r.warnings))
+            continue
+        m.requested += r.requested
+        m.taken += r.taken
+        m.building_centred += r.building_centred
+        m.warnings += [w for w in r.warnings if w not in m.warnings]
+    return list(merged.values())
 
 
 def crop_warnings(reports: Sequence[SceneCrops], per_scene: int, tile_px: int) -> list[str]:

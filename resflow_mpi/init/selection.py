@@ -1,8 +1,8 @@
 """Model selection on held-out tiles: paired bootstrap gains, bucket acceptance, k, flagged tiles.
 
 All decisions compare maps of the *same* held-out tiles (per-tile TP/FP/FN/TN counts, (n, 4)):
-the IoU of summed counts, and its difference between two maps resampled over tiles with the same
-draws (paired). Pure numpy: ``workflow`` trains and counts, this module decides.
+the IoU of summed counts, and its difference between two maps resampled with the same draws
+(paired), scenes first and then tiles within them where the tiles come from several scenes. Pure numpy: ``workflow`` trains and counts, this module decides.
 """
 from __future__ import annotations
 
@@ -54,17 +54,36 @@ def _f(v: Any) -> Optional[float]:
     return None if np.isnan(v) else v
 
 
+def resample_indices(n: int, groups: Optional[np.ndarray], samples: int, seed: int
+                     ) -> list[np.ndarray]:
+    """Bootstrap draws of tile indices: plain (tiles with replacement), or two-stage when
+    ``groups`` (e.g. each tile's scene) holds two or more groups: groups with replacement, then
+    tiles with replacement within each drawn group. Tiles of one scene share its acquisition, so
+    resampling scenes first keeps their correlation in the interval."""
+    rng = np.random.default_rng(seed)
+    if groups is None or len(np.unique(groups)) < 2:
+        return list(rng.integers(0, n, size=(samples, n)))
+    members = [np.flatnonzero(groups == g) for g in np.unique(groups)]
+    draws = []
+    for _ in range(samples):
+        picked = rng.integers(0, len(members), len(members))
+        draws.append(np.concatenate([m[rng.integers(0, len(m), len(m))]
+                                     for m in (members[i] for i in picked)]))
+    return draws
+
+
 def paired_gain(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOTSTRAP_SAMPLES,
-                confidence: float = CONFIDENCE) -> Gain:
+                confidence: float = CONFIDENCE, groups: Optional[np.ndarray] = None) -> Gain:
     """IoU(A) - IoU(B) over the same tiles, with the percentile interval of the paired bootstrap
-    over tiles (``a``, ``b``: (n, 4) per-tile counts)."""
+    (``a``, ``b``: (n, 4) per-tile counts; ``groups``: each tile's scene for the two-stage
+    bootstrap of ``resample_indices``)."""
     a, b = np.asarray(a, np.int64).reshape(-1, 4), np.asarray(b, np.int64).reshape(-1, 4)
     n = len(a)
     if n == 0:
         return Gain(0, None, None, None, None, None)
     ia, ib = summed_iou(a.sum(0)), summed_iou(b.sum(0))
-    idx = np.random.default_rng(seed).integers(0, n, size=(samples, n))
-    diff = summed_iou(a[idx].sum(1)) - summed_iou(b[idx].sum(1))
+    draws = resample_indices(n, groups, samples, seed)
+    diff = np.array([summed_iou(a[i].sum(0)) - summed_iou(b[i].sum(0)) for i in draws])
     diff = diff[~np.isnan(diff)]
     if len(diff) == 0:
         return Gain(n, _f(ia), _f(ib), None, None, None)
@@ -93,14 +112,16 @@ class BucketVerdict:
 
 
 def judge_bucket(bucket: int, train_tiles: int, own: Optional[np.ndarray], mono: np.ndarray,
-                 min_gain: float, seed: int = 0) -> BucketVerdict:
+                 min_gain: float, seed: int = 0,
+                 groups: Optional[np.ndarray] = None) -> BucketVerdict:
     """Keep the bucket's model only where the lower bound of its paired gain over Mono on the
-    bucket's held-out tiles is above ``min_gain`` (``own`` None: it has no model)."""
+    bucket's held-out tiles is above ``min_gain`` (``own`` None: it has no model; ``groups``:
+    the tiles' scenes, see ``resample_indices``)."""
     n = len(mono)
     if own is None:
         return BucketVerdict(bucket, train_tiles, n, paired_gain(mono, mono), False,
                              "no model of its own (too few training tiles)")
-    g = paired_gain(own, mono, seed=seed)
+    g = paired_gain(own, mono, seed=seed, groups=groups)
     if n < MIN_EVIDENCE_TILES or g.low is None:
         return BucketVerdict(bucket, train_tiles, n, g, False,
                              f"{n} held-out tile(s): too few to show a gain, maps with Mono")
@@ -148,14 +169,14 @@ def flagged_proxy(scores: np.ndarray, share: float = FLAGGED_PROXY_SHARE) -> np.
     return out
 
 
-def choose_flagged_model(candidates: dict[str, np.ndarray], seed: int = 0
-                         ) -> tuple[str, dict[str, Any]]:
+def choose_flagged_model(candidates: dict[str, np.ndarray], seed: int = 0,
+                         groups: Optional[np.ndarray] = None) -> tuple[str, dict[str, Any]]:
     """The model for flagged tiles: Mono unless another candidate beats it on the flagged
     stand-in tiles with a paired-bootstrap lower bound above 0 (then the best such one).
     ``candidates``: name -> per-tile counts on those tiles; must hold "mono"."""
     mono = candidates["mono"]
-    table = {name: paired_gain(c, mono, seed=seed) for name, c in candidates.items()
-             if name != "mono"}
+    table = {name: paired_gain(c, mono, seed=seed, groups=groups)
+             for name, c in candidates.items() if name != "mono"}
     better = {n: g for n, g in table.items() if g.low is not None and g.low > 0}
     choice = max(better, key=lambda n: better[n].gain or 0.0) if better else "mono"
     return choice, {"tiles": int(len(mono)), "mono_iou": _f(summed_iou(mono.sum(0)))

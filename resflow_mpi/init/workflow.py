@@ -42,7 +42,7 @@ from ..runtime.device import usable_cores
 from ..tiling import Window, split_block
 from ..ood import EmbeddingReference
 from .clustering import choose_k, soft_labels
-from .data import TileSet, crop_warnings, open_scenes, sample_tiles
+from .data import TileSet, crop_warnings, open_scenes, per_scene_reports, sample_tiles
 from .dataparallel import DataParallel
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
@@ -279,6 +279,7 @@ class CandidateVerdict:
     verdicts: list[BucketVerdict]
     counts: np.ndarray        # (n_val, 4) the gallery's map (kept bucket models, else Mono)
     vs_mono: Gain
+    scene_of: Optional[np.ndarray] = None   # (n_val,) the held-out crops' scenes
 
     @property
     def iou(self) -> float:
@@ -287,9 +288,10 @@ class CandidateVerdict:
 
 
 def judge_candidate(cand: Candidate, is_val: np.ndarray, counts: dict[str, np.ndarray],
-                    min_gain: float, seed: int) -> CandidateVerdict:
+                    min_gain: float, seed: int, scene_of: np.ndarray) -> CandidateVerdict:
     """Each bucket of ``cand`` against Mono on its held-out tiles (``counts``: job key ->
-    per-tile counts on every held-out crop), then the gallery that keeps the winners."""
+    per-tile counts on every held-out crop; ``scene_of``: their scenes, resampled first), then
+    the gallery that keeps the winners."""
     mono = counts["mono"]
     val_buckets = cand.buckets[is_val]
     verdicts, kept = [], {}
@@ -297,12 +299,14 @@ def judge_candidate(cand: Candidate, is_val: np.ndarray, counts: dict[str, np.nd
         own = counts.get(f"k{cand.k}-bucket-{cand.code_names[b]}")
         sel = val_buckets == b
         v = judge_bucket(b, int((cand.buckets[~is_val] == b).sum()),
-                         own[sel] if own is not None else None, mono[sel], min_gain, seed)
+                         own[sel] if own is not None else None, mono[sel], min_gain, seed,
+                         scene_of[sel])
         verdicts.append(v)
         if v.kept and own is not None:
             kept[b] = own
     gallery = gallery_counts(val_buckets, kept, mono)
-    return CandidateVerdict(cand.k, verdicts, gallery, paired_gain(gallery, mono, seed=seed))
+    return CandidateVerdict(cand.k, verdicts, gallery,
+                            paired_gain(gallery, mono, seed=seed, groups=scene_of), scene_of)
 
 
 def choose_candidate(judged: Sequence[CandidateVerdict], seed: int
@@ -316,7 +320,7 @@ def choose_candidate(judged: Sequence[CandidateVerdict], seed: int
     if len(ranked) == 1:
         return best, f"k = {best.k}: the only candidate"
     runner = ranked[1]
-    g = paired_gain(best.counts, runner.counts, seed=seed)
+    g = paired_gain(best.counts, runner.counts, seed=seed, groups=best.scene_of)
     close = g.low is None or g.low <= 0
     return best, (f"k = {best.k} (held-out IoU {best.iou:.4f}, {n_kept(best)} bucket model(s) "
                   f"kept) over k = {runner.k} ({runner.iou:.4f}): difference {g.text()}"
@@ -325,7 +329,7 @@ def choose_candidate(judged: Sequence[CandidateVerdict], seed: int
 
 
 def route_flagged(emb: np.ndarray, is_val: np.ndarray, counts: dict[str, np.ndarray],
-                  chosen: CandidateVerdict, cand: Candidate, seed: int
+                  chosen: CandidateVerdict, cand: Candidate, seed: int, scene_of: np.ndarray
                   ) -> tuple[dict[str, Any], np.ndarray]:
     """Which model maps tiles routing flags: scored by a crop-size embedding reference of the
     training crops, the held-out crops most unlike them stand in for flagged tiles; Mono unless
@@ -342,7 +346,7 @@ def route_flagged(emb: np.ndarray, is_val: np.ndarray, counts: dict[str, np.ndar
         if v.kept:
             name = f"bucket-{cand.code_names[v.bucket]}"
             options[name] = counts[f"k{cand.k}-{name}"][proxy]
-    choice, record = choose_flagged_model(options, seed=seed)
+    choice, record = choose_flagged_model(options, seed=seed, groups=scene_of[proxy])
     record["stand_in"] = (f"the {int(proxy.sum())} held-out crops most unlike the training "
                           "crops (embedding score)")
     if choice.startswith("bucket-"):
@@ -414,7 +418,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     comm.raise_first(err)
     gathered = comm.allgather((part, reports))
     tiles = TileSet.concat([p for p, _ in gathered])
-    crop_reports = [r for _, rs in gathered for r in rs]
+    crop_reports = per_scene_reports([r for _, rs in gathered for r in rs])
     n, in_ch = len(tiles.x), tiles.x.shape[1]
     if rank == 0:
         for line in crop_warnings(crop_reports, tr.tiles_per_scene, tr.tile_px):
@@ -575,7 +579,9 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         return None
     merged = {key: v for part in all_done for key, v in part.items()}  # type: ignore[union-attr]
     counts_of = {key: c for key, (_, c) in merged.items()}
-    judged = [judge_candidate(c, is_val, counts_of, tr.min_gain, tr.seed) for c in candidates]
+    val_scene = tiles.scene[is_val]
+    judged = [judge_candidate(c, is_val, counts_of, tr.min_gain, tr.seed, val_scene)
+              for c in candidates]
     chosen, k_reason = choose_candidate(judged, tr.seed)
     cand = by_k[chosen.k]
     k = cand.k
@@ -588,7 +594,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     warning = hash_map_warning(cand.hash_map, k)
     if warning:
         _log(f"warning: {warning}")
-    flagged, _ = route_flagged(emb, is_val, counts_of, chosen, cand, tr.seed)
+    flagged, _ = route_flagged(emb, is_val, counts_of, chosen, cand, tr.seed, val_scene)
     _log("tiles flagged out-of-distribution map with "
          + (f"bucket {flagged['bucket']}'s model" if flagged["model"] == "bucket"
             else flagged["model"]) + f" ({flagged.get('reason') or flagged.get('stand_in')})")

@@ -1,7 +1,8 @@
 """The evaluation protocol end to end on the tiny gallery: the unseen-regime region exists and its
 tiles lie far from every training code, `resflow run` with out-of-distribution routing flags them
 (bucket -2 in the HDF5 output and the bucket map, counted per scene in the run report), and
-`resflow evaluate` reports every column with intervals and routes flagged tiles to Mono."""
+`resflow evaluate` reports every column with intervals and maps flagged tiles with the model init
+chose for them."""
 from __future__ import annotations
 
 import json
@@ -49,7 +50,7 @@ def test_run_with_routing_flags_unseen_tiles(eval_archive: Path, tiny_gallery: P
     out = tmp_path / "out"
     cfg = write_config(tmp_path / "run.yaml", scenes={"inputs": [str(eval_archive)], "split": "test"},
                        models={"gallery": str(tiny_gallery)}, output={"dir": str(out)},
-                       inference={"ood_routing": "quantile", "ood_quantile": 0.99})
+                       inference={"ood_routing": "embedding", "ood_quantile": 0.99})
     resflow(["run", str(cfg), "--quiet", "--no-report-html"], ranks=2)
     report = json.loads((out / "run_report.json").read_text())
     per_scene = {Path(s["path"]).stem: s for s in report["scenes"]}
@@ -78,8 +79,9 @@ def test_run_with_routing_flags_unseen_tiles(eval_archive: Path, tiny_gallery: P
 def test_embedding_routing_flags_the_unseen_regime_and_keeps_known_regimes(
         eval_archive: Path, tiny_gallery: Path, tmp_path: Path) -> None:
     """ood_routing: embedding (init's reference, calibrated on held-out training windows cut as
-    the run cuts them): most tiles of a regime no bucket was trained on go to Mono; new scenes of
-    the trained regimes keep their bucket models; another window size is refused."""
+    the run cuts them, from the held-out scenes): most tiles of a regime no bucket was trained on
+    are flagged; new scenes of the trained regimes keep their bucket models; another window size
+    is refused."""
     manifest = json.loads((tiny_gallery / "manifest.json").read_text())
     assert manifest["ood_reference"]["window_px"] == 64 + 2 * 8
     new_known = Path(synth_archive(tmp_path / "new", preset="tiny", seed=5))

@@ -175,3 +175,18 @@ def test_early_stopping_ends_training_after_patience_checks() -> None:
     full = train_selected(model, x, y, 20, 4, 0.0, 0, x, y, val_every=5,
                           recipe=TrainingRecipe(patience=0))
     assert full["steps_run"] == 20
+
+
+def test_scene_first_bootstrap_is_wider_when_scenes_disagree() -> None:
+    """Tiles of one scene share its acquisition: a gain carried by one of three scenes is not
+    shown by a scene-first bootstrap although a tile bootstrap would call it certain."""
+    rng = np.random.default_rng(4)
+    mono = _tiles(rng, 60, 50, 30, 30)
+    own = mono.copy()
+    own[:20, 0] += 40                          # scene 0 gains, scenes 1 and 2 do not
+    groups = np.repeat([0, 1, 2], 20)
+    plain = paired_gain(own, mono)
+    nested = paired_gain(own, mono, groups=groups)
+    assert plain.gain == nested.gain
+    assert nested.high - nested.low > 1.5 * (plain.high - plain.low)
+    assert plain.low > 0 and nested.low <= plain.low
