@@ -190,3 +190,23 @@ def test_scene_first_bootstrap_is_wider_when_scenes_disagree() -> None:
     assert plain.gain == nested.gain
     assert nested.high - nested.low > 1.5 * (plain.high - plain.low)
     assert plain.low > 0 and nested.low <= plain.low
+
+
+def test_report_html_shows_the_bucket_verdicts() -> None:
+    from resflow_mpi.report import Quicklooks, render_html
+    sel = {"buckets": [
+        {"bucket": 0, "code": "0101", "train_tiles": 40, "held_out_tiles": 12, "hash_map": 0.97,
+         "bucket_iou": 0.81, "mono_iou": 0.72, "gain": 0.09, "gain_ci": [0.03, 0.15],
+         "kept": True},
+        {"bucket": 1, "code": "1010", "train_tiles": 30, "held_out_tiles": 9, "hash_map": 0.64,
+         "bucket_iou": 0.55, "mono_iou": 0.58, "gain": -0.03, "gain_ci": [-0.09, 0.02],
+         "kept": False}],
+        "flagged_tiles": {"model": "mono"}, "k": 2, "hash_warning": "hash held-out mAP low",
+        "validation": {"held_out_scenes": ["a.tif"], "row_split_scenes": {},
+                       "held_out_crops": 21}}
+    html = render_html({"gallery_selection": sel}, Quicklooks(), "t")
+    assert "+0.090 [+0.030, +0.150]" in html and "-0.030 [-0.090, +0.020]" in html
+    assert html.count("own model") == 1 and "flagged (out-of-distribution) tiles map with mono" in html
+    assert "1 whole, 0 by a band of rows; 21 held-out crops" in html
+    assert "warning: hash held-out mAP low" in html
+    assert "made before scene-level validation" in render_html({}, Quicklooks(), "t")
