@@ -459,7 +459,10 @@ def _scene_section(scene: dict[str, Any], looks: Optional[SceneLooks]) -> str:
     parts = [f"<h3>scene {_esc(scene.get('index'))}: {_esc(Path(str(scene.get('path'))).name)}</h3>",
              f"<p>{_esc(scene.get('path'))}<br>{_esc(scene.get('width'))} x "
              f"{_esc(scene.get('height'))} px, {_num(scene.get('area_km2', 0), '.3f')} km2, "
-             f"{_esc(state)}</p>"]
+             f"{_esc(state)}"
+             + (f"; {_esc(scene['tiles_done'])} of {_esc(scene.get('tiles_total'))} tiles "
+                f"finished ({_num(scene.get('area_km2_done', 0), '.3f')} km2)"
+                if "tiles_done" in scene else "") + "</p>"]
     if scene.get("ood_tiles"):
         parts.append(f"<p>{_esc(scene['ood_tiles'])} tile(s) out of distribution, mapped by "
                      "Mono (white in the bucket map)</p>")

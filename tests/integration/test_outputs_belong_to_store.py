@@ -156,7 +156,7 @@ def test_reports_describe_the_whole_job_after_a_noop_rerun_and_a_resume(
     assert noop["area_km2"] == pytest.approx(area, rel=1e-12)
     assert noop["bucket_histogram"] == full["bucket_histogram"]
     html = (out / "report.html").read_text()
-    assert "0.002 km2" in html and ">9 (9 computed)<" in html
+    assert "0.002 km2" in html and ">9 (9 computed)<" in html and "9 of 9 tiles finished" in html
 
     with h5py.File(out / "masks.h5", "r+") as f:  # a job killed after 4 of its 9 tiles
         done = f["tiles/done"][...]
