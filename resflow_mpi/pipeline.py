@@ -280,6 +280,10 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
     tasks: list[TileTask] = []
     if comm.is_root:
         assert store is not None
+        if not store.store_id:
+            raise OutputError(f"{store.path}: a mask store of an older resflow (no store id, so "
+                              "its outputs cannot be told from another run's); rerun with "
+                              "--restart")
         removed = discard_stale_outputs(job.out_dir, job.scenes, store.store_id)
         if removed:
             job.say(f"[run] removed {len(removed)} output(s) of an earlier mask store "

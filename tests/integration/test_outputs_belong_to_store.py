@@ -241,3 +241,21 @@ def test_a_second_evaluate_on_the_same_out_is_refused(tmp_path: Path,
     assert len(lines) == 1 and "is in use by" in lines[0] and "resflow evaluate (the first)" \
         in lines[0], lines
     assert not (tmp_path / "ev" / "evaluation.json").exists()
+
+
+def test_a_store_without_an_id_is_refused_before_any_tile(tmp_path: Path,
+                                                          unit_fixtures: dict[str, Path],
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A partial store of an older resflow carries no id: its outputs could not be told from
+    another run's, so the run asks for --restart (one line) instead of exporting them."""
+    scene, gallery = unit_fixtures["scene"], unit_fixtures["gallery"]
+    cfg = config(tmp_path, scene, gallery)
+    assert resflow("run", str(cfg), "--quiet") == 0
+    with h5py.File(tmp_path / "out" / "masks.h5", "r+") as f:
+        del f.attrs["store_id"]
+    capsys.readouterr()
+    assert resflow("run", str(cfg), "--quiet") == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "no store id" in lines[0] and "--restart" in lines[0], lines
+    assert resflow("run", str(cfg), "--quiet", "--restart") == 0
+    assert_outputs_are_the_store(tmp_path / "out", scene.stem)
