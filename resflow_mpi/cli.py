@@ -200,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="directory for the table (default: output.dir)")
     sp.add_argument("--engine", default="mpi", choices=["mpi", "local"])
     sp.add_argument("--seeds", type=int, default=1,
-                    help="evaluate N galleries trained with training.seed + 0..N-1 (seed i > 0 "
-                         "in <models.gallery>-seed<i>, trained when missing): mean and spread")
+                    help="evaluate N galleries trained with training.seed + 0..N-1: mean and "
+                         "spread. A seed's gallery is models.gallery when that was trained with "
+                         "this training section and seed (only read), else <out>/seed-galleries/"
+                         "seed<S> (trained there when missing; models.gallery is never written)")
     sp.set_defaults(func=cmd_evaluate)
     sp = sub.add_parser("search", help=cmd_search.__doc__)
     sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")

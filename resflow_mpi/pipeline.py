@@ -25,7 +25,7 @@ import numpy as np
 from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery
-from .io.export import confined, export_scene
+from .io.export import OutputRecord, confined, export_scene, outputs_current
 from .io.maskstore import MaskReader, MaskStore, TileResult, mark_complete_scenes
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
@@ -35,9 +35,11 @@ from .io.raster import SceneInfo, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
+from .report import REPORT_NAME as HTML_REPORT_NAME
+from .report import RUN_REPORT_NAME
 from .runtime.comm import Communicator
 from .stages import TileStages
-from .tiling import tile_grid
+from .tiling import grid_shape, tile_grid
 
 __all__ = ["Job", "Runner", "run_job", "build_stages", "drive", "TileTask", "TaskSource",
            "TileProcessor", "PipelineStats", "list_source", "counter_source", "normalize_scene"]
@@ -278,10 +280,18 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
     tasks: list[TileTask] = []
     if comm.is_root:
         assert store is not None
+        if not store.store_id:
+            raise OutputError(f"{store.path}: a mask store of an older resflow (no store id, so "
+                              "its outputs cannot be told from another run's); rerun with "
+                              "--restart")
+        removed = discard_stale_outputs(job.out_dir, job.scenes, store.store_id)
+        if removed:
+            job.say(f"[run] removed {len(removed)} output(s) of an earlier mask store "
+                    f"({', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''})")
         done = [store.done_mask(i) for i in range(len(job.scenes))]
         tasks = build_tasks(job.plan, cfg, done)
     total = comm.bcast(len(tasks))
-    override = "mono" if cfg.inference.model == "mono" else None
+    override = "mono" if mapped_by(cfg) == "mono" else None
     try:
         per_worker = runner.map_tiles(job, tasks, store, override)  # type: ignore[arg-type]
     except BaseException:
@@ -302,9 +312,11 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
              "gallery_selection": job.gallery.selection_record(),
              **runner.report_extra()}
+    totals = job_totals(job.h5_path, job.scenes, cfg.tiling.tile_px)
+    extra["store_id"] = totals.store_id
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,
                           time.perf_counter() - t_start, complete, exported, job.plan.skipped,
-                          extra)
+                          extra, totals)
     if not quiet:
         print(summary_line(report), flush=True)
     return report
@@ -418,30 +430,68 @@ def scene_stems(scenes: Sequence[SceneInfo]) -> list[str]:
             for stem, s in zip(plain, scenes)]
 
 
+def mapped_by(cfg: RunConfig) -> str:
+    """What maps the tiles under ``cfg``: "mono" (every tile by Mono) or "buckets"."""
+    return "mono" if cfg.inference.model == "mono" else "buckets"
+
+
+def scene_output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """Every output a scene can have, by kind (mask, COG, bucket map), inside ``out_dir``."""
+    return {kind: confined(out_dir, output_file_name(stem, kind)) for kind in (MASK, COG, BUCKETS)}
+
+
+def discard_stale_outputs(out_dir: Path, scenes: Sequence[SceneInfo], store_id: str) -> list[Path]:
+    """Remove what an earlier mask store left in ``out_dir``: each scene's outputs (any kind)
+    whose record names another store (or none), and run_report.json / report.html of another
+    store; the paths removed. Called when the store is opened, so an interrupted ``--restart``
+    never leaves the old outputs beside the new store."""
+    removed: list[Path] = []
+    for stem in scene_stems(scenes):
+        for path in scene_output_paths(out_dir, stem).values():
+            if path.is_file():
+                record = OutputRecord.of_file(path)
+                if record is None or record.store_id != store_id:
+                    removed.append(path)
+    report = out_dir / RUN_REPORT_NAME
+    if report.is_file():
+        try:
+            recorded = json.loads(report.read_text()).get("store_id")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != store_id:
+            removed += [p for p in (report, out_dir / HTML_REPORT_NAME) if p.is_file()]
+    for path in removed:
+        try:
+            path.unlink()
+        except OSError as exc:
+            raise OutputError(f"{path}: cannot remove this output of an earlier mask store "
+                              f"({os_error_cause(exc)}); remove it, or use another output.dir"
+                              ) from None
+    return removed
+
+
 def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence[SceneInfo],
                    indices: Sequence[int]) -> dict[int, list[str]]:
     """Export the given (complete) scenes as ``<scene>.resflow-mask.tif`` (+ ``-mask-cog``,
-    ``-buckets``) through one reader of the store; files that already exist are kept (resume)."""
+    ``-buckets``) through one reader of the store. Outputs that already carry this store's
+    record are kept (a resumed or repeated run); any other is rewritten."""
     o = cfg.output
     done: dict[int, list[str]] = {}
-    if not o.geotiff:
+    if not o.geotiff or not indices:
         return done
     stems = scene_stems(scenes)
-    reader: Optional[MaskReader] = None
-    try:
+    with MaskReader(h5_path) as reader:
         for i in indices:
-            stem = stems[i]
-            mask_tif = confined(out_dir, output_file_name(stem, MASK))
-            cog = confined(out_dir, output_file_name(stem, COG)) if o.cog else None
-            buckets = confined(out_dir, output_file_name(stem, BUCKETS)) if o.bucket_map else None
+            paths = scene_output_paths(out_dir, stems[i])
+            mask_tif = paths[MASK]
+            cog = paths[COG] if o.cog else None
+            buckets = paths[BUCKETS] if o.bucket_map else None
             wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
-            if not all(p.exists() for p in wanted):
-                reader = reader or MaskReader(h5_path)
-                wanted = export_scene(reader, i, mask_tif, cog, buckets)
+            record = OutputRecord.of_store(reader, i, mapped_by(cfg))
+            if not outputs_current(wanted, record):
+                wanted = export_scene(reader, i, mask_tif, cog, buckets,
+                                      mapped_by=record.mapped_by)
             done[i] = [str(p) for p in wanted]
-    finally:
-        if reader is not None:
-            reader.close()
     return done
 
 
@@ -474,33 +524,95 @@ def stats_dict(stats: PipelineStats, rank: int, wall_s: float, write_s: float,
     return d
 
 
+@dataclass
+class SceneTotals:
+    """One scene's finished work as the mask store records it (every invocation of the job)."""
+
+    tiles_total: int
+    tiles_done: int
+    tiles_computed: int       # finished tiles that went through the networks (not all nodata)
+    pixels_done: int
+    area_km2_done: float
+    ood_tiles: int
+    buckets: dict[int, int]   # computed finished tiles per bucket (-2: out of distribution)
+
+
+@dataclass
+class JobTotals:
+    """The whole job's finished tiles, read from the store: what run_report.json describes."""
+
+    store_id: str
+    scenes: list[SceneTotals]
+
+    def total(self, name: str) -> Any:
+        return sum(getattr(s, name) for s in self.scenes)
+
+    def bucket_histogram(self) -> dict[str, int]:
+        out: dict[int, int] = {}
+        for s in self.scenes:
+            for b, n in s.buckets.items():
+                out[b] = out.get(b, 0) + n
+        return {str(b): n for b, n in sorted(out.items())}
+
+
+def owned_pixels(width: int, height: int, tile_px: int) -> np.ndarray:
+    """(n_tiles,) pixels each tile of the grid owns, in tile-index (row-major) order."""
+    rows, cols = grid_shape(width, height, tile_px)
+    w = np.minimum(tile_px, width - np.arange(cols, dtype=np.int64) * tile_px)
+    h = np.minimum(tile_px, height - np.arange(rows, dtype=np.int64) * tile_px)
+    return np.outer(h, w).ravel()
+
+
+def job_totals(h5_path: str, scenes: Sequence[SceneInfo], tile_px: int) -> JobTotals:
+    """Every finished tile of the job, resumed or not, with its pixels and ground area (a tile's
+    area is its pixels at the scene's mean pixel area, as the tile loop counts it)."""
+    out = []
+    with MaskReader(h5_path) as reader:
+        for i, s in enumerate(scenes):
+            rec = reader.tile_records(i)
+            done = rec["done"].astype(bool)
+            bucket = rec["bucket"].astype(np.int64)
+            computed = done & (bucket != -1)
+            px = int(owned_pixels(s.width, s.height, tile_px)[done].sum())
+            values, counts = np.unique(bucket[computed], return_counts=True)
+            out.append(SceneTotals(len(done), int(done.sum()), int(computed.sum()), px,
+                                   px * s.area_km2 / max(1, s.width * s.height),
+                                   int((bucket[computed] == -2).sum()),
+                                   {int(b): int(n) for b, n in zip(values, counts)}))
+        return JobTotals(reader.store_id, out)
+
+
 def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], engine: str,
                  per_rank: Sequence[dict[str, Any]], wall_s: float, complete: Sequence[int],
                  exported: dict[int, list[str]], skipped: Sequence[dict[str, str]],
-                 extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Aggregate per-worker figures into run_report.json (written atomically) and return it."""
+                 extra: Optional[dict[str, Any]], totals: JobTotals) -> dict[str, Any]:
+    """run_report.json (written atomically): the whole job's tiles, area and buckets from the
+    store (``totals``: every finished tile, resumed or not), this invocation's work, time and
+    throughput from the workers' figures (``invocation``, ``per_rank``)."""
     tiles = sum(r["tiles"] for r in per_rank)
     pixels = sum(r["pixels"] for r in per_rank)
     area = sum(r["area_km2"] for r in per_rank)  # per scene, so mixed CRSs add up correctly
     busy = [r["read_wait_s"] + r["embed_s"] + r["hash_s"] + r["segment_s"] + r["write_s"]
             for r in per_rank]
     per_tile = [r["tiles"] for r in per_rank]
-    buckets: dict[str, int] = {}
-    for r in per_rank:
-        for b, n in r["buckets"].items():
-            buckets[str(b)] = buckets.get(str(b), 0) + n
     bytes_read = sum(r["bytes_read"] for r in per_rank)
+    job_tiles = totals.total("tiles_done")
     report = {
         "engine": engine, "ranks": len(per_rank), "wall_s": wall_s,
         "scenes": [{"index": i, "path": s.path, "width": s.width, "height": s.height,
                     "area_km2": s.area_km2, "complete": i in complete,
-                    "ood_tiles": sum(int(r.get("ood_by_scene", {}).get(i, 0)) for r in per_rank),
-                    "outputs": exported.get(i, [])} for i, s in enumerate(scenes)],
-        "ood_tiles": sum(int(n) for r in per_rank for n in r.get("ood_by_scene", {}).values()),
+                    "tiles_total": t.tiles_total, "tiles_done": t.tiles_done,
+                    "area_km2_done": t.area_km2_done, "ood_tiles": t.ood_tiles,
+                    "outputs": exported.get(i, [])}
+                   for i, (s, t) in enumerate(zip(scenes, totals.scenes))],
+        "ood_tiles": totals.total("ood_tiles"),
         "skipped_scenes": list(skipped),
-        "tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
+        "tiles": job_tiles, "tiles_computed": totals.total("tiles_computed"),
+        "megapixels": totals.total("pixels_done") / 1e6, "area_km2": totals.total("area_km2_done"),
+        "invocation": {"tiles": tiles, "tiles_computed": sum(r["tiles_computed"] for r in per_rank),
+                       "megapixels": pixels / 1e6, "area_km2": area,
+                       "tiles_resumed": job_tiles - tiles},
         "embed_slots": sum(r.get("embed_slots", 0) for r in per_rank),
-        "megapixels": pixels / 1e6, "area_km2": area,
         "bytes_read": bytes_read,
         "bytes_written": sum(r["bytes_written"] for r in per_rank),
         "throughput": {"tiles_per_s": tiles / wall_s if wall_s else 0.0,
@@ -514,7 +626,8 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
                          "busy_s_per_rank": busy,
                          "imbalance": (max(busy) / (sum(busy) / len(busy)))
                          if busy and sum(busy) else 1.0},
-        "bucket_histogram": buckets,
+        "bucket_histogram": totals.bucket_histogram(),
+        "mapped_by": mapped_by(cfg),
         "peak_rss_mb_per_rank": [r.get("peak_rss_mb") for r in per_rank],
         "per_rank": list(per_rank),
         "config": cfg.to_dict(),
@@ -523,13 +636,13 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
     }
     if extra:
         report.update(extra)
-    tmp = job_partial_path(out_dir / "run_report.json")
+    path = out_dir / RUN_REPORT_NAME
+    tmp = job_partial_path(path)
     try:
         tmp.write_text(json.dumps(report, indent=1, default=str))
-        os.replace(tmp, out_dir / "run_report.json")
+        os.replace(tmp, path)
     except OSError as exc:
-        raise OutputError(f"{out_dir / 'run_report.json'}: cannot write the run report "
-                          f"({os_error_cause(exc)})") from None
+        raise OutputError(f"{path}: cannot write the run report ({os_error_cause(exc)})") from None
     return report
 
 
@@ -537,8 +650,12 @@ def summary_line(report: dict[str, Any]) -> str:
     """The one-paragraph summary printed at the end of a run."""
     t = report["throughput"]
     done = sum(s["complete"] for s in report["scenes"])
+    inv = report["invocation"]
+    resumed = (f" ({inv['tiles_resumed']} finished by earlier runs)"
+               if inv["tiles_resumed"] else "")
     return (f"{report['engine']}: {done}/{len(report['scenes'])} scene(s) complete, "
             f"{report['tiles']} tiles ({report['tiles_computed']} computed), "
-            f"{report['megapixels']:.1f} Mpx = {report['area_km2']:.2f} km2 in {report['wall_s']:.1f} s "
-            f"on {report['ranks']} rank(s): {t['tiles_per_s']:.1f} tiles/s, "
-            f"{t['mpixel_per_s']:.2f} Mpx/s, {t['km2_per_s']:.3f} km2/s")
+            f"{report['megapixels']:.1f} Mpx = {report['area_km2']:.2f} km2{resumed}; this run: "
+            f"{inv['tiles']} tiles in {report['wall_s']:.1f} s on {report['ranks']} rank(s): "
+            f"{t['tiles_per_s']:.1f} tiles/s, {t['mpixel_per_s']:.2f} Mpx/s, "
+            f"{t['km2_per_s']:.3f} km2/s")

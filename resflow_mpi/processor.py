@@ -52,7 +52,7 @@ class PipelineStats:
     hash_s: float = 0.0
     segment_s: float = 0.0
     buckets: dict[int, int] = field(default_factory=dict)
-    ood_by_scene: dict[int, int] = field(default_factory=dict)  # tiles routed to Mono, per scene
+    ood_by_scene: dict[int, int] = field(default_factory=dict)  # tiles flagged out of distribution, per scene
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, OutputError
-from .io.export import BUCKET_COLOURS, OOD_COLOUR
+from .io.export import MONO_COLOUR, bucket_map_rgb
 from .io.naming import BUCKETS, COG, MASK, output_file_name
 from .io.raster import RasterPreview
 
@@ -165,27 +165,35 @@ def _save_png(fig_or_array: Any, path: Path) -> Path:
     return path
 
 
-def _bucket_label(key: str, tiles: Optional[int]) -> str:
-    count = f" ({tiles} tiles)" if tiles is not None else ""
+def _bucket_label(key: str) -> str:
     if int(key) == -2:
-        return f"flagged out of distribution{count}"
-    return f"bucket {key}{count}" if int(key) >= 0 else f"empty{count}"
+        return "flagged out of distribution"
+    return f"bucket {key}" if int(key) >= 0 else "empty"
 
 
 def bucket_colour(bucket: int) -> tuple[int, int, int]:
     """The RGB colour of a bucket in the bucket maps (black for empty tiles, white for tiles
     flagged out of distribution)."""
-    if bucket == -2:
-        return tuple(int(v) for v in OOD_COLOUR)  # type: ignore[return-value]
-    if bucket < 0:
-        return (0, 0, 0)
-    r, g, b = BUCKET_COLOURS[bucket % len(BUCKET_COLOURS)]
+    r, g, b = bucket_map_rgb(np.array([[bucket]], np.int64))[:, 0, 0]
     return int(r), int(g), int(b)
 
 
-def bucket_map_png(bucket_tif: Path, path: Path, histogram: dict[str, int],
+def bucket_legend(report: dict[str, Any]) -> list[tuple[tuple[int, int, int], str, int]]:
+    """(colour, label, tiles) of every entry of the bucket map's legend: one per bucket, or one
+    "Mono" entry when every tile was mapped by the Mono model (``mapped_by`` "mono")."""
+    histogram = {str(k): int(v) for k, v in report.get("bucket_histogram", {}).items()}
+    if report.get("mapped_by") == "mono":
+        colour = tuple(int(v) for v in MONO_COLOUR)
+        return [(colour, "every tile by the Mono model", sum(histogram.values()))]  # type: ignore[list-item]
+    return [(bucket_colour(int(k)), _bucket_label(k), histogram[k])
+            for k in sorted(histogram, key=int)]
+
+
+def bucket_map_png(bucket_tif: Path, path: Path,
+                   legend: Sequence[tuple[tuple[int, int, int], str, int]],
                    max_px: int = THUMBNAIL_MAX_PX) -> Path:
-    """The per-tile bucket map upscaled with nearest neighbour, with a legend on its right."""
+    """The per-tile bucket map upscaled with nearest neighbour, with ``legend`` (see
+    ``bucket_legend``) on its right."""
     from matplotlib.patches import Patch
     ds = RasterPreview(bucket_tif)
     cols, rows = ds.width, ds.height
@@ -197,17 +205,16 @@ def bucket_map_png(bucket_tif: Path, path: Path, histogram: dict[str, int],
         rgb = np.stack(ds.read([1, 2, 3]), axis=-1)
         rgb = np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
     h, w = rgb.shape[:2]
-    keys = sorted(histogram, key=int)
-    legend_h = (len(keys) + 2) * LEGEND_ROW_PX
+    legend_h = (len(legend) + 2) * LEGEND_ROW_PX
     fig = _figure(w + LEGEND_WIDTH_PX, max(h, legend_h))
     fig.patch.set_facecolor("white")
     # figimage places pixels 1:1 (no resampling); its origin is the figure's lower left.
     fig.figimage(rgb, xo=0, yo=fig.bbox.height - h, origin="upper")
-    handles = [Patch(facecolor=np.array(bucket_colour(int(k))) / 255, edgecolor="black",
-                     label=_bucket_label(k, histogram[k])) for k in keys]
+    handles = [Patch(facecolor=np.array(colour) / 255, edgecolor="black",
+                     label=f"{label} ({tiles} tiles)") for colour, label, tiles in legend]
     if handles:
         fig.legend(handles=handles, loc="upper right", fontsize=8, frameon=False,
-                   title="tiles by bucket", title_fontsize=9)
+                   title="tiles mapped by", title_fontsize=9)
     return _save_png(fig, path)
 
 
@@ -268,7 +275,7 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
         raise OutputError(f"{folder}: cannot create quicklook directory ({exc.strerror})") from None
     looks = Quicklooks()
     bands = _scene_bands(report)
-    histogram = {str(k): int(v) for k, v in report.get("bucket_histogram", {}).items()}
+    legend = bucket_legend(report)
     for scene in report.get("scenes", []):
         if not scene.get("complete"):
             continue
@@ -293,7 +300,7 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
         if buckets is None:
             sl.notes.append("no bucket map among the outputs (output.bucket_map off?)")
         else:
-            sl.buckets_png = bucket_map_png(buckets, folder / f"{stem}_buckets.png", histogram)
+            sl.buckets_png = bucket_map_png(buckets, folder / f"{stem}_buckets.png", legend)
     looks.rank_load_png = rank_load_png(report, folder / "rank_load.png")
     looks.stage_times_png = stage_times_png(report, folder / "stage_times.png")
     return looks
@@ -351,15 +358,21 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
     scenes = report.get("scenes", [])
     done = sum(bool(s.get("complete")) for s in scenes)
     lb = report.get("load_balance", {})
+    inv = report.get("invocation", {})
     rows = [("engine", _esc(report.get("engine", "?"))),
             ("ranks", _esc(report.get("ranks", "?"))),
-            ("wall time", _num(report.get("wall_s", 0), ".2f") + " s"),
             ("scenes complete", f"{done} / {len(scenes)}"),
             ("scenes skipped", _esc(len(report.get("skipped_scenes", [])))),
-            ("tiles", f"{_esc(report.get('tiles', 0))} ({_esc(report.get('tiles_computed', 0))} "
-                      "computed)"),
-            ("megapixels", _num(report.get("megapixels", 0), ".2f") + " Mpx"),
-            ("area", _num(report.get("area_km2", 0), ".3f") + " km2"),
+            ("tiles finished (whole job)",
+             f"{_esc(report.get('tiles', 0))} ({_esc(report.get('tiles_computed', 0))} computed)"),
+            ("megapixels (whole job)", _num(report.get("megapixels", 0), ".2f") + " Mpx"),
+            ("area (whole job)", _num(report.get("area_km2", 0), ".3f") + " km2")]
+    if inv:
+        rows.append(("this invocation",
+                     f"{_esc(inv.get('tiles', 0))} tiles ({_esc(inv.get('tiles_computed', 0))} "
+                     f"computed), {_num(inv.get('area_km2', 0), '.3f')} km2; "
+                     f"{_esc(inv.get('tiles_resumed', 0))} tiles finished by earlier runs"))
+    rows += [("wall time (this invocation)", _num(report.get("wall_s", 0), ".2f") + " s"),
             ("read", _num(report.get("bytes_read", 0) / 1e9, ".3f") + " GB"),
             ("written", _num(report.get("bytes_written", 0) / 1e9, ".3f") + " GB"),
             ("throughput", f"{_num(t.get('tiles_per_s', 0), '.2f')} tiles/s, "
@@ -405,19 +418,17 @@ def _rank_table(report: dict[str, Any]) -> str:
 
 
 def _bucket_table(report: dict[str, Any]) -> str:
-    histogram = {str(k): int(v) for k, v in report.get("bucket_histogram", {}).items()}
-    if not histogram:
+    legend = bucket_legend(report)
+    if not legend:
         return "<p>no tiles were assigned to buckets</p>"
-    most = max(histogram.values()) or 1
-    total = sum(histogram.values()) or 1
+    most = max(n for _, _, n in legend) or 1
+    total = sum(n for _, _, n in legend) or 1
     rows = []
-    for k in sorted(histogram, key=int):
-        n = histogram[k]
-        colour = "#%02x%02x%02x" % bucket_colour(int(k))
-        rows.append((f'<span class="swatch" style="background:{colour}"></span> '
-                     f"{_esc(_bucket_label(k, None))}", _esc(n), f"{100 * n / total:.1f} %",
+    for colour, label, n in legend:
+        rows.append((f'<span class="swatch" style="background:{"#%02x%02x%02x" % colour}">'
+                     f"</span> {_esc(label)}", _esc(n), f"{100 * n / total:.1f} %",
                      f'<span class="bar" style="width:{max(1, round(240 * n / most))}px"></span>'))
-    return _table(["bucket", "tiles", "share", ""], rows, numeric_cols=(1, 2))
+    return _table(["mapped by", "tiles", "share", ""], rows, numeric_cols=(1, 2))
 
 
 def _ood_section(report: dict[str, Any]) -> str:
@@ -481,7 +492,10 @@ def _scene_section(scene: dict[str, Any], looks: Optional[SceneLooks]) -> str:
     parts = [f"<h3>scene {_esc(scene.get('index'))}: {_esc(Path(str(scene.get('path'))).name)}</h3>",
              f"<p>{_esc(scene.get('path'))}<br>{_esc(scene.get('width'))} x "
              f"{_esc(scene.get('height'))} px, {_num(scene.get('area_km2', 0), '.3f')} km2, "
-             f"{_esc(state)}</p>"]
+             f"{_esc(state)}"
+             + (f"; {_esc(scene['tiles_done'])} of {_esc(scene.get('tiles_total'))} tiles "
+                f"finished ({_num(scene.get('area_km2_done', 0), '.3f')} km2)"
+                if "tiles_done" in scene else "") + "</p>"]
     if scene.get("ood_tiles"):
         parts.append(f"<p>{_esc(scene['ood_tiles'])} tile(s) flagged out of distribution "
                      "(white in the bucket map)</p>")

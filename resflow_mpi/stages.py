@@ -51,7 +51,7 @@ class StageModels:
     # Per-bucket Hamming-distance thresholds (n_buckets,); None: no Hamming routing.
     ood_thresholds: Optional[np.ndarray] = None
     # The gallery's embedding reference (scores every tile, see ``ood``; None: older gallery) and
-    # the score above which a tile is routed to Mono (None: no embedding routing).
+    # the score above which a tile is flagged (None: no embedding routing).
     ood_reference: Optional[EmbeddingReference] = None
     ood_score_threshold: Optional[float] = None
     _cache: dict[int, nn.Module] = field(default_factory=dict)

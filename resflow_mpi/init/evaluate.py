@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +26,15 @@ import numpy as np
 
 from ..config import RunConfig, explicit_keys, mark_explicit
 from ..errors import InputError, OutputError, os_error_cause
-from ..galleries import MANIFEST, ModelGallery, resolve_run_config
+from ..galleries import MANIFEST, ImageGallery, ModelGallery, resolve_run_config
 from ..io.labels import TruthReader
 from ..io.manifest import require_labels, scenes_for
 from ..io.maskstore import TileResult
+from ..io.outlock import OutputLock
 from ..io.raster import prepare_scene
-from ..pipeline import Job, Runner, ScenePlan, build_tasks, check_output_dir, finish_store
-from .metrics import baselines, confusion_counts
+from ..pipeline import (Job, Runner, ScenePlan, build_tasks, check_output_dir,
+                        discard_stale_outputs, finish_store)
+from .metrics import baseline_counts, confusion_counts, f1, iou
 
 # Model passes: (column name, bucket_override for pipeline.build_stages).
 PASSES = (("resflow", "buckets"), ("mono", "mono"))
@@ -42,11 +45,7 @@ LABELS = {"all_building": "All-building", "all_background": "All-background", "m
           "mono_wide": "Mono (wide)", "resflow": "RESFlow", "resflow_routed": "RESFlow+routing"}
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
-COUNT_KEYS = ("tp", "fp", "fn", "tn")
-
-
-def _zero() -> dict[str, int]:
-    return {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+SEED_GALLERIES = "seed-galleries"  # under --out: galleries evaluate trains for --seeds
 
 
 class CountingSink:
@@ -103,7 +102,8 @@ class MaskCountingSink:
         self.counter.write_results(results)
 
 
-__all__ = ["CountingSink", "MaskCountingSink", "baselines", "run_evaluate", "write_evaluation", "summarize_region"]
+__all__ = ["CountingSink", "MaskCountingSink", "run_evaluate", "write_evaluation",
+           "summarize_region"]
 
 
 # -- per-tile counts -> tables ------------------------------------------------------------------
@@ -145,28 +145,9 @@ def region_tiles(per_pass: dict[str, list[tuple[Any, ...]]], regions: Sequence[s
         else:
             flagged = np.zeros(len(ks), bool)
         counts["resflow_routed"] = np.where(flagged[:, None], counts["mono"], counts["resflow"])
-        truth = counts["mono"]
-        pos, neg = truth[:, 0] + truth[:, 2], truth[:, 1] + truth[:, 3]
-        zeros = np.zeros_like(pos)
-        counts["all_building"] = np.stack([pos, neg, zeros, zeros], 1)
-        counts["all_background"] = np.stack([zeros, zeros, pos, neg], 1)
+        counts.update(baseline_counts(counts["mono"]))  # the same valid pixels as every column
         out[region] = RegionTiles(ks, counts, flagged, buckets)
     return out
-
-
-def _iou(c: np.ndarray) -> np.ndarray:
-    """IoU over the last axis of summed counts (..., 4); NaN where there is nothing to score."""
-    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
-    den = tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, tp / np.maximum(den, 1), np.nan)
-
-
-def _f1(c: np.ndarray) -> np.ndarray:
-    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
-    den = 2 * tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, 2 * tp / np.maximum(den, 1), np.nan)
 
 
 def bootstrap_indices(n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
@@ -189,14 +170,15 @@ def summarize_region(seed_tiles: Sequence[RegionTiles], samples: int = BOOTSTRAP
     result: dict[str, Any] = {"tiles": n, "columns": {}}
     for col in cols:
         per_seed = np.stack([t.counts[col].sum(0) for t in seed_tiles])        # (S, 4)
-        iou, f1 = _iou(per_seed), _f1(per_seed)
+        iou_s, f1_s = iou(per_seed), f1(per_seed)
         # (S, B, 4) -> (B,) seed-mean IoU of each resample
         resampled = np.stack([t.counts[col][idx].sum(1) for t in seed_tiles])
-        boot[col] = np.nanmean(_iou(resampled), axis=0) if n else np.zeros(0)
+        boot[col] = np.nanmean(iou(resampled), axis=0) if n else np.zeros(0)
         result["columns"][col] = {
-            "iou_per_seed": _clean(iou), "f1_per_seed": _clean(f1),
-            "iou_mean": _nanstat(np.nanmean, iou), "f1_mean": _nanstat(np.nanmean, f1),
-            "iou_sd": _nanstat(lambda a: np.nanstd(a, ddof=1), iou) if len(iou) > 1 else None,
+            "iou_per_seed": _clean(iou_s), "f1_per_seed": _clean(f1_s),
+            "iou_mean": _nanstat(np.nanmean, iou_s), "f1_mean": _nanstat(np.nanmean, f1_s),
+            "iou_sd": (_nanstat(lambda a: np.nanstd(a, ddof=1), iou_s)
+                       if len(iou_s) > 1 else None),
             "iou_ci": _interval(boot[col], lo_q, hi_q)}
     for col in ("resflow", "resflow_routed", "mono_wide"):
         if col in boot:
@@ -245,16 +227,21 @@ def evaluation_scenes(cfg: RunConfig) -> tuple[list[Any], list[Any], list[str]]:
 
 
 def seed_configs(cfg: RunConfig, seeds: int) -> list[RunConfig]:
-    """Seed i trains with training.seed + i into models.gallery (i = 0) or <gallery>-seed<i>."""
+    """Seed i's configuration: training.seed + i, everything else as ``cfg`` (see
+    ``seed_gallery`` for where its gallery is)."""
+    keys = explicit_keys(cfg)
     out = []
     for i in range(seeds):
-        gallery = cfg.models.gallery if i == 0 else f"{cfg.models.gallery.rstrip('/')}-seed{i}"
         scfg = dataclasses.replace(
-            cfg, models=dataclasses.replace(cfg.models, gallery=gallery),
-            training=dataclasses.replace(cfg.training, seed=cfg.training.seed + i))
-        keys = explicit_keys(cfg)
+            cfg, training=dataclasses.replace(cfg.training, seed=cfg.training.seed + i))
         out.append(mark_explicit(scfg, keys) if keys is not None else scfg)
     return out
+
+
+def _with_gallery(cfg: RunConfig, gallery: Path) -> RunConfig:
+    keys = explicit_keys(cfg)
+    out = dataclasses.replace(cfg, models=dataclasses.replace(cfg.models, gallery=str(gallery)))
+    return mark_explicit(out, keys) if keys is not None else out
 
 
 def _gallery_matches(cfg: RunConfig) -> bool:
@@ -266,6 +253,40 @@ def _gallery_matches(cfg: RunConfig) -> bool:
         return False
     return (m.get("training") == cfg.to_dict()["training"] and m.get("arch") == cfg.models.arch
             and m.get("preset") == cfg.models.preset)
+
+
+def seed_gallery(scfg: RunConfig, out_dir: Path) -> tuple[RunConfig, bool]:
+    """Where the gallery of seed ``scfg.training.seed`` is, and whether evaluate must train it.
+
+    models.gallery when it was trained with exactly this training section (seed included); it
+    is only read. Otherwise evaluate's own ``<out>/seed-galleries/seed<S>/``: reused when it
+    matches, else trained afresh there. models.gallery is never written."""
+    if _gallery_matches(scfg):
+        return scfg, False
+    own = out_dir / SEED_GALLERIES / f"seed{scfg.training.seed}"
+    ocfg = _with_gallery(scfg, own)
+    if _gallery_matches(ocfg):
+        return ocfg, False
+    if own.exists():
+        if not (own / MANIFEST).is_file() and any(own.iterdir()):
+            raise OutputError(f"{own}: holds files that are not a gallery evaluate trained; "
+                              "move them away or use another --out")
+        try:
+            shutil.rmtree(own)  # evaluate's own gallery of another training section
+        except OSError as exc:
+            raise OutputError(f"{own}: cannot replace this seed gallery "
+                              f"({os_error_cause(exc)})") from None
+    return ocfg, True
+
+
+def training_scenes_among(gallery_root: str | Path, scenes: Sequence[Any]) -> Optional[list[int]]:
+    """Indices of ``scenes`` the gallery was trained on (its images.h5 lists its training
+    scenes; compared by real path); None when the gallery has no images.h5 to tell."""
+    path = Path(gallery_root) / "images.h5"
+    if not path.is_file():
+        return None
+    trained = {os.path.realpath(s["path"]) for s in ImageGallery(path).scenes if s.get("path")}
+    return [i for i, s in enumerate(scenes) if os.path.realpath(s.path) in trained]
 
 
 def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: list[Any],
@@ -306,6 +327,7 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
     elif all("distance_histogram" in b for b in gallery.buckets):
         thresholds = gallery.ood_thresholds(cfg.inference.ood_quantile)
     m = gallery.manifest
+    trained = training_scenes_among(gallery.root, scenes)
     info = {"gallery": str(gallery.root), "gallery_checksum": gallery.checksum,
             "seed": m.get("training", {}).get("seed"), "k": m.get("summary", {}).get("k"),
             "hash_map": m.get("summary", {}).get("hash_map"),
@@ -315,29 +337,49 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
             "ood_routing": "embedding" if score_threshold is not None else "quantile",
             "ood_score_threshold": score_threshold,
             "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou"),
+            "evaluated_training_scenes": None if trained is None else
+            [{"path": scenes[i].path, "region": regions[i]} for i in trained],
             "masks": mask_files}
     return region_tiles(per_pass, regions, thresholds, score_threshold), info
 
 
 def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
                  seeds: int = 1) -> Optional[dict[str, Any]]:
-    """Evaluate ``seeds`` galleries (training any that is missing, see ``seed_configs``); rank 0
-    writes evaluation.{json,md} and returns the result."""
-    from .workflow import run_init
+    """Evaluate ``seeds`` galleries (training any that is missing, see ``seed_gallery``); rank 0
+    holds ``--out``'s lock throughout and writes evaluation.{json,md}, returning the result."""
     if seeds < 1:
         raise InputError(f"--seeds {seeds}: give at least 1")
     comm = runner.comm
     runner.bind(cfg)
-    out_dir = Path(out or cfg.output.dir)
     scenes, labels, regions = comm.root_call(lambda: evaluation_scenes(cfg))
+    lock = OutputLock(out or cfg.output.dir, " ".join(sys.argv))
+
+    def take() -> Path:
+        path = check_output_dir(str(out or cfg.output.dir))
+        lock.acquire()  # a second evaluate (or run) on this folder is refused here
+        return path
+    out_dir = comm.root_call(take)
+    try:
+        return _evaluate_seeds(cfg, runner, scenes, labels, regions, out_dir, seeds, lock)
+    finally:
+        lock.release()
+
+
+def _evaluate_seeds(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: list[Any],
+                    regions: list[str], out_dir: Path, seeds: int, lock: OutputLock
+                    ) -> Optional[dict[str, Any]]:
+    from .workflow import run_init
+    comm = runner.comm
     per_seed: list[dict[str, RegionTiles]] = []
     infos: list[dict[str, Any]] = []
     for index, scfg in enumerate(seed_configs(cfg, seeds)):
-        if seeds > 1 and not comm.bcast(_gallery_matches(scfg) if comm.is_root else None):
-            if comm.is_root:
-                print(f"[evaluate] training seed {scfg.training.seed} into {scfg.models.gallery}",
-                      file=sys.stderr, flush=True)
-            run_init(scfg, comm)
+        if seeds > 1:
+            scfg, train = comm.root_call(lambda s=scfg: seed_gallery(s, out_dir))
+            if train:
+                if comm.is_root:
+                    print(f"[evaluate] training seed {scfg.training.seed} into "
+                          f"{scfg.models.gallery}", file=sys.stderr, flush=True)
+                run_init(scfg, comm)
         got = evaluate_gallery(scfg, runner, scenes, labels, regions, out_dir,
                                write_masks=index == 0)  # the same on every rank
         if got is not None:
@@ -345,19 +387,42 @@ def run_evaluate(cfg: RunConfig, runner: Runner, out: Optional[str] = None,
             infos.append(got[1])
     if not comm.is_root:
         return None
-    return write_evaluation(out_dir, per_seed, infos, cfg.inference.ood_quantile)
+    lock.check()  # an evaluate that lost its lock must not claim the folder's results
+    trained_regions: dict[str, list[str]] = {}
+    for info in infos:
+        if info["evaluated_training_scenes"] is None:
+            print(f"[evaluate] warning: {info['gallery']} has no images.h5: cannot tell whether "
+                  "an evaluated scene is one of its training scenes", file=sys.stderr, flush=True)
+            continue
+        for hit in info["evaluated_training_scenes"]:
+            paths = trained_regions.setdefault(hit["region"], [])
+            if hit["path"] not in paths:
+                paths.append(hit["path"])
+                print(f"[evaluate] warning: {hit['path']} (region {hit['region']}) is one of the "
+                      f"training scenes of {info['gallery']}: its scores are not held-out "
+                      "(evaluation.md marks the region); list only unseen scenes under predict: "
+                      "for held-out scores", file=sys.stderr, flush=True)
+    return write_evaluation(out_dir, per_seed, infos, cfg.inference.ood_quantile,
+                            trained_regions=trained_regions)
 
 
 def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: CountingSink,
                     variant: str, override: Optional[str]) -> dict[int, list[str]]:
     """Map the tasks into ``counter`` and a mask store of their own under
-    ``<out>/masks/<variant>/``, then export the masks as ``resflow run`` does; rank 0 gets
-    scene -> exported files (the store itself is removed: the GeoTIFFs are what one looks at)."""
+    ``<out>/masks/<variant>/``, then export the masks as ``resflow run`` does (outputs of an
+    earlier evaluate are replaced); rank 0 gets scene -> exported files (the store itself is
+    removed: the GeoTIFFs are what one looks at)."""
     comm = runner.comm
     vdir = job.out_dir / "masks" / variant
     vdir = comm.root_call(lambda: check_output_dir(str(vdir)))
-    vjob = Job(job.cfg, job.plan, job.gallery, vdir, quiet=True)
+    cfg = job.cfg
+    if override == "mono":  # the outputs record (and the bucket map shows) what mapped the tiles
+        cfg = dataclasses.replace(cfg, inference=dataclasses.replace(cfg.inference, model="mono"))
+    vjob = Job(cfg, job.plan, job.gallery, vdir, quiet=True)
     store = runner.open_store(vjob, restart=True)
+    if comm.is_root:
+        assert store is not None
+        discard_stale_outputs(vdir, vjob.scenes, store.store_id)
     runner.map_tiles(vjob, tasks, MaskCountingSink(store, counter), override)
     complete = finish_store(store, comm)
     exported = runner.export(vjob, complete)
@@ -401,6 +466,8 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for region, r in result["regions"].items():
         gaps = r.get("gaps", {})
+        name = region.replace("|", "\\|") + ("" if r.get("held_out", True) else
+                                              " (NOT held out: training scene)")
 
         def gap(name: str) -> str:
             g = gaps.get(name)
@@ -410,7 +477,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
             return f"{g['iou_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") \
                 if g["iou_mean"] is not None else "n/a"
         flagged = np.mean(r["flagged_share_per_seed"]) if r["flagged_share_per_seed"] else 0.0
-        md.append("| " + " | ".join([region, str(r["tiles"]),
+        md.append("| " + " | ".join([name, str(r["tiles"]),
                                      *(_cell(r["columns"][c], seeds) if c in r["columns"] else "n/a"
                                        for c in cols),
                                      gap("resflow-mono"), gap("resflow_routed-mono"),
@@ -420,6 +487,10 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
     md.append(f"IoU ({spread}[{100 * CONFIDENCE:.0f} % bootstrap interval over tiles, "
               f"{BOOTSTRAP_SAMPLES} resamples]) per held-out region, {seeds} seed(s). Gaps are "
               "paired (same resampled tiles). Routing: " + _routing_text(result))
+    for region, r in result["regions"].items():
+        if not r.get("held_out", True):
+            md.append(f"- warning: region {region} is NOT held out: the gallery was trained on "
+                      f"{', '.join(r['training_scenes'])}; its scores are training scores.")
     for info in result["galleries"]:
         md.append(f"- seed {info['seed']}: k = {info['k']}, hash mAP "
                   f"{_fmt(info['hash_map'])}, bucket mode {info['bucket_mode']}, Mono budget "
@@ -430,9 +501,16 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
 
 def write_evaluation(out_dir: Path, per_seed: Sequence[dict[str, RegionTiles]],
                      galleries: Sequence[dict[str, Any]], ood_quantile: float,
-                     samples: int = BOOTSTRAP_SAMPLES) -> dict[str, Any]:
-    """evaluation.json and evaluation.md (atomically) from the per-seed, per-region tiles."""
-    regions = {region: summarize_region([s[region] for s in per_seed], samples)
+                     samples: int = BOOTSTRAP_SAMPLES,
+                     trained_regions: Optional[dict[str, list[str]]] = None) -> dict[str, Any]:
+    """evaluation.json and evaluation.md (atomically) from the per-seed, per-region tiles.
+
+    ``trained_regions``: region -> its scenes a gallery was trained on; such a region is marked
+    ``held_out: false`` (JSON) and "NOT held out" (Markdown)."""
+    trained = trained_regions or {}
+    regions = {region: {**summarize_region([s[region] for s in per_seed], samples),
+                        "held_out": region not in trained,
+                        "training_scenes": list(trained.get(region, []))}
                for region in sorted(per_seed[0])}
     result = {"seeds": len(per_seed), "ood_quantile": ood_quantile,
               "bootstrap": {"samples": samples, "confidence": CONFIDENCE, "unit": "tile"},

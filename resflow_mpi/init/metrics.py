@@ -1,7 +1,9 @@
-"""Evaluation metrics as pure functions: confusion counts, IoU/F1 and trivial baselines.
+"""Evaluation metrics as pure functions: confusion counts, IoU/F1 and the trivial baselines.
 
 Counts are of the building class over valid pixels: a pixel counts when the truth is not ignore
-(255), the prediction is not nodata (255) and the optional ``valid`` mask is True. The
+(255), the prediction is not nodata (255) and the optional ``valid`` mask is True. The one
+definition of IoU and F1 is ``iou``/``f1`` over count arrays (``..., 4`` in ``COUNT_KEYS``
+order); training's validation (``iou_f1``) and ``resflow evaluate`` both call them. The
 baselines come from the same counts, so a user sees what "good" means on their data: predicting
 building everywhere scores IoU = building share; predicting background everywhere scores 0.
 """
@@ -39,21 +41,40 @@ def add_counts(total: dict[str, int], part: Mapping[str, int]) -> dict[str, int]
     return total
 
 
+def iou(counts: np.ndarray) -> np.ndarray:
+    """IoU of the building class over the last axis of counts (..., 4) in COUNT_KEYS order;
+    NaN where undefined (no building in truth and none predicted)."""
+    c = np.asarray(counts)
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    den = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, tp / np.maximum(den, 1), np.nan)
+
+
+def f1(counts: np.ndarray) -> np.ndarray:
+    """F1 (Dice) of the building class over the last axis of counts (..., 4); NaN where undefined."""
+    c = np.asarray(counts)
+    tp, fp, fn = c[..., 0], c[..., 1], c[..., 2]
+    den = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, 2 * tp / np.maximum(den, 1), np.nan)
+
+
 def iou_f1(c: Mapping[str, int]) -> dict[str, Optional[float]]:
-    """IoU and F1 of the building class from confusion counts (None when undefined: no building
-    in truth and none predicted)."""
-    tp, fp, fn = c["tp"], c["fp"], c["fn"]
-    denom = tp + fp + fn
-    return {"iou": tp / denom if denom else None, "f1": 2 * tp / (tp + denom) if denom else None}
+    """IoU and F1 of one set of confusion counts (None when undefined)."""
+    row = np.array([c[k] for k in COUNT_KEYS], np.int64)
+    out: dict[str, Optional[float]] = {}
+    for name, fn in (("iou", iou), ("f1", f1)):
+        v = float(fn(row))
+        out[name] = None if np.isnan(v) else v
+    return out
 
 
-def baseline_counts(c: Mapping[str, int]) -> dict[str, dict[str, int]]:
-    """Counts of the two trivial maps over the same valid pixels: all building, all background."""
-    pos, neg = c["tp"] + c["fn"], c["fp"] + c["tn"]
-    return {"all_building": {"tp": pos, "fp": neg, "fn": 0, "tn": 0},
-            "all_background": {"tp": 0, "fp": 0, "fn": pos, "tn": neg}}
-
-
-def baselines(c: Mapping[str, int]) -> dict[str, dict[str, Optional[float]]]:
-    """IoU/F1 of predicting building everywhere and background everywhere (same valid pixels)."""
-    return {name: iou_f1(bc) for name, bc in baseline_counts(c).items()}
+def baseline_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Counts (..., 4) of the two trivial maps over the same valid pixels as ``counts``:
+    building everywhere ("all_building") and background everywhere ("all_background")."""
+    c = np.asarray(counts)
+    pos, neg = c[..., 0] + c[..., 2], c[..., 1] + c[..., 3]
+    zeros = np.zeros_like(pos)
+    return {"all_building": np.stack([pos, neg, zeros, zeros], -1),
+            "all_background": np.stack([zeros, zeros, pos, neg], -1)}

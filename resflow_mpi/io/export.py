@@ -1,11 +1,15 @@
 """Export masks from the HDF5 store to georeferenced GeoTIFF / COG, streaming by tile rows.
 
 Files appear only complete: each is written under a ``.partial`` name and renamed at the end.
+Every output carries an ``OutputRecord`` in its GeoTIFF metadata: the id of the store it was
+exported from, the store's configuration checksum, the source scene and what mapped the tiles.
+An output whose record differs from the store's belongs to another store and is rewritten.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -19,7 +23,54 @@ BUCKET_COLOURS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130
                            [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
                            [210, 245, 60], [250, 190, 212], [0, 128, 128], [170, 110, 40],
                            [128, 0, 0], [170, 255, 195], [128, 128, 0], [0, 0, 128]], np.uint8)
-OOD_COLOUR = np.array([255, 255, 255], np.uint8)  # bucket -2: out of distribution, mapped by Mono
+OOD_COLOUR = np.array([255, 255, 255], np.uint8)  # bucket -2: flagged out of distribution
+MONO_COLOUR = OOD_COLOUR  # white: a tile mapped by Mono (every computed tile of a Mono run)
+MAPPED_BY = ("buckets", "mono")  # what mapped the tiles: each its bucket's model, or Mono
+
+STORE_ID_KEY = "RESFLOW_STORE_ID"
+CONFIG_KEY = "RESFLOW_CONFIG_CHECKSUM"
+SOURCE_KEY = "RESFLOW_SOURCE"
+MAPPED_BY_KEY = "RESFLOW_MAPPED_BY"
+
+
+@dataclass(frozen=True)
+class OutputRecord:
+    """Which store made an exported output: written into every output's GeoTIFF metadata."""
+
+    store_id: str
+    config_checksum: str
+    source_path: str
+    mapped_by: str  # one of MAPPED_BY
+
+    def metadata(self) -> dict[str, str]:
+        """The record as GeoTIFF metadata items."""
+        return {STORE_ID_KEY: self.store_id, CONFIG_KEY: self.config_checksum,
+                SOURCE_KEY: self.source_path, MAPPED_BY_KEY: self.mapped_by}
+
+    @staticmethod
+    def of_file(path: Path) -> Optional["OutputRecord"]:
+        """The record of an existing output; None when the file is absent, unreadable or has none."""
+        meta = geotiff.read_metadata(path)
+        if meta is None or STORE_ID_KEY not in meta:
+            return None
+        return OutputRecord(meta[STORE_ID_KEY], meta.get(CONFIG_KEY, ""),
+                            meta.get(SOURCE_KEY, ""), meta.get(MAPPED_BY_KEY, ""))
+
+    @staticmethod
+    def of_store(reader: MaskReader, scene: int, mapped_by: str) -> "OutputRecord":
+        """The record every output of ``scene`` exported from ``reader``'s store carries."""
+        if mapped_by not in MAPPED_BY:
+            raise ValueError(f"mapped_by {mapped_by!r}: one of {MAPPED_BY}")
+        if not reader.store_id:
+            raise OutputError(f"{reader.path}: the mask store has no store id (made by an older "
+                              "resflow); rerun with --restart")
+        return OutputRecord(reader.store_id, reader.config_checksum,
+                            reader.scene_meta(scene).source_path, mapped_by)
+
+
+def outputs_current(paths: Sequence[Path], record: OutputRecord) -> bool:
+    """True when every path exists and carries ``record`` (an output of this very store)."""
+    return all(OutputRecord.of_file(p) == record for p in paths)
 
 
 def confined(out_dir: str | Path, name: str) -> Path:
@@ -33,20 +84,24 @@ def confined(out_dir: str | Path, name: str) -> Path:
 
 def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
                  cog_path: Optional[Path] = None, bucket_tif: Optional[Path] = None,
-                 rows_per_block: int = 1024) -> list[Path]:
+                 rows_per_block: int = 1024, mapped_by: str = "buckets") -> list[Path]:
     """Write the scene's mask (and optional COG and colour bucket map); return the paths written.
 
     ``source``: the mask store's path, or an open ``MaskReader`` (one per process for many
-    scenes: opening the store per scene would cost more than a small scene's export)."""
+    scenes: opening the store per scene would cost more than a small scene's export).
+    ``mapped_by``: "mono" when every tile was mapped by the Mono model (the bucket map then
+    shows Mono, not the buckets of the tiles' codes). Every file gets the store's record."""
     if not isinstance(source, MaskReader):
         with MaskReader(source) as reader:
-            return export_scene(reader, scene, out_tif, cog_path, bucket_tif, rows_per_block)
+            return export_scene(reader, scene, out_tif, cog_path, bucket_tif, rows_per_block,
+                                mapped_by)
     store = source
     written: list[Path] = []
     current = out_tif
     ds = band = None
     failure = ""
     meta = store.scene_meta(scene)
+    record = OutputRecord.of_store(store, scene, mapped_by)
     tmp = geotiff.partial_path(out_tif)
     try:
         ds = geotiff.create(tmp, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
@@ -55,7 +110,7 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
         step = max(256, rows_per_block - rows_per_block % 256)
         for r0, block in store.iter_mask_rows(scene, step):
             geotiff.check_write(band.WriteArray(block, 0, r0))
-        ds.SetMetadata({"RESFLOW_SOURCE": meta.source_path,
+        ds.SetMetadata({**record.metadata(),
                         "RESFLOW_VALUES": "0=background,1=building,255=nodata"})
         ds.FlushCache()
         band = ds = None
@@ -65,7 +120,7 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
             written.append(geotiff.translate_cog(out_tif, cog_path))
         if bucket_tif is not None:
             current = bucket_tif
-            _export_buckets(store.bucket_grid(scene), meta, bucket_tif)
+            _export_buckets(store.bucket_grid(scene), meta, bucket_tif, record)
             written.append(bucket_tif)
     except (RuntimeError, OSError) as exc:
         failure = export_failure(current, exc)
@@ -91,24 +146,43 @@ def export_failure(path: Path, exc: BaseException) -> str:
     return write_failure(path, exc, "export failed")
 
 
-def _export_buckets(buckets: np.ndarray, meta: SceneMeta, path: Path) -> None:
-    """A small RGB GeoTIFF with one pixel per tile coloured by bucket (paper's Fig. 7/11 style).
+def bucket_map_rgb(buckets: np.ndarray, mapped_by: str = "buckets") -> np.ndarray:
+    """(3, rows, cols) uint8 colours of a bucket grid: each bucket its colour, out-of-distribution
+    tiles (-2) white, nodata (-1) black; with ``mapped_by`` "mono" every computed tile is white
+    (Mono mapped it, whatever bucket its code fell into)."""
+    rgb = np.zeros((3,) + buckets.shape, np.uint8)
+    if mapped_by == "mono":
+        rgb[:, buckets != -1] = MONO_COLOUR[:, None]
+        return rgb
+    ok = buckets >= 0
+    rgb[:, ok] = BUCKET_COLOURS[buckets[ok] % len(BUCKET_COLOURS)].T
+    rgb[:, buckets == -2] = OOD_COLOUR[:, None]
+    return rgb
+
+
+def bucket_map_legend(mapped_by: str) -> str:
+    """The bucket map's legend as written into its metadata (RESFLOW_BUCKETS)."""
+    if mapped_by == "mono":
+        return "-1=#000000 (nodata),mono=#ffffff (every tile mapped by the Mono model)"
+    return (",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}" for i, c in enumerate(BUCKET_COLOURS))
+            + ",-2=#ffffff (flagged out of distribution)")
+
+
+def _export_buckets(buckets: np.ndarray, meta: SceneMeta, path: Path,
+                    record: OutputRecord) -> None:
+    """A small RGB GeoTIFF with one pixel per tile coloured by what mapped it (paper's Fig. 7/11
+    style): its bucket's model, or Mono.
 
     Pixel (c, r) covers scene pixels from (c * tile_px, r * tile_px): the geotransform is the
     scene's scaled by tile_px in all four terms (rotated scenes included)."""
     rows, cols = buckets.shape
-    rgb = np.zeros((3, rows, cols), np.uint8)
-    ok = buckets >= 0
-    rgb[:, ok] = BUCKET_COLOURS[buckets[ok] % len(BUCKET_COLOURS)].T
-    rgb[:, buckets == -2] = OOD_COLOUR[:, None]
+    rgb = bucket_map_rgb(buckets, record.mapped_by)
     tmp = geotiff.partial_path(path)
     ds = geotiff.create(tmp, cols, rows, 3, np.uint8, meta.crs_wkt,
                         scaled_geotransform(meta.geotransform, meta.tile_px, meta.tile_px),
                         ["COMPRESS=DEFLATE"])
     geotiff.check_write(ds.WriteArray(rgb))
-    ds.SetMetadata({"RESFLOW_BUCKETS": ",".join(f"{i}={'#%02x%02x%02x' % tuple(c)}"
-                                                for i, c in enumerate(BUCKET_COLOURS))
-                    + ",-2=#ffffff (out of distribution: Mono)"})
+    ds.SetMetadata({**record.metadata(), "RESFLOW_BUCKETS": bucket_map_legend(record.mapped_by)})
     ds.FlushCache()
     ds = None
     geotiff.commit(tmp, path)

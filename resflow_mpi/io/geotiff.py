@@ -89,6 +89,24 @@ def create(path: Path, width: int, height: int, bands: int, dtype: Any, crs: Crs
     return ds
 
 
+def read_metadata(path: Path) -> Optional[dict[str, str]]:
+    """The default-domain metadata of an existing raster; None when absent or not readable
+    by GDAL (a half-copied file, another format)."""
+    ensure_configured()
+    if not Path(path).is_file():
+        return None
+    try:
+        with quietly():
+            ds = gdal.Open(str(path))
+        if ds is None:
+            return None
+        meta = ds.GetMetadata() or {}
+        ds = None
+        return dict(meta)
+    except RuntimeError:
+        return None
+
+
 def check_write(err: int) -> None:
     """Raise GDAL's message when a write returned an error code (exceptions off)."""
     if err != 0:

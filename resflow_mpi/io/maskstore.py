@@ -20,6 +20,10 @@ nodata ones included, is written once), and are not compressed (filters would fo
 I/O everywhere). The mask is written before its tile's ``done`` flag, so after a crash ``done``
 never claims a tile whose pixels are missing. Scenes are flagged ``complete`` by one process after
 every writer has closed the file.
+
+Each store gets a random ``store_id`` when it is laid out: outputs exported from it carry that id
+(``io/export.py``), so an output of an earlier store (before ``--restart``) is never taken for
+one of this store.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import datetime
 import hashlib
 import json
 import os
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +114,7 @@ class MaskStore:
                               "leftover of another run, rerun with --restart") from None
         if exists and not restart:
             self._check(config_checksum, gallery_checksum)
+        self.store_id = str(self.file.attrs.get("store_id", ""))
         self._open: OrderedDict[int, dict[str, h5py.Dataset]] = OrderedDict()
         self._offsets = tile_offsets(self.scenes, tile_px)
         self._records = {name: self.file[f"tiles/{name}"] for name in RECORDS}
@@ -162,7 +168,8 @@ class MaskStore:
             raise OutputError(failure)
 
     def _create(self, f: h5py.File, config_checksum: str, gallery_checksum: str) -> None:
-        f.attrs.update({"format_version": FORMAT_VERSION, "config_checksum": config_checksum,
+        f.attrs.update({"format_version": FORMAT_VERSION, "store_id": uuid.uuid4().hex,
+                        "config_checksum": config_checksum,
                         "gallery_checksum": gallery_checksum, "tile_px": self.tile_px,
                         "halo_px": self.halo_px, "n_scenes": len(self.scenes),
                         "driver": "mpio" if self.comm is not None else f.driver,
@@ -487,6 +494,18 @@ class MaskReader:
     def n_scenes(self) -> int:
         assert self.file is not None, "MaskReader is closed"
         return int(self.file.attrs["n_scenes"])
+
+    @property
+    def store_id(self) -> str:
+        """The store's random id, made when it was laid out ("" for stores older than ids)."""
+        assert self.file is not None, "MaskReader is closed"
+        return str(self.file.attrs.get("store_id", ""))
+
+    @property
+    def config_checksum(self) -> str:
+        """Checksum of the configuration the store's masks were made with."""
+        assert self.file is not None, "MaskReader is closed"
+        return str(self.file.attrs.get("config_checksum", ""))
 
     def bucket_grid(self, scene: int) -> np.ndarray:
         """(grid_rows, grid_cols) int64 bucket of every tile (-1: nodata / not computed)."""

@@ -6,6 +6,7 @@ chose for them."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,18 +134,23 @@ def test_evaluate_routes_unseen_regime_to_mono(eval_archive: Path, tiny_gallery:
 
 
 def test_evaluate_over_two_seeds_trains_each_gallery_and_reports_the_spread(
-        eval_archive: Path, tmp_path: Path) -> None:
-    """`--seeds 2` trains the missing galleries (<gallery>, <gallery>-seed1) under mpirun, then
-    reports every column per seed with its mean and spread; a rerun reuses both galleries."""
+        eval_archive: Path, tiny_gallery: Path, tmp_path: Path) -> None:
+    """`--seeds 2` where models.gallery was trained with another training section: both seeds
+    are trained under mpirun into <out>/seed-galleries/ (models.gallery is left byte for byte
+    as it was), then every column is reported per seed with its mean and spread; a rerun reuses
+    both galleries."""
     out = tmp_path / "eval"
     gallery = tmp_path / "gallery"
+    shutil.copytree(tiny_gallery, gallery)
+    before = {p.name: p.read_bytes() for p in gallery.iterdir() if p.is_file()}
     cfg = write_config(tmp_path / "ev.yaml", scenes={"inputs": [str(eval_archive)], "split": "test"},
                        models={"gallery": str(gallery)}, output={"dir": str(out)},
                        training={"cem_epochs": 2, "hash_epochs": 4, "seg_epochs": 2})
     first = resflow(["evaluate", str(cfg), "--seeds", "2"], ranks=2, timeout=600)
     assert first.stderr.count("[evaluate] training seed") == 2, first.stderr
-    manifests = [json.loads((g / "manifest.json").read_text())
-                 for g in (gallery, tmp_path / "gallery-seed1")]
+    assert {p.name: p.read_bytes() for p in gallery.iterdir() if p.is_file()} == before
+    seeds = [out / "seed-galleries" / f"seed{i}" for i in (0, 1)]
+    manifests = [json.loads((g / "manifest.json").read_text()) for g in seeds]
     assert [m["training"]["seed"] for m in manifests] == [0, 1]
     result = json.loads((out / "evaluation.json").read_text())
     assert result["seeds"] == 2

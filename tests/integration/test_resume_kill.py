@@ -43,7 +43,10 @@ def test_kill_one_rank_then_resume(tmp_path: Path, run_config) -> None:
     resflow(["run", str(cfg), "--quiet"], ranks=2)  # same command: resumes
     report = json.loads((out / "run_report.json").read_text())
     assert all(s["complete"] for s in report["scenes"])
-    assert report["tiles"] == total - done < total  # only unfinished tiles recomputed
+    assert report["invocation"]["tiles"] == total - done < total  # only unfinished tiles
+    assert report["tiles"] == total  # the report describes the whole job, resumed tiles included
+    assert report["area_km2"] == pytest.approx(report_full["area_km2"], rel=1e-12)
+    assert report["bucket_histogram"] == report_full["bucket_histogram"]
     for (m, b), (m_ref, b_ref) in zip(masks(out), masks(tmp_path / "full")):
         assert np.array_equal(m, m_ref) and np.array_equal(b, b_ref)
 
@@ -68,7 +71,8 @@ def test_rerun_with_other_config_refused_unless_restart(tmp_path: Path, run_conf
     resflow(["run", str(other), "--quiet", "--restart"], ranks=2)
     rerun = resflow(["run", str(other), "--quiet"], ranks=2)  # complete: nothing recomputed
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
-    assert report["tiles"] == 0 and all(s["complete"] for s in report["scenes"])
+    assert report["invocation"]["tiles"] == 0 and all(s["complete"] for s in report["scenes"])
+    assert report["tiles"] == sum(s["tiles_total"] for s in report["scenes"])  # the whole job
     assert rerun.returncode == 0
 
 
@@ -104,4 +108,5 @@ def test_sigint_to_mpirun_ends_with_a_line_and_the_rerun_resumes(tmp_path: Path,
     report = json.loads((out / "run_report.json").read_text())
     assert all(s["complete"] for s in report["scenes"])
     total = sum(-(-s["width"] // 32) * -(-s["height"] // 32) for s in report["scenes"])
-    assert report["tiles"] < total  # the rerun computed only what the interrupted run had not
+    assert report["invocation"]["tiles"] < total  # the rerun computed only what was left
+    assert report["tiles"] == total

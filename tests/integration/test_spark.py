@@ -110,7 +110,8 @@ def test_spark_resumes_a_partial_output(both_engines: dict, tmp_path: Path) -> N
     resflow(["run", str(both_engines["config"]), "--engine", "spark", "--quiet",
              "--set", f"output.dir={out}"])
     report = json.loads((out / "run_report.json").read_text())
-    assert report["tiles"] == missing and all(s["complete"] for s in report["scenes"])
+    assert report["invocation"]["tiles"] == missing and all(s["complete"] for s in report["scenes"])
+    assert report["tiles"] == sum(s["tiles_total"] for s in report["scenes"])  # the whole job
     mpi, resumed = read_scenes(both_engines["mpi"] / "masks.h5"), read_scenes(out / "masks.h5")
     for i, ref in mpi.items():
         assert np.array_equal(resumed[i]["mask"], ref["mask"]), f"mask of scene {i} differs"

@@ -10,7 +10,7 @@ import pytest
 from resflow_mpi.config import config_from_dict
 from resflow_mpi.errors import InputError
 from resflow_mpi.init.data import crop_warnings, open_scenes, sample_tiles
-from resflow_mpi.init.metrics import baselines, confusion_counts, iou_f1
+from resflow_mpi.init.metrics import baseline_counts, confusion_counts, iou, iou_f1
 from resflow_mpi.io.labels import LabelSpec
 from tests.unit.test_labels import geotransform, make_raster, make_scene
 
@@ -95,9 +95,9 @@ def test_metrics_counts_and_baselines() -> None:
     valid = np.ones_like(truth, bool)
     valid[0, 0] = False
     assert confusion_counts(pred, truth, valid) == {"tp": 1, "fp": 1, "fn": 1, "tn": 2}
-    b = baselines(c)
-    assert b["all_building"] == {"iou": 0.5, "f1": 2 / 3}  # 3 building of 6 valid pixels
-    assert b["all_background"] == {"iou": 0.0, "f1": 0.0}
+    b = baseline_counts(np.array([c[k] for k in ("tp", "fp", "fn", "tn")]))
+    assert b["all_building"].tolist() == [3, 3, 0, 0]  # 3 building of 6 valid pixels
+    assert float(iou(b["all_building"])) == 0.5 and float(iou(b["all_background"])) == 0.0
     assert iou_f1({"tp": 0, "fp": 0, "fn": 0, "tn": 5}) == {"iou": None, "f1": None}
     with pytest.raises(ValueError, match="differ in shape"):
         confusion_counts(pred, truth[:1])

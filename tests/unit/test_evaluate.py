@@ -180,3 +180,17 @@ def test_mono_gets_the_total_budget_and_small_buckets_fall_back_to_mono() -> Non
     assert pj["mono"].steps == 3 * 40 and pj["mono-wide"].preset == "small"
     one = plan_training(_cfg(mono_budget="bucket"), train_buckets, codes)
     assert {j.name: j.steps for j in one.jobs}["mono"] == 20
+
+
+def test_training_scenes_are_found_by_real_path(tmp_path: Path, unit_fixtures: dict[str, Path]) -> None:
+    """The unit gallery's images.h5 lists scene.tif as its training scene: reached through a
+    symlinked folder it is still found; another scene is not; no images.h5 is None."""
+    from resflow_mpi.init.evaluate import training_scenes_among
+    cfg = config_from_dict({}, "<test>")
+    linked = tmp_path / "linked"
+    linked.symlink_to(unit_fixtures["scene"].parent)
+    other = tmp_path / "other.tif"
+    other.write_bytes(unit_fixtures["scene"].read_bytes())
+    scenes = [prepare_scene(str(p), cfg) for p in (other, linked / unit_fixtures["scene"].name)]
+    assert training_scenes_among(unit_fixtures["gallery"], scenes) == [1]
+    assert training_scenes_among(tmp_path, scenes) is None
