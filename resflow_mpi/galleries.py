@@ -185,6 +185,14 @@ class ModelGallery:
                 "flagged_tiles": m.get("flagged_tiles"), "validation": m["validation"],
                 "k": len(m.get("buckets", [])), "hash_warning": m.get("hash_warning")}
 
+    def flagged_model(self) -> str:
+        """The name of the model of flagged tiles: "mono", "mono-wide" or "bucket <index>"."""
+        choice = self.manifest.get("flagged_tiles") or {"model": "mono"}
+        if choice.get("model") == "bucket":
+            return f"bucket {int(choice['bucket'])}"
+        return "mono-wide" if choice.get("model") == "mono-wide" and \
+            self.manifest.get("mono_wide") else "mono"
+
     def flagged_entry(self) -> dict[str, Any]:
         """The model that maps tiles routing flags: the one init found better than Mono on the
         held-out tiles most unlike the training scenes (``flagged_tiles``), else Mono."""
@@ -202,7 +210,7 @@ class ModelGallery:
         """The networks the stages need; segmenters load lazily on first use of a bucket.
 
         ``bucket_override='mono'`` (or ``'mono-wide'``) routes every bucket to the Mono model
-        (for comparisons). ``ood_quantile`` given: tiles beyond their threshold get bucket
+        (for comparisons), ``'flagged'`` to the model of flagged tiles (``flagged_entry``). ``ood_quantile`` given: tiles beyond their threshold get bucket
         OOD_BUCKET (flagged) and the model of ``flagged_entry``; ``ood_method`` "quantile" thresholds each bucket's
         Hamming distances (``ood_thresholds``), "embedding" the embedding score
         (``embedding_threshold``, for runs of ``window_px`` windows). Tiles are scored by the
@@ -229,7 +237,7 @@ class ModelGallery:
                 entry = self.manifest["mono_wide"]
             elif bucket_override == "mono":
                 entry = self.manifest["mono"]
-            elif bucket == OOD_BUCKET:
+            elif bucket_override == "flagged" or bucket == OOD_BUCKET:
                 entry = self.flagged_entry()
             else:
                 entry = self.buckets[bucket]

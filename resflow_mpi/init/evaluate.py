@@ -39,6 +39,8 @@ from .metrics import baseline_counts, confusion_counts, f1, iou
 # Model passes: (column name, bucket_override for pipeline.build_stages).
 PASSES = (("resflow", "buckets"), ("mono", "mono"))
 WIDE_PASS = ("mono_wide", "mono-wide")
+# Every tile by the model of flagged tiles, when init chose one other than Mono.
+FLAGGED_PASS = ("flagged", "flagged")
 # Columns of every table, in order (baselines first).
 COLUMNS = ("all_building", "all_background", "mono", "mono_wide", "resflow", "resflow_routed")
 LABELS = {"all_building": "All-building", "all_background": "All-background", "mono": "Mono",
@@ -110,7 +112,7 @@ __all__ = ["CountingSink", "MaskCountingSink", "run_evaluate", "write_evaluation
 @dataclass
 class RegionTiles:
     """One region's tiles (same order in every column): confusion counts (n, 4) per column, the
-    tile keys and whether each tile was routed to Mono."""
+    tile keys and whether each tile was flagged out of distribution."""
 
     keys: list[tuple[int, int]]
     counts: dict[str, np.ndarray]
@@ -125,7 +127,9 @@ def region_tiles(per_pass: dict[str, list[tuple[Any, ...]]], regions: Sequence[s
 
     Routing flags a computed tile whose embedding score exceeds ``score_threshold`` (when
     given: ``ood_routing: embedding``), else whose Hamming distance exceeds its bucket's entry of
-    ``thresholds``; neither given: no tile is flagged."""
+    ``thresholds``; neither given: no tile is flagged. A flagged tile takes the counts of the
+    model of flagged tiles (the "flagged" pass where the gallery has one other than Mono), as
+    ``resflow run`` maps it."""
     rows = {name: {(t[0], t[1]): t for t in tiles} for name, tiles in per_pass.items()}
     keys = sorted(rows["resflow"])
     by_region: dict[str, list[tuple[int, int]]] = {}
@@ -144,7 +148,8 @@ def region_tiles(per_pass: dict[str, list[tuple[Any, ...]]], regions: Sequence[s
             flagged = (buckets >= 0) & (dist > thresholds[np.clip(buckets, 0, None)])
         else:
             flagged = np.zeros(len(ks), bool)
-        counts["resflow_routed"] = np.where(flagged[:, None], counts["mono"], counts["resflow"])
+        counts["resflow_routed"] = np.where(flagged[:, None], counts.get("flagged", counts["mono"]),
+                                            counts["resflow"])
         counts.update(baseline_counts(counts["mono"]))  # the same valid pixels as every column
         out[region] = RegionTiles(ks, counts, flagged, buckets)
     return out
@@ -305,7 +310,8 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
     gallery = ModelGallery(cfg.models.gallery)
     job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), gallery, out_dir, quiet=True)
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []
-    passes = list(PASSES) + ([WIDE_PASS] if gallery.manifest.get("mono_wide") else [])
+    passes = (list(PASSES) + ([WIDE_PASS] if gallery.manifest.get("mono_wide") else [])
+              + ([FLAGGED_PASS] if gallery.flagged_model() != "mono" else []))
     per_pass: dict[str, list[tuple[int, ...]]] = {}
     mask_files: dict[str, list[str]] = {}
     for name, override in passes:
@@ -337,6 +343,7 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
             "ood_routing": "embedding" if score_threshold is not None else "quantile",
             "ood_score_threshold": score_threshold,
             "mono_val_iou": m.get("mono", {}).get("val_metrics", {}).get("iou"),
+            "flagged_model": gallery.flagged_model(),
             "evaluated_training_scenes": None if trained is None else
             [{"path": scenes[i].path, "region": regions[i]} for i in trained],
             "masks": mask_files}
@@ -437,12 +444,14 @@ def _map_with_masks(runner: Runner, job: Job, tasks: Sequence[Any], counter: Cou
 def _routing_text(result: dict[str, Any]) -> str:
     """How the routing column flagged tiles (the galleries' method and quantile)."""
     q = result["ood_quantile"]
+    models = sorted({str(i.get("flagged_model", "mono")) for i in result["galleries"]})
+    mapped = f" Flagged tiles are mapped by: {', '.join(models)} (chosen by init on its held-out scenes)."
     if any(i.get("ood_routing") == "embedding" for i in result["galleries"]):
-        return (f"embedding scores, ood_quantile {q}; 'routed to Mono' is the share of tiles "
-                "whose embedding is farther from the training windows than that quantile of "
-                "held-out training scenes' windows.")
-    return (f"Hamming distances, ood_quantile {q}; 'routed to Mono' is the share of tiles beyond "
-            "their bucket's threshold.")
+        return (f"embedding scores, ood_quantile {q}; 'flagged' is the share of tiles "
+                "whose embedding is farther from the trained scenes' windows than that quantile "
+                "of the held-out scenes' windows." + mapped)
+    return (f"Hamming distances, ood_quantile {q}; 'flagged' is the share of tiles beyond "
+            "their bucket's threshold." + mapped)
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -462,7 +471,7 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
     seeds = result["seeds"]
     cols = [c for c in COLUMNS if any(c in r["columns"] for r in result["regions"].values())]
     head = ["Region", "tiles", *(LABELS[c] + " IoU" for c in cols), "RESFlow − Mono",
-            "RESFlow+routing − Mono", "routed to Mono"]
+            "RESFlow+routing − Mono", "flagged"]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for region, r in result["regions"].items():
         gaps = r.get("gaps", {})

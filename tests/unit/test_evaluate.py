@@ -164,22 +164,41 @@ def _cfg(**training: object) -> RunConfig:
 def test_mono_gets_the_total_budget_and_small_buckets_fall_back_to_mono() -> None:
     train_buckets = np.array([0] * 40 + [1] * 40 + [2] * 3 + [3] * 17)     # 100 tiles, 10 steps/epoch
     codes = ["00", "01", "10", "11"]
-    plan = plan_training(_cfg(min_bucket_tiles=8), train_buckets, codes)
-    assert plan.too_small == [2]
+    plan = plan_training(_cfg(min_bucket_tiles=8), [(4, train_buckets, codes)])
+    assert plan.too_small == {4: [2]}
     jobs = {j.name: j for j in plan.jobs}
     assert set(jobs) == {"bucket-00", "bucket-01", "bucket-11", "mono"}
+    assert jobs["bucket-00"].key == "k4-bucket-00" and jobs["mono"].key == "mono"
     assert plan.base_steps == 20 and jobs["bucket-00"].steps == 20 and jobs["bucket-00"].from_base
     # Mono: base + 3 x 20 steps = the base plus every bucket model's own steps.
     assert jobs["mono"].steps == 3 * 20
     # Balanced over two ranks: Mono alone, the three buckets on the other rank.
     assert [j.name for j in plan.jobs_of(0, 2)] == ["mono"]
     assert len(plan.jobs_of(1, 2)) == 3
-    paper = plan_training(_cfg(bucket_mode="paper", mono_wide_preset="small"), train_buckets, codes)
+    paper = plan_training(_cfg(bucket_mode="paper", mono_wide_preset="small"),
+                          [(4, train_buckets, codes)])
     pj = {j.name: j for j in paper.jobs}
     assert paper.base_steps == 0 and not pj["bucket-00"].from_base and pj["bucket-00"].steps == 40
     assert pj["mono"].steps == 3 * 40 and pj["mono-wide"].preset == "small"
-    one = plan_training(_cfg(mono_budget="bucket"), train_buckets, codes)
+    one = plan_training(_cfg(mono_budget="bucket"), [(4, train_buckets, codes)])
     assert {j.name: j.steps for j in one.jobs}["mono"] == 20
+    # Two candidate bucket counts: every candidate's bucket models, Mono with the larger budget.
+    two = plan_training(_cfg(min_bucket_tiles=8),
+                        [(4, train_buckets, codes), (2, (train_buckets > 1).astype(int), ["0", "1"])])
+    keys = {j.key for j in two.jobs}
+    assert keys == {"k4-bucket-00", "k4-bucket-01", "k4-bucket-11", "k2-bucket-0", "k2-bucket-1",
+                    "mono"}
+    assert {j.key: j.steps for j in two.jobs}["mono"] == 3 * 20
+
+
+def test_flagged_tiles_take_the_flagged_models_counts(tmp_path: Path) -> None:
+    per_pass = {
+        "resflow": [_record(0, 0, 0, 1, (10, 5, 5, 80)), _record(0, 1, 1, 9, (0, 10, 10, 80))],
+        "mono": [_record(0, 0, 0, 0, (8, 2, 7, 83)), _record(0, 1, 0, 0, (6, 1, 4, 89))],
+        "flagged": [_record(0, 0, 0, 0, (9, 1, 1, 89)), _record(0, 1, 0, 0, (7, 0, 3, 90))],
+    }
+    r = region_tiles(per_pass, ["R"], thresholds=np.array([3, 3]))["R"]
+    assert r.counts["resflow_routed"].tolist() == [[10, 5, 5, 80], [7, 0, 3, 90]]
 
 
 def test_training_scenes_are_found_by_real_path(tmp_path: Path, unit_fixtures: dict[str, Path]) -> None:
