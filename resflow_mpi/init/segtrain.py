@@ -93,6 +93,19 @@ def scale_jitter(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
             F.pad(ys, (a, b, a, b), value=255.0))
 
 
+# Acquisition shifts of the held-out check: a little beyond the training augmentation, so a model
+# that memorised its scenes' radiometry shows it.
+ACQUISITION_SHIFT = {"gain": 0.2, "offset": 0.08, "contrast": 0.25, "gamma": 0.25, "noise": 0.02}
+
+
+def acquisition_shifts(x: np.ndarray, copies: int, seed: int) -> np.ndarray:
+    """``copies`` radiometrically shifted copies of ``x`` (seeded: the same on every rank),
+    concatenated: (copies * n, C, S, S)."""
+    rng = np.random.default_rng([seed, 11])
+    return np.concatenate([photometric_jitter(torch.from_numpy(x), rng, **ACQUISITION_SHIFT)
+                           .numpy() for _ in range(copies)]) if len(x) else x[:0]
+
+
 def augment_batch(xb: torch.Tensor, yb: torch.Tensor, rng: np.random.Generator,
                   recipe: TrainingRecipe) -> tuple[torch.Tensor, torch.Tensor]:
     """The recipe's augmentation of one batch (labels 0/1/255 as float, shape (n, 1, S, S))."""

@@ -102,35 +102,59 @@ class BucketVerdict:
     gain: Gain            # bucket model - Mono on the bucket's held-out tiles
     kept: bool
     reason: str
+    shifted: Optional[Gain] = None   # the same under acquisition shift
+    confidence: float = CONFIDENCE
 
     def record(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "train_tiles": self.train_tiles,
                 "held_out_tiles": self.held_out_tiles, "bucket_iou": self.gain.iou_a,
                 "mono_iou": self.gain.iou_b, "gain": self.gain.gain,
-                "gain_ci": [self.gain.low, self.gain.high], "kept": self.kept,
+                "gain_ci": [self.gain.low, self.gain.high],
+                "shifted_gain": None if self.shifted is None else self.shifted.gain,
+                "shifted_gain_ci": None if self.shifted is None else
+                [self.shifted.low, self.shifted.high],
+                "confidence": round(self.confidence, 5), "kept": self.kept,
                 "reason": self.reason}
 
 
+def family_confidence(tests: int, confidence: float = CONFIDENCE) -> float:
+    """Per-test confidence so that ``tests`` intervals hold together with ``confidence``
+    (Bonferroni): with several buckets tested, one of them clearing its bound by chance is
+    likely at 95 % each."""
+    return 1 - (1 - confidence) / max(1, tests)
+
+
 def judge_bucket(bucket: int, train_tiles: int, own: Optional[np.ndarray], mono: np.ndarray,
-                 min_gain: float, seed: int = 0,
-                 groups: Optional[np.ndarray] = None) -> BucketVerdict:
+                 min_gain: float, seed: int = 0, groups: Optional[np.ndarray] = None,
+                 shifted: Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = None,
+                 confidence: float = CONFIDENCE) -> BucketVerdict:
     """Keep the bucket's model only where the lower bound of its paired gain over Mono on the
-    bucket's held-out tiles is above ``min_gain`` (``own`` None: it has no model; ``groups``:
-    the tiles' scenes, see ``resample_indices``)."""
+    bucket's held-out tiles is above ``min_gain``, and, with ``shifted`` (own, Mono counts and
+    groups on the same tiles under acquisition shifts), there too (``own`` None: it has no
+    model; ``groups``: the tiles' scenes, see ``resample_indices``; ``confidence``: of each
+    interval, see ``family_confidence``)."""
     n = len(mono)
     if own is None:
         return BucketVerdict(bucket, train_tiles, n, paired_gain(mono, mono), False,
-                             "no model of its own (too few training tiles)")
-    g = paired_gain(own, mono, seed=seed, groups=groups)
+                             "no model of its own (too few training tiles)", None, confidence)
+    g = paired_gain(own, mono, seed=seed, groups=groups, confidence=confidence)
+    gs = (paired_gain(shifted[0], shifted[1], seed=seed, groups=shifted[2],
+                      confidence=confidence) if shifted is not None and n else None)
+
+    def verdict(kept: bool, reason: str) -> BucketVerdict:
+        return BucketVerdict(bucket, train_tiles, n, g, kept, reason, gs, confidence)
     if n < MIN_EVIDENCE_TILES or g.low is None:
-        return BucketVerdict(bucket, train_tiles, n, g, False,
-                             f"{n} held-out tile(s): too few to show a gain, maps with Mono")
-    if g.low > min_gain:
-        return BucketVerdict(bucket, train_tiles, n, g, True,
-                             f"beats Mono: gain lower bound {g.low:+.3f} > {min_gain:+.3f}")
-    return BucketVerdict(bucket, train_tiles, n, g, False,
-                         f"not shown better than Mono (gain lower bound {g.low:+.3f} <= "
-                         f"{min_gain:+.3f}): maps with Mono")
+        return verdict(False, f"{n} held-out tile(s): too few to show a gain, maps with Mono")
+    if g.low <= min_gain:
+        return verdict(False, f"not shown better than Mono (gain lower bound {g.low:+.3f} <= "
+                              f"{min_gain:+.3f}): maps with Mono")
+    if gs is not None and (gs.low is None or gs.low <= min_gain):
+        low = "n/a" if gs.low is None else f"{gs.low:+.3f}"
+        return verdict(False, f"better than Mono as acquired, not under acquisition shift (gain "
+                              f"lower bound {low} <= {min_gain:+.3f}): maps with Mono")
+    return verdict(True, f"beats Mono: gain lower bound {g.low:+.3f}"
+                         + (f" ({gs.low:+.3f} under shift)" if gs is not None else "")
+                         + f" > {min_gain:+.3f}")
 
 
 def gallery_counts(buckets: np.ndarray, kept: dict[int, np.ndarray], mono: np.ndarray) -> np.ndarray:
@@ -146,14 +170,17 @@ def gallery_counts(buckets: np.ndarray, kept: dict[int, np.ndarray], mono: np.nd
 def verdict_table(verdicts: Sequence[BucketVerdict], codes: Sequence[str],
                   hash_map: Sequence[Optional[float]]) -> list[str]:
     """The per-bucket acceptance table, one line per bucket (init's log, report.html)."""
-    lines = ["bucket  code      train  held-out  hash mAP  bucket IoU  Mono IoU  gain [95 %]"
-             "                 verdict"]
+    conf = verdicts[0].confidence if verdicts else CONFIDENCE
+    lines = ["bucket  code      train  held-out  hash mAP  bucket IoU  Mono IoU  "
+             + f"gain [{100 * conf:.4g} %]".ljust(26) + "gain under shift".ljust(26) + "verdict"]
     for v, code, m in zip(verdicts, codes, hash_map):
         def f(x: Optional[float]) -> str:
             return "   n/a" if x is None else f"{x:6.3f}"
         lines.append(f"{v.bucket:>6}  {code[:8]:<8}  {v.train_tiles:>5}  {v.held_out_tiles:>8}  "
                      f"{f(m):>8}  {f(v.gain.iou_a):>10}  {f(v.gain.iou_b):>8}  "
-                     f"{v.gain.text():<24}  {'kept' if v.kept else 'Mono'}")
+                     f"{v.gain.text():<24}  "
+                     f"{(v.shifted.text() if v.shifted is not None else 'n/a'):<24}  "
+                     f"{'kept' if v.kept else 'Mono'}")
     return lines
 
 
@@ -172,10 +199,12 @@ def flagged_proxy(scores: np.ndarray, share: float = FLAGGED_PROXY_SHARE) -> np.
 def choose_flagged_model(candidates: dict[str, np.ndarray], seed: int = 0,
                          groups: Optional[np.ndarray] = None) -> tuple[str, dict[str, Any]]:
     """The model for flagged tiles: Mono unless another candidate beats it on the flagged
-    stand-in tiles with a paired-bootstrap lower bound above 0 (then the best such one).
+    stand-in tiles with a paired-bootstrap lower bound above 0 (family-wise over the candidates;
+    then the best such one).
     ``candidates``: name -> per-tile counts on those tiles; must hold "mono"."""
     mono = candidates["mono"]
-    table = {name: paired_gain(c, mono, seed=seed, groups=groups)
+    conf = family_confidence(len(candidates) - 1)
+    table = {name: paired_gain(c, mono, seed=seed, groups=groups, confidence=conf)
              for name, c in candidates.items() if name != "mono"}
     better = {n: g for n, g in table.items() if g.low is not None and g.low > 0}
     choice = max(better, key=lambda n: better[n].gain or 0.0) if better else "mono"

@@ -49,9 +49,10 @@ from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
 from .holdout import HoldoutPlan, plan_holdout, scene_descriptors, stratum_of
 from .metrics import COUNT_KEYS, add_counts, iou_f1
 from .oodfit import fit_embedding_reference
-from .segtrain import TrainingRecipe, tile_counts, train_selected
-from .selection import (BucketVerdict, Gain, choose_flagged_model, flagged_proxy, gallery_counts,
-                        judge_bucket, paired_gain, summed_iou, verdict_table)
+from .segtrain import TrainingRecipe, acquisition_shifts, tile_counts, train_selected
+from .selection import (BucketVerdict, Gain, choose_flagged_model, family_confidence,
+                        flagged_proxy, gallery_counts, judge_bucket, paired_gain, summed_iou,
+                        verdict_table)
 
 
 def _log(msg: str) -> None:
@@ -142,6 +143,7 @@ class TrainJob:
 
 MONO_INDEX = 10_000
 HASH_MAP_WARN = 0.8
+SHIFT_COPIES = 2   # shifted copies of each held-out crop in the acceptance check
 
 
 @dataclass
@@ -288,19 +290,28 @@ class CandidateVerdict:
 
 
 def judge_candidate(cand: Candidate, is_val: np.ndarray, counts: dict[str, np.ndarray],
-                    min_gain: float, seed: int, scene_of: np.ndarray) -> CandidateVerdict:
-    """Each bucket of ``cand`` against Mono on its held-out tiles (``counts``: job key ->
-    per-tile counts on every held-out crop; ``scene_of``: their scenes, resampled first), then
-    the gallery that keeps the winners."""
+                    shifted: dict[str, np.ndarray], min_gain: float, seed: int,
+                    scene_of: np.ndarray) -> CandidateVerdict:
+    """Each bucket of ``cand`` against Mono on its held-out tiles, as acquired and under
+    acquisition shift (``counts`` / ``shifted``: job key -> per-tile counts on every held-out
+    crop / on its SHIFT_COPIES shifted copies; ``scene_of``: the crops' scenes, resampled
+    first), with family-wise intervals over the candidate's bucket models; then the gallery
+    that keeps the winners."""
     mono = counts["mono"]
     val_buckets = cand.buckets[is_val]
+    keys = [f"k{cand.k}-bucket-{c}" for c in cand.code_names]
+    conf = family_confidence(sum(k in counts for k in keys))
     verdicts, kept = [], {}
     for b in range(cand.k):
-        own = counts.get(f"k{cand.k}-bucket-{cand.code_names[b]}")
+        own = counts.get(keys[b])
         sel = val_buckets == b
+        rep = np.tile(sel, SHIFT_COPIES)
         v = judge_bucket(b, int((cand.buckets[~is_val] == b).sum()),
                          own[sel] if own is not None else None, mono[sel], min_gain, seed,
-                         scene_of[sel])
+                         scene_of[sel],
+                         (shifted[keys[b]][rep], shifted["mono"][rep],
+                          np.tile(scene_of[sel], SHIFT_COPIES)) if own is not None else None,
+                         conf)
         verdicts.append(v)
         if v.kept and own is not None:
             kept[b] = own
@@ -546,7 +557,9 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         dp.close()  # the shared models are trained
     lap("base_model")
     by_k = {c.k: c for c in candidates}
-    done: dict[str, tuple[dict[str, Any], np.ndarray]] = {}
+    xsh = acquisition_shifts(xva, SHIFT_COPIES, tr.seed)
+    ysh = np.concatenate([yva] * SHIFT_COPIES)
+    done: dict[str, tuple[dict[str, Any], np.ndarray, np.ndarray]] = {}
     for job in plan.jobs_of(rank, size):
         torch.manual_seed(tr.seed + 1 + job.index)
         model = build_segmentation(cfg.models.arch, job.preset, in_ch)
@@ -561,6 +574,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                              tr.lr * 0.5 if job.from_base else tr.lr, tr.seed + 1 + job.index,
                              xva[sel_val], yva[sel_val], tr.val_every, recipe)
         counts = tile_counts(model, xva, yva)
+        counts_shifted = tile_counts(model, xsh, ysh)
         file = gallery / (f"{job.name}.pt" if job.k is None else f".candidate-{job.key}.pt")
         entry = save_module(model, file)
         entry.update({"train_tiles": int(sel_tr.sum()), "val_tiles": int(sel_val.sum()),
@@ -570,7 +584,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                       "val_metrics": {**add_counts({}, dict(zip(COUNT_KEYS,
                                                                 counts[sel_val].sum(0).tolist()))),
                                       **iou_f1(dict(zip(COUNT_KEYS, counts[sel_val].sum(0))))}})
-        done[job.key] = (entry, counts)
+        done[job.key] = (entry, counts, counts_shifted)
     comm.quiet_barrier()
     lap("segmentation_models")
     all_done = comm.gather(done, root=0)
@@ -578,9 +592,10 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         comm.barrier()
         return None
     merged = {key: v for part in all_done for key, v in part.items()}  # type: ignore[union-attr]
-    counts_of = {key: c for key, (_, c) in merged.items()}
+    counts_of = {key: c for key, (_, c, _) in merged.items()}
+    shifted_of = {key: c for key, (_, _, c) in merged.items()}
     val_scene = tiles.scene[is_val]
-    judged = [judge_candidate(c, is_val, counts_of, tr.min_gain, tr.seed, val_scene)
+    judged = [judge_candidate(c, is_val, counts_of, shifted_of, tr.min_gain, tr.seed, val_scene)
               for c in candidates]
     chosen, k_reason = choose_candidate(judged, tr.seed)
     cand = by_k[chosen.k]

@@ -210,3 +210,21 @@ def test_report_html_shows_the_bucket_verdicts() -> None:
     assert "1 whole, 0 by a band of rows; 21 held-out crops" in html
     assert "warning: hash held-out mAP low" in html
     assert "made before scene-level validation" in render_html({}, Quicklooks(), "t")
+
+
+def test_a_bucket_better_only_as_acquired_maps_with_mono_and_intervals_are_family_wise() -> None:
+    from resflow_mpi.init.selection import family_confidence
+    rng = np.random.default_rng(5)
+    mono = _tiles(rng, 40, 60, 30, 30)
+    better = _tiles(rng, 40, 85, 8, 8)
+    worse_shifted = _tiles(rng, 80, 40, 40, 40)
+    mono_shifted = np.concatenate([mono, mono])
+    v = judge_bucket(0, 50, better, mono, 0.0, shifted=(worse_shifted, mono_shifted, None))
+    assert not v.kept and "not under acquisition shift" in v.reason
+    ok = judge_bucket(0, 50, better, mono, 0.0,
+                      shifted=(np.concatenate([better, better]), mono_shifted, None))
+    assert ok.kept and ok.record()["shifted_gain"] > 0
+    assert family_confidence(4) == pytest.approx(0.9875) and family_confidence(1) == 0.95
+    wide = judge_bucket(0, 50, better, mono, 0.0, confidence=family_confidence(10))
+    narrow = judge_bucket(0, 50, better, mono, 0.0)
+    assert wide.gain.low < narrow.gain.low and wide.record()["confidence"] == 0.995
