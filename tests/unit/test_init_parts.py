@@ -144,6 +144,27 @@ def test_model_gallery_round_trip(tiny_gallery: Path) -> None:
     assert all(s["label"].endswith("_mask.tif") and s["label_kind"] == "raster"
                for s in crops["per_scene"])
     assert 0 < crops["building_centred"] <= crops["used"]
+    # Held out: the tiny archive has one scene per region, so each holds out a band of rows.
+    val = manifest["validation"]
+    assert val["unit"] == "scene" and not val["held_out_scenes"]
+    assert len(val["row_split_scenes"]) == 6
+    assert 0 < manifest["summary"]["n_val"] == val["held_out_crops"] < manifest["summary"]["n_tiles"]
+    cut = {s["path"]: r["held_out_rows_from"] for s in gal.scenes
+           for p, r in val["row_split_scenes"].items() if p == s["path"]}
+    rows = gal.window[:, 1] + gal.window[:, 3]
+    starts = gal.window[:, 1]
+    paths = [gal.scenes[int(i)]["path"] for i in gal.scene]
+    held = np.array([starts[j] >= cut[p] for j, p in enumerate(paths)])
+    assert held.sum() == val["held_out_crops"]
+    assert all(rows[j] <= cut[p] for j, p in enumerate(paths) if not held[j])  # no straddling
+    for b in g.buckets:
+        acc = b["acceptance"]
+        assert acc["kept"] == (b.get("same_as") != "mono"), acc
+        if acc["kept"]:
+            assert acc["gain_ci"][0] > manifest["training"]["min_gain"]
+            assert acc["shifted_gain_ci"][0] > manifest["training"]["min_gain"]
+    assert manifest["flagged_tiles"]["model"] in ("mono", "mono-wide", "bucket")
+    assert len(manifest["acceptance_table"]) == len(g.buckets) + 1
 
 
 def test_untrained_fixture_gallery_loads_routes_and_searches(unit_gallery: Path) -> None:
