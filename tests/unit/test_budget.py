@@ -127,13 +127,54 @@ def test_memory_figures_of_this_machine(tmp_path: Path) -> None:
     v2, v1 = tmp_path / "v2", tmp_path / "v1"
     v2.mkdir(), v1.mkdir()
     (v2 / "memory.max").write_text("max\n")
-    assert cgroup_headroom_bytes(v2, v1) is None
+    assert cgroup_headroom_bytes(v2, v1, tmp_path / "none") is None
     (v2 / "memory.max").write_text(f"{8 * GIB}\n")
     (v2 / "memory.current").write_text(f"{3 * GIB}\n")
-    assert cgroup_headroom_bytes(v2, v1) == 5 * GIB
+    assert cgroup_headroom_bytes(v2, v1, tmp_path / "none") == 5 * GIB
     (v2 / "memory.max").unlink()
     (v1 / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    assert cgroup_headroom_bytes(v2, v1) is None
+    assert cgroup_headroom_bytes(v2, v1, tmp_path / "none") is None
     (v1 / "memory.limit_in_bytes").write_text(f"{4 * GIB}\n")
     (v1 / "memory.usage_in_bytes").write_text(f"{1 * GIB}\n")
-    assert cgroup_headroom_bytes(v2, v1) == 3 * GIB
+    assert cgroup_headroom_bytes(v2, v1, tmp_path / "none") == 3 * GIB
+
+
+def _cgroup_files(folder: Path, **files: object) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in files.items():
+        (folder / name.replace("_", ".", 1)).write_text(f"{value}\n")
+
+
+def test_cgroup_v2_slurm_job_limit_is_found_from_proc_self_cgroup(tmp_path: Path) -> None:
+    """Slurm (cgroup v2) puts --mem on the job's cgroup, several levels below the root."""
+    root, proc = tmp_path / "cgroup", tmp_path / "proc_self_cgroup"
+    task = "system.slice/slurmstepd.scope/job_42/step_0/user/task_0"
+    proc.write_text(f"0::/{task}\n")
+    _cgroup_files(root / task, memory_max="max", memory_current=GIB)
+    _cgroup_files(root / "system.slice/slurmstepd.scope/job_42", memory_max=4 * GIB,
+                  memory_current=GIB, memory_stat="anon 1\ninactive_file 0\n")
+    _cgroup_files(root / "system.slice", memory_max="max", memory_current=10 * GIB)
+    assert cgroup_headroom_bytes(root, tmp_path / "nov1", proc) == 3 * GIB
+    # the smallest headroom of any level wins (a tighter parent), reclaimable page cache is free
+    _cgroup_files(root / "system.slice", memory_max=64 * GIB, memory_current=63 * GIB,
+                  memory_stat=f"anon {62 * GIB}\ninactive_file {GIB // 2}\n")
+    assert cgroup_headroom_bytes(root, tmp_path / "nov1", proc) == GIB + GIB // 2
+    # the root cgroup's view alone (what was read before) misses the job's limit
+    assert cgroup_headroom_bytes(root, tmp_path / "nov1", tmp_path / "no_proc_file") is None
+
+
+def test_cgroup_v1_slurm_job_limit_is_found_from_proc_self_cgroup(tmp_path: Path) -> None:
+    """Slurm (cgroup v1) sets memory.limit_in_bytes on uid_*/job_*; the root reports no limit."""
+    v1, proc = tmp_path / "memory", tmp_path / "proc_self_cgroup"
+    proc.write_text("12:pids:/slurm/uid_1000/job_7/step_0\n"
+                    "4:memory:/slurm/uid_1000/job_7/step_0/task_0\n3:cpu,cpuacct:/\n0::/\n")
+    _cgroup_files(v1, memory_limit_in_bytes=9223372036854771712, memory_usage_in_bytes=50 * GIB)
+    _cgroup_files(v1 / "slurm/uid_1000/job_7", memory_limit_in_bytes=4 * GIB,
+                  memory_usage_in_bytes=3 * GIB, memory_stat=f"total_inactive_file {GIB}\n")
+    _cgroup_files(v1 / "slurm/uid_1000/job_7/step_0/task_0",
+                  memory_limit_in_bytes=9223372036854771712, memory_usage_in_bytes=GIB)
+    assert cgroup_headroom_bytes(tmp_path / "v2", v1, proc) == 2 * GIB
+    # a cgroup path from another namespace (not under the mount) falls back to the mount itself
+    proc.write_text("4:memory:/elsewhere/job_9\n")
+    _cgroup_files(v1, memory_limit_in_bytes=6 * GIB, memory_usage_in_bytes=GIB)
+    assert cgroup_headroom_bytes(tmp_path / "v2", v1, proc) == 5 * GIB
