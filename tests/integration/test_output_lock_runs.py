@@ -12,7 +12,7 @@ import pytest
 from osgeo import gdal
 
 from resflow_mpi.io.outlock import LOCK_NAME
-from tests.conftest import RESFLOW, env, resflow
+from tests.conftest import RESFLOW, env, resflow, resflow_with_fault
 
 
 
@@ -25,11 +25,9 @@ def masks(out: Path) -> dict[str, np.ndarray]:
 def start(cfg: Path, out: Path, slow_s: float = 0.0) -> subprocess.Popen:
     """``resflow run`` in the background; ``slow_s``: sleep after every write round (the
     engine's fault injection), so the job outlasts another process's start-up."""
-    e = env()
-    if slow_s:
-        e["RESFLOW_FAULT"] = f"slow:0:{slow_s}"
-    return subprocess.Popen([RESFLOW, "run", str(cfg), "--quiet", "--no-report-html",
-                             "--set", f"output.dir={out}"], env=e, stdout=subprocess.PIPE,
+    command = resflow_with_fault(f"slow:0:{slow_s}") if slow_s else [RESFLOW]
+    return subprocess.Popen([*command, "run", str(cfg), "--quiet", "--no-report-html",
+                             "--set", f"output.dir={out}"], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
 
