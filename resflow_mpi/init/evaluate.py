@@ -32,6 +32,7 @@ from ..io.maskstore import TileResult
 from ..io.raster import prepare_scene
 from ..pipeline import Job, Runner, ScenePlan, build_tasks, check_output_dir, finish_store
 from .metrics import baselines, confusion_counts
+from .metrics import COUNT_KEYS
 
 # Model passes: (column name, bucket_override for pipeline.build_stages).
 PASSES = (("resflow", "buckets"), ("mono", "mono"))
@@ -42,7 +43,6 @@ LABELS = {"all_building": "All-building", "all_background": "All-background", "m
           "mono_wide": "Mono (wide)", "resflow": "RESFlow", "resflow_routed": "RESFlow+routing"}
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
-COUNT_KEYS = ("tp", "fp", "fn", "tn")
 
 
 def _zero() -> dict[str, int]:
