@@ -23,7 +23,7 @@ import benchkit as bk
 # Rank-side probe: what `resflow run` has loaded when it reaches its setup, then this rank's VmRSS.
 BASELINE_PROBE = r"""
 import json, sys
-from resflow_mpi.runners.mpi_runner import run_mpi  # torch, GDAL, h5py, the pipeline
+from resflow_mpi.runners.mpi_runner import MPIRunner  # torch, GDAL, h5py, the pipeline
 from resflow_mpi.io.sysmem import process_rss_bytes
 from mpi4py import MPI
 import torch
