@@ -231,8 +231,9 @@ class TrainingConfig:
                                     "trains them with all of its node's cores.")
     data_parallel_backend: Literal["mpi", "torch"] = _f(
         "mpi", "How data-parallel gradients are summed: mpi (the job's MPI communicator: reduce "
-               "to rank 0, then broadcast) or torch (torch.distributed all_reduce over the same "
-               "ranks: gloo for CPU training, nccl for CUDA; rendezvous at rank 0's address).")
+               "to rank 0, then broadcast) or torch (torch.distributed all_reduce, gloo, over "
+               "the same ranks; rendezvous at rank 0's address on the route to the other ranks' "
+               "hosts, or RESFLOW_DIST_ADDR).")
 
 
 @dataclass(frozen=True)
