@@ -32,7 +32,6 @@ from ..io.maskstore import TileResult
 from ..io.raster import prepare_scene
 from ..pipeline import Job, Runner, ScenePlan, build_tasks, check_output_dir, finish_store
 from .metrics import baselines, confusion_counts
-from .metrics import COUNT_KEYS
 
 # Model passes: (column name, bucket_override for pipeline.build_stages).
 PASSES = (("resflow", "buckets"), ("mono", "mono"))
@@ -410,7 +409,8 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
             return f"{g['iou_mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") \
                 if g["iou_mean"] is not None else "n/a"
         flagged = np.mean(r["flagged_share_per_seed"]) if r["flagged_share_per_seed"] else 0.0
-        md.append("| " + " | ".join([region, str(r["tiles"]),
+        cell = " ".join(region.replace("|", "\\|").splitlines())  # one Markdown table cell
+        md.append("| " + " | ".join([cell, str(r["tiles"]),
                                      *(_cell(r["columns"][c], seeds) if c in r["columns"] else "n/a"
                                        for c in cols),
                                      gap("resflow-mono"), gap("resflow_routed-mono"),
