@@ -35,7 +35,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import OutputError
 
