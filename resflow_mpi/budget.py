@@ -13,7 +13,8 @@ Pure computation (numpy/torch only; no MPI, GDAL or HDF5). What a rank holds at 
   ``(tile_px + 2 halo_px)^2 x bands`` (the batch in compute, the queue of read-ahead batches and
   the one the reader thread is filling), plus the reader's stacking copy; never more tiles than
   the rank has (``tiles_per_rank``: a few large tiles fill no queue);
-* **embedding**: the padded channels-last copy of a batch and the feature extractor's activations
+* **embedding**: the zero-padded (always ``batch_size`` tiles) channels-last copy of a batch and
+  the feature extractor's activations
   (it pools every tile to a fixed size first, so these are per tile, not per pixel); the main
   thread embeds a batch and then segments it, so only the larger of this and the next part counts;
 * **segmentation**: ``segment_batch_size`` tiles through the segmenter. Its activation memory is
@@ -21,7 +22,7 @@ Pure computation (numpy/torch only; no MPI, GDAL or HDF5). What a rank holds at 
   counts every tensor the network allocates and frees; fully convolutional networks scale exactly
   with pixels) times ``ACTIVATION_OVERHEAD`` (oneDNN reorders and workspaces, allocator slack),
   calibrated with the working set against measured peak RSS (perf/memory_budget.py: the estimate
-  1.1-1.4x the measured peak for tiles of 512-2048 px and batches of 1-4);
+  1.1-1.4x the measured peak for tiles of 512-4096 px and batches of 1-8);
 * **write rounds**: ``write_round_batches x batch_size`` finished tiles (uint8 mask, optional
   float16 probabilities), times the ranks under ``parallel.writer=gather`` on rank 0;
 * **GDAL block cache**: ``RESFLOW_GDAL_CACHE_MB`` (default 64), or the scene bytes when smaller.
@@ -180,8 +181,8 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
 
     ``device``: "cpu" or "cuda"; ``scene_bytes``: raw bytes of the scenes (caps the GDAL cache);
     ``baseline_bytes``: this rank's RSS before work (default ``BASELINE_CPU_BYTES``);
-    ``tiles_per_rank``: the most tiles one rank computes (None: unbounded), which bounds every
-    batch and queue."""
+    ``tiles_per_rank``: the most tiles one rank computes (None: unbounded), which bounds the
+    tiles read ahead, queued and written (network calls are padded to their full batch)."""
     t, inf = cfg.tiling, cfg.inference
     bands = len(cfg.scenes.bands)
     side = t.tile_px + 2 * t.halo_px
@@ -190,10 +191,12 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
     def cap(n: int) -> int:
         """``n`` tiles, never more than one rank computes."""
         return n if tiles_per_rank is None else min(n, max(1, tiles_per_rank))
-    bs = cap(inf.batch_size)
+    # Network calls are padded to their fixed batch (stages.py); reads and queues hold real tiles.
+    bs = inf.batch_size
     on_gpu = device.startswith("cuda")
-    seg_bs = cap(inf.segment_batch_size or (inf.batch_size if on_gpu else 1))
-    batch = bs * tile_in
+    seg_bs = inf.segment_batch_size or (bs if on_gpu else 1)
+    batch = bs * tile_in                                    # one padded embedding batch
+    read_batch = cap(bs) * tile_in                          # one batch as read
     raw_tile = bands * side * side * DTYPE_BYTES.get(scene_dtype, 4)
     parts: dict[str, int] = {}
     parts["baseline"] = int(baseline_bytes if baseline_bytes is not None else BASELINE_CPU_BYTES)
@@ -201,10 +204,10 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
                    + models.n_buckets * models.segmenter_params)
     # Read-ahead: prefetch queue + the batch in compute (never more tiles than the rank has) +
     # the reader's stacking copy.
-    held_tiles = cap((inf.prefetch_batches + 2) * inf.batch_size)
-    parts["read_batches"] = held_tiles * tile_in + batch + 3 * raw_tile
+    parts["read_batches"] = (cap((inf.prefetch_batches + 2) * bs) * tile_in + read_batch
+                             + 3 * raw_tile)
     mask_bytes = t.tile_px * t.tile_px * (1 + (2 if inf.save_probabilities else 0)) + 64
-    round_tiles = cap(inf.batch_size * cfg.parallel.write_round_batches)
+    round_tiles = cap(bs * cfg.parallel.write_round_batches)
     writers = ranks if cfg.parallel.writer == "gather" else 1
     parts["write_round"] = 2 * round_tiles * mask_bytes * writers
     cache = gdal_cache_bytes if gdal_cache_bytes is not None else \
@@ -219,7 +222,7 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
         gpu = int(CUDA_CONTEXT_BYTES + weights + 2 * batch + queued
                   + GPU_ACTIVATION_OVERHEAD * half * (seg_act + embed_act) + seg_bs * tile_in)
         parts["weights"] = weights                          # host copy while loading
-        parts["pinned_uploads"] = 2 * batch
+        parts["pinned_uploads"] = 2 * read_batch
     else:
         parts["weights"] = 2 * weights                      # state dict + module while loading
         parts["working_set"] = WORKING_SET_CPU_BYTES
@@ -227,9 +230,7 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
         parts["segmentation"] = int(ACTIVATION_OVERHEAD * seg_act) + 2 * seg_bs * tile_in
         parts["segment_queues"] = queued
     settings = {"tiling.tile_px": t.tile_px, "tiling.halo_px": t.halo_px,
-                "inference.batch_size": inf.batch_size,
-                "inference.segment_batch_size": inf.segment_batch_size or (
-                    inf.batch_size if on_gpu else 1),
+                "inference.batch_size": bs, "inference.segment_batch_size": seg_bs,
                 "inference.prefetch_batches": inf.prefetch_batches,
                 "parallel.write_round_batches": cfg.parallel.write_round_batches,
                 "bands": bands, "device": device, "n_buckets": models.n_buckets,
