@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Memory budget check: the estimate of resflow_mpi/budget.py beside the measured peak RSS per rank.
 
-For each workload (default: tile 256 batch 8, tile 512 batch 4, tile 1024 batch 2; 2 ranks) the script maps a small
-synthetic workload with `mpirun -n 2 resflow run`, reads ``peak_rss_mb_per_rank`` from
-run_report.json and prints it beside ``estimate_memory`` for the same settings and gallery. The
-baseline (interpreter + torch + GDAL + h5py + MPI) is measured the way a run would measure it before
-work: the VmRSS of each rank after the imports and MPI start-up of `resflow run`. Goal: the estimate
-within 25 % of the measured peak of every rank.
+For each workload (default: tiles of 512, 1024 and 2048 px with batches of 1 to 4, and the 4096 px
+tile of issue 26 at the default batch of 8; 2 ranks, 2 scenes of 4096 x 4096 px) the script maps a
+synthetic workload with `mpirun -n 2 resflow run`, reads ``peak_rss_mb_per_rank`` (VmHWM) and the
+run's own ``memory_estimate`` (the figure the budget refuses on: baseline measured by the rank,
+tiles per rank from the scene plan) from run_report.json and prints their ratio. Goal: every
+estimate above the measured peak by a modest margin, 1.1-1.5x.
 
 Outputs (in --out, default perf/results/): memory_budget.json.
 """
@@ -23,7 +23,7 @@ import benchkit as bk
 # Rank-side probe: what `resflow run` has loaded when it reaches its setup, then this rank's VmRSS.
 BASELINE_PROBE = r"""
 import json, sys
-from resflow_mpi.runners.mpi_runner import run_mpi  # torch, GDAL, h5py, the pipeline
+from resflow_mpi.runners.mpi_runner import MPIRunner  # torch, GDAL, h5py, the pipeline
 from resflow_mpi.io.sysmem import process_rss_bytes
 from mpi4py import MPI
 import torch
@@ -66,6 +66,10 @@ def measure_baseline(ranks: int) -> list[int]:
     return [int(v) for v in json.loads(line.split(" ", 1)[1])]
 
 
+DEFAULT_WORKLOADS = "512x1,512x4,1024x1,1024x4,2048x1,2048x2,4096x8"
+GOAL = (1.1, 1.5)   # estimate / measured peak
+
+
 def parse_workload(text: str) -> tuple[int, int]:
     tile, batch = text.split("x")
     return int(tile), int(batch)
@@ -77,22 +81,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", type=Path, default=bk.RESULTS_DIR)
     p.add_argument("--gallery", default=None, help="model gallery (default: a cached tiny one)")
     p.add_argument("--workloads", type=lambda s: [parse_workload(w) for w in s.split(",")],
-                   default=[(256, 8), (512, 4), (1024, 2)],
-                   help="TILExBATCH,... (default 256x8,512x4,1024x2)")
-    p.add_argument("--size", type=int, default=1536, help="scene side in pixels")
+                   default=[parse_workload(w) for w in DEFAULT_WORKLOADS.split(",")],
+                   help=f"TILExBATCH,... (default {DEFAULT_WORKLOADS})")
+    p.add_argument("--size", type=int, default=4096, help="scene side in pixels")
     p.add_argument("--scenes", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--halo-px", type=int, default=16)
     args = p.parse_args(argv)
     sys.path.insert(0, str(bk.REPO))
-    from resflow_mpi.budget import MIB, estimate_memory, model_sizes_from_manifest
-    from resflow_mpi.config import load_config
+    from resflow_mpi.budget import MIB
 
     gallery = Path(args.gallery).resolve() if args.gallery else tiny_gallery()
-    manifest = bk.gallery_manifest(gallery)
-    sizes = model_sizes_from_manifest(manifest)
     work = bk.make_workload(args.scenes, args.size)
-    scene_bytes = int(work.megapixels * 1e6 * (work.bands * work.bytes_per_sample + 1))
     baseline = measure_baseline(args.ranks)
     print(f"[memory_budget] baseline VmRSS per rank before work: "
           f"{', '.join(f'{b / MIB:.0f}' for b in baseline)} MiB", flush=True)
@@ -104,24 +104,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  tile_px=tile, halo_px=args.halo_px, batch_size=batch)
         run = bk.run_engine(cfg_path, out_dir, ranks=args.ranks)
         measured = run.report["peak_rss_mb_per_rank"]
-        cfg = load_config(cfg_path)
+        est = run.report["memory_estimate"]
+        est_mb = float(est["rank_mb"])
         for rank, peak_mb in enumerate(measured):
-            est = estimate_memory(cfg, sizes, ranks=args.ranks, scene_bytes=scene_bytes,
-                                  baseline_bytes=baseline[rank])
-            est_mb = est.rank_bytes / MIB
-            err = (est_mb - peak_mb) / peak_mb
+            ratio = est_mb / peak_mb
             rows.append({"workload": name, "tile_px": tile, "batch_size": batch, "rank": rank,
                          "measured_peak_rss_mb": peak_mb, "estimate_mb": est_mb,
-                         "error": err, "within_25pct": abs(err) <= 0.25,
-                         "estimate": est.to_dict(), "wall_s": run.wall_s})
+                         "ratio": ratio, "within_goal": GOAL[0] <= ratio <= GOAL[1],
+                         "estimate": est, "wall_s": run.wall_s})
             print(f"{name:18s} rank {rank}: estimate {est_mb:7.0f} MiB  measured {peak_mb:7.0f} "
-                  f"MiB  ({err:+.0%})", flush=True)
+                  f"MiB  ({ratio:.2f}x)", flush=True)
     result = {**bk.header("memory_budget", args), "gallery": str(gallery),
               "workload": work.to_dict(), "baseline_rss_mb": [b / MIB for b in baseline],
-              "rows": rows, "all_within_25pct": all(r["within_25pct"] for r in rows)}
+              "goal_ratio": list(GOAL), "rows": rows,
+              "all_within_goal": all(r["within_goal"] for r in rows),
+              "never_below_measured": all(r["ratio"] >= 1.0 for r in rows)}
     path = bk.write_json(args.out / "memory_budget.json", result)
     bk.print_done("memory_budget", path)
-    return 0 if result["all_within_25pct"] else 1
+    return 0 if result["never_below_measured"] else 1
 
 
 if __name__ == "__main__":

@@ -5,19 +5,24 @@ Pure computation (numpy/torch only; no MPI, GDAL or HDF5). What a rank holds at 
 
 * **baseline**: the interpreter with torch, numpy, GDAL, h5py and MPI loaded (measured per rank
   where possible: the VmRSS of the process at the time of the check; else ``BASELINE_CPU_BYTES``);
+* **working set**: what the first tiles add whatever their size (oneDNN kernels and primitive
+  caches, the reader thread's allocator arena, HDF5 and MPI buffers): ``WORKING_SET_CPU_BYTES``;
 * **weights**: feature extractor + hash head + one segmenter per bucket (buckets load lazily and
   stay resident, so all of them count), float32;
 * **read batches**: ``prefetch_batches + 2`` normalised float32 batches of ``batch_size`` tiles of
   ``(tile_px + 2 halo_px)^2 x bands`` (the batch in compute, the queue of read-ahead batches and
-  the one the reader thread is filling), plus the reader's stacking copy;
-* **embedding**: the padded channels-last copy of a batch and the feature extractor's activations
+  the one the reader thread is filling), plus the reader's stacking copy; never more tiles than
+  the rank has (``tiles_per_rank``: a few large tiles fill no queue);
+* **embedding**: the zero-padded (always ``batch_size`` tiles) channels-last copy of a batch and
+  the feature extractor's activations
   (it pools every tile to a fixed size first, so these are per tile, not per pixel); the main
   thread embeds a batch and then segments it, so only the larger of this and the next part counts;
 * **segmentation**: ``segment_batch_size`` tiles through the segmenter. Its activation memory is
   the tensor-liveness peak of one forward pass, traced once at a small probe size (a dispatch mode
   counts every tensor the network allocates and frees; fully convolutional networks scale exactly
   with pixels) times ``ACTIVATION_OVERHEAD`` (oneDNN reorders and workspaces, allocator slack),
-  calibrated against measured peak RSS (perf/memory_budget.py);
+  calibrated with the working set against measured peak RSS (perf/memory_budget.py: the estimate
+  1.1-1.4x the measured peak for tiles of 512-4096 px and batches of 1-8);
 * **write rounds**: ``write_round_batches x batch_size`` finished tiles (uint8 mask, optional
   float16 probabilities), times the ranks under ``parallel.writer=gather`` on rank 0;
 * **GDAL block cache**: ``RESFLOW_GDAL_CACHE_MB`` (default 64), or the scene bytes when smaller.
@@ -37,8 +42,9 @@ from .errors import ConfigError
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 BASELINE_CPU_BYTES = 300 * MIB      # a rank after imports + MPI init (277 MiB measured, torch 2.13 CPU)
+WORKING_SET_CPU_BYTES = 208 * MIB   # added by the first tiles of any size (perf/memory_budget.py)
 CUDA_CONTEXT_BYTES = 600 * MIB      # device memory the CUDA context and cuDNN handles take
-ACTIVATION_OVERHEAD = 2.0           # measured RSS peak / traced tensor-liveness peak (CPU, oneDNN)
+ACTIVATION_OVERHEAD = 1.25          # RSS peak / traced tensor-liveness peak (CPU, oneDNN), large tiles
 GPU_ACTIVATION_OVERHEAD = 1.3       # the caching allocator's rounding and cuDNN workspaces
 PROBE_PX = 64                       # traced forward size (any multiple of the network stride)
 DTYPE_BYTES = {"uint8": 1, "uint16": 2, "int16": 2, "float32": 4}
@@ -169,28 +175,39 @@ def memory_profile(manifest: dict[str, Any]) -> dict[str, Any]:
 def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_dtype: str = "uint8",
                     ranks: int = 1, scene_bytes: Optional[int] = None,
                     baseline_bytes: Optional[int] = None,
-                    gdal_cache_bytes: Optional[int] = None) -> MemoryEstimate:
+                    gdal_cache_bytes: Optional[int] = None,
+                    tiles_per_rank: Optional[int] = None) -> MemoryEstimate:
     """Peak memory of one rank (rank 0 under the gather writer) for run config ``cfg``.
 
     ``device``: "cpu" or "cuda"; ``scene_bytes``: raw bytes of the scenes (caps the GDAL cache);
-    ``baseline_bytes``: this rank's RSS before work (default ``BASELINE_CPU_BYTES``)."""
+    ``baseline_bytes``: this rank's RSS before work (default ``BASELINE_CPU_BYTES``);
+    ``tiles_per_rank``: the most tiles one rank computes (None: unbounded), which bounds the
+    tiles read ahead, queued and written (network calls are padded to their full batch)."""
     t, inf = cfg.tiling, cfg.inference
     bands = len(cfg.scenes.bands)
     side = t.tile_px + 2 * t.halo_px
     tile_in = bands * side * side * 4                       # one normalised float32 tile
+
+    def cap(n: int) -> int:
+        """``n`` tiles, never more than one rank computes."""
+        return n if tiles_per_rank is None else min(n, max(1, tiles_per_rank))
+    # Network calls are padded to their fixed batch (stages.py); reads and queues hold real tiles.
     bs = inf.batch_size
     on_gpu = device.startswith("cuda")
     seg_bs = inf.segment_batch_size or (bs if on_gpu else 1)
-    batch = bs * tile_in
+    batch = bs * tile_in                                    # one padded embedding batch
+    read_batch = cap(bs) * tile_in                          # one batch as read
     raw_tile = bands * side * side * DTYPE_BYTES.get(scene_dtype, 4)
     parts: dict[str, int] = {}
     parts["baseline"] = int(baseline_bytes if baseline_bytes is not None else BASELINE_CPU_BYTES)
     weights = 4 * (models.extractor_params + models.hash_params
                    + models.n_buckets * models.segmenter_params)
-    # Read-ahead: prefetch queue + the batch in compute + the reader's stacking copy.
-    parts["read_batches"] = (inf.prefetch_batches + 2) * batch + batch + 3 * raw_tile
+    # Read-ahead: prefetch queue + the batch in compute (never more tiles than the rank has) +
+    # the reader's stacking copy.
+    parts["read_batches"] = (cap((inf.prefetch_batches + 2) * bs) * tile_in + read_batch
+                             + 3 * raw_tile)
     mask_bytes = t.tile_px * t.tile_px * (1 + (2 if inf.save_probabilities else 0)) + 64
-    round_tiles = bs * cfg.parallel.write_round_batches
+    round_tiles = cap(bs * cfg.parallel.write_round_batches)
     writers = ranks if cfg.parallel.writer == "gather" else 1
     parts["write_round"] = 2 * round_tiles * mask_bytes * writers
     cache = gdal_cache_bytes if gdal_cache_bytes is not None else \
@@ -199,23 +216,25 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
     seg_act = models.segment_bytes_per_px * side * side * seg_bs
     embed_act = models.extract_bytes_per_tile * bs
     gpu: Optional[int] = None
+    queued = cap(models.n_buckets * max(0, seg_bs - 1)) * tile_in
     if on_gpu:
         half = 0.5 if inf.mixed_precision else 1.0
-        queued = models.n_buckets * max(0, seg_bs - 1) * tile_in
         gpu = int(CUDA_CONTEXT_BYTES + weights + 2 * batch + queued
                   + GPU_ACTIVATION_OVERHEAD * half * (seg_act + embed_act) + seg_bs * tile_in)
         parts["weights"] = weights                          # host copy while loading
-        parts["pinned_uploads"] = 2 * batch
+        parts["pinned_uploads"] = 2 * read_batch
     else:
         parts["weights"] = 2 * weights                      # state dict + module while loading
+        parts["working_set"] = WORKING_SET_CPU_BYTES
         parts["embedding"] = 2 * batch + int(ACTIVATION_OVERHEAD * embed_act)
         parts["segmentation"] = int(ACTIVATION_OVERHEAD * seg_act) + 2 * seg_bs * tile_in
-        parts["segment_queues"] = models.n_buckets * max(0, seg_bs - 1) * tile_in
+        parts["segment_queues"] = queued
     settings = {"tiling.tile_px": t.tile_px, "tiling.halo_px": t.halo_px,
                 "inference.batch_size": bs, "inference.segment_batch_size": seg_bs,
                 "inference.prefetch_batches": inf.prefetch_batches,
                 "parallel.write_round_batches": cfg.parallel.write_round_batches,
-                "bands": bands, "device": device, "n_buckets": models.n_buckets}
+                "bands": bands, "device": device, "n_buckets": models.n_buckets,
+                "tiles_per_rank": tiles_per_rank}
     # The main thread embeds a batch, then segments its tiles: the two peaks never coincide.
     phases = max(parts.get("embedding", 0), parts.get("segmentation", 0))
     steady = sum(v for k, v in parts.items() if k not in ("embedding", "segmentation"))
@@ -228,6 +247,7 @@ _REMEDY = {"read_batches": "tiling.tile_px, inference.batch_size or inference.pr
            "inference.segment_batch_size", "segment_queues": "inference.segment_batch_size",
            "write_round": "parallel.write_round_batches", "gdal_cache": "RESFLOW_GDAL_CACHE_MB",
            "weights": "models.preset", "pinned_uploads": "inference.batch_size",
+           "working_set": "the ranks per node",
            "baseline": "the ranks per node"}
 
 

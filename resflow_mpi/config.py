@@ -252,8 +252,9 @@ class TrainingConfig:
                                     "trains them with all of its node's cores.")
     data_parallel_backend: Literal["mpi", "torch"] = _f(
         "mpi", "How data-parallel gradients are summed: mpi (the job's MPI communicator: reduce "
-               "to rank 0, then broadcast) or torch (torch.distributed all_reduce over the same "
-               "ranks: gloo for CPU training, nccl for CUDA; rendezvous at rank 0's address).")
+               "to rank 0, then broadcast) or torch (torch.distributed all_reduce, gloo, over "
+               "the same ranks; rendezvous at rank 0's address on the route to the other ranks' "
+               "hosts, or RESFLOW_DIST_ADDR).")
 
 
 @dataclass(frozen=True)
@@ -404,9 +405,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Union:
         if value is None and type(None) in get_args(tp):
             return None
-        for arg in get_args(tp):
-            if arg is type(None):
-                continue
+        arms = [arg for arg in get_args(tp) if arg is not type(None)]
+        if len(arms) == 1 and value is not None:  # Optional[X]: X's own, more precise, message
+            return _coerce(value, arms[0], where)
+        for arg in arms:
             try:
                 return _coerce(value, arg, where)
             except ConfigError:
@@ -422,8 +424,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return [_coerce(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise bad
-        return {_coerce(k, get_args(tp)[0], where): _coerce(v, get_args(tp)[1], f"{where}.{k}")
+            raise bad()
+        return {_coerce(k, get_args(tp)[0], where):
+                _coerce(v, get_args(tp)[1], f"{where}.{_short(k).strip(chr(39))}")
                 for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -577,7 +580,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
         value = parse_yaml(text, f"{source}: override {_short(item)}")
-        sec = raw.setdefault(section, {})
+        if raw.get(section) is None:
+            raw[section] = {}
+        sec = raw[section]
         if not isinstance(sec, dict):
             raise ConfigError(f"{source}: override {_short(item)}: '{section}' is not a mapping")
         sec[key] = value

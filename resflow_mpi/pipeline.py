@@ -24,7 +24,7 @@ import numpy as np
 
 from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
-from .galleries import ModelGallery
+from .galleries import ModelGallery, resolve_run_config
 from .io.export import OutputRecord, confined, export_scene, outputs_current
 from .io.maskstore import MaskReader, MaskStore, TileResult, mark_complete_scenes
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
@@ -32,7 +32,7 @@ from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
 from .io.raster import SceneInfo, prepare_scene, tile_coverage
-from .preflight import estimate_summary, gpu_total_bytes, preflight
+from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
 from .report import REPORT_NAME as HTML_REPORT_NAME
@@ -221,26 +221,35 @@ class Runner(Protocol):
 
 def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool,
               binding: Optional[dict[str, Any]], lock: "OutputLock") -> Job:
-    """Rank 0 takes the output directory's lock, checks the gallery against the config (the
-    gallery contract) and the memory budget; all ranks then check the scenes. Errors reach every
+    """Rank 0 checks the gallery against the config (the gallery contract); all ranks check the
+    scenes; then rank 0 creates and locks the output directory (nothing is created for inputs
+    that fail to load) and checks the memory budget of the planned tiles. Errors reach every
     rank before any work."""
     b = binding or {}
 
-    def check() -> tuple[Path, RunConfig, dict[str, Any]]:
-        out_dir = check_output_dir(cfg.output.dir)
-        lock.acquire()  # held to the end of the job; a second job on out_dir is refused here
+    def contract() -> RunConfig:
         gallery = ModelGallery(cfg.models.gallery)
         gallery.verify()
-        resolved, estimate = preflight(
-            cfg, gallery, ranks=comm.size, ranks_per_node=int(b.get("local_size", 1)),
-            device=str(b.get("device", "cpu")), ranks_per_gpu=int(b.get("ranks_sharing_device", 1)),
-            gpu_total_bytes=gpu_total_bytes(str(b.get("device", "cpu"))))
-        return out_dir, resolved, estimate_summary(estimate)
-    out_dir, cfg, estimate = comm.root_call(check)
+        return resolve_run_config(gallery, cfg)
+    cfg = comm.root_call(contract)
     t0 = time.perf_counter()
     plan = plan_scenes(cfg, comm)
+    plan_s = time.perf_counter() - t0
+
+    def check() -> tuple[Path, dict[str, Any]]:
+        out_dir = check_output_dir(cfg.output.dir)
+        lock.acquire()  # held to the end of the job; a second job on out_dir is refused here
+        tiles = sum(not task.empty for task in build_tasks(plan, cfg))
+        _, estimate = preflight(
+            cfg, ModelGallery(cfg.models.gallery), ranks=comm.size,
+            ranks_per_node=int(b.get("local_size", 1)), device=str(b.get("device", "cpu")),
+            ranks_per_gpu=int(b.get("ranks_sharing_device", 1)),
+            gpu_total_bytes=gpu_total_bytes(str(b.get("device", "cpu"))),
+            tiles_per_rank=planned_tiles_per_rank(tiles, comm.size, cfg.parallel.policy))
+        return out_dir, estimate_summary(estimate)
+    out_dir, estimate = comm.root_call(check)
     job = Job(cfg, plan, ModelGallery(cfg.models.gallery), out_dir, quiet)
-    job.plan_s = time.perf_counter() - t0
+    job.plan_s = plan_s
     job.memory_estimate = estimate
     return job
 

@@ -15,17 +15,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import numpy as np
 
 from .config import RunConfig
+from .io import OPEN_SCENES
 from .io.maskstore import TileResult
 from .io.raster import SceneInfo, WindowReader
 from .stages import OOD_BUCKET, BucketQueues, PendingTile, TileStages, normalize
 from .tiling import Tile
 
 TaskSource = Callable[[], Optional[Sequence["TileTask"]]]
-
-# Open scenes kept per worker: tiles arrive grouped by scene, so a few suffice; the bound keeps
-# memory and file descriptors independent of the archive's size (a 10,000-scene job would
-# otherwise hold 10,000 GDAL handles and run out of descriptors).
-OPEN_SCENES = 8
 
 
 @dataclass(frozen=True)

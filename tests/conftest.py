@@ -20,6 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 VENV_BIN = Path(sys.executable).parent
 RESFLOW = str(VENV_BIN / "resflow")
+FAULT_DRIVER = str(Path(__file__).resolve().parent / "fault_driver.py")
+
+
+def resflow_with_fault(spec: str) -> list[str]:
+    """The command that runs the resflow CLI with the fault ``spec`` (see tests/fault_driver.py)."""
+    return [str(VENV_BIN / "python"), FAULT_DRIVER, spec]
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
            "OMPI_MCA_rmaps_base_oversubscribe": "1", "H5PY_ALWAYS_USE_MPI": "1",
            "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

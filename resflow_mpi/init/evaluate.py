@@ -475,8 +475,8 @@ def evaluation_tables(result: dict[str, Any]) -> list[str]:
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for region, r in result["regions"].items():
         gaps = r.get("gaps", {})
-        name = region.replace("|", "\\|") + ("" if r.get("held_out", True) else
-                                              " (NOT held out: training scene)")
+        name = " ".join(region.replace("|", "\\|").splitlines()) + (  # one Markdown cell
+            "" if r.get("held_out", True) else " (NOT held out: training scene)")
 
         def gap(name: str) -> str:
             g = gaps.get(name)

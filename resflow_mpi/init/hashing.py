@@ -1,17 +1,19 @@
 """Deep hashing: train the hash head on cluster soft labels, derive bucket centroid codes, mAP."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..models.hashing import HashHead, assign_buckets, codes_to_bits, hamming_distance, pack_bits
+from .dataparallel import DataParallel, data_parallel_step
 
 
 def train_hash_head(head: HashHead, fmaps: torch.Tensor, soft: np.ndarray, epochs: int,
-                    batch_size: int, lr: float, seed: int, dp: Optional[Any] = None) -> list[float]:
+                    batch_size: int, lr: float, seed: int,
+                    dp: Optional[DataParallel] = None) -> list[float]:
     """Soft-label cross-entropy through the relaxed codes + quantisation + bit-balance losses.
     ``dp`` (init.dataparallel.DataParallel): each rank computes its share of every batch."""
     g = torch.Generator().manual_seed(seed)
@@ -20,29 +22,20 @@ def train_hash_head(head: HashHead, fmaps: torch.Tensor, soft: np.ndarray, epoch
     losses = []
     n = len(fmaps)
     head.train()
+
+    def loss_of(fm: torch.Tensor, soft_target: torch.Tensor) -> torch.Tensor:
+        h = head(fm)
+        ce = -(soft_target * F.log_softmax(head.classifier(h), 1)).sum(1).mean()
+        quant = ((h.abs() - 1) ** 2).mean()
+        balance = (h.mean(0) ** 2).mean()
+        return ce + 0.1 * quant + 0.05 * balance
+
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         tot = 0.0
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            n_batch = len(idx)
-            if dp is not None:
-                idx = idx[dp.share(n_batch)]
-            opt.zero_grad()
-            loss_value = 0.0
-            if len(idx):
-                h = head(fmaps[idx])
-                logits = head.classifier(h)
-                ce = -(target[idx] * F.log_softmax(logits, 1)).sum(1).mean()
-                quant = ((h.abs() - 1) ** 2).mean()
-                balance = (h.mean(0) ** 2).mean()
-                loss = ce + 0.1 * quant + 0.05 * balance
-                loss.backward()
-                loss_value = float(loss.detach())
-            if dp is not None:
-                loss_value = dp.sum_gradients(head, len(idx), n_batch, loss_value)
-            opt.step()
-            tot += loss_value * n_batch
+            tot += data_parallel_step(head, opt, (fmaps[idx], target[idx]), loss_of, dp) * len(idx)
         losses.append(tot / n)
     head.eval()
     if dp is not None:

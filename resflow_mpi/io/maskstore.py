@@ -43,11 +43,11 @@ import numpy as np
 from ..errors import OutputError, os_error_cause
 from .oserrors import write_failure
 from ..tiling import Tile, grid_shape
+from . import OPEN_SCENES
 from .raster import SceneInfo
 
 FORMAT_VERSION = 2
 RECORDS = ("bucket", "writer_rank", "done", "code")  # per-tile datasets under /tiles
-OPEN_SCENES = 8  # scenes whose datasets a writer keeps open (tiles arrive grouped by scene)
 
 
 @dataclass

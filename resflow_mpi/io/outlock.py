@@ -35,7 +35,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Optional
+from typing import Optional
 
 from ..errors import OutputError
 
@@ -62,34 +62,44 @@ def _env_seconds(name: str, default: float) -> float:
     return value
 
 
-def process_start_time(pid: int) -> Optional[int]:
-    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None
-    when the process does not exist (or /proc is not available)."""
+def _proc_stat(pid: int) -> Optional[tuple[str, int]]:
+    """(state, start time in clock ticks since boot) of ``pid`` from ``/proc/<pid>/stat``
+    (fields 3 and 22), or None when the process or /proc is not there."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
     # The command name (field 2) is in parentheses and may contain spaces or ')'.
     fields = text[text.rindex(")") + 2:].split()
-    return int(fields[19])  # fields[0] is field 3 (state); field 22 is fields[19]
+    return fields[0], int(fields[19])  # fields[0] is field 3 (state); field 22 is fields[19]
 
 
-def _process_state(pid: int) -> Optional[str]:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()[0]
+def process_start_time(pid: int) -> Optional[int]:
+    """Start time of ``pid`` in clock ticks since boot (``/proc/<pid>/stat`` field 22), or None
+    when the process does not exist (or /proc is not available)."""
+    stat = _proc_stat(pid)
+    return None if stat is None else stat[1]
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int, start_time: Optional[int] = None) -> bool:
+    """Whether process ``pid`` runs on this host and, when ``start_time`` is given, is the process
+    that started then (a reused pid is another process). A zombie or dying process is dead; a
+    process hidden by /proc's hidepid, or a host without /proc, counts by its pid alone."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
-    return _process_state(pid) != "Z"
+        pass  # exists, owned by someone else
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True
+    state, started = stat
+    if state in ("Z", "X"):
+        return False
+    return start_time is None or started == start_time
 
 
 def job_tag() -> str:
@@ -170,10 +180,9 @@ def holder_dead_reason(rec: LockRecord, stale_s: float, now: Optional[float] = N
     """Why the lock's holder is dead, or None when it may be alive (then the lock stands)."""
     now = time.time() if now is None else now
     if rec.host == socket.gethostname():
-        if not _pid_alive(rec.pid):
+        if not process_alive(rec.pid):
             return f"pid {rec.pid} no longer runs on {rec.host}"
-        current = process_start_time(rec.pid)
-        if rec.start_time is not None and current is not None and current != rec.start_time:
+        if not process_alive(rec.pid, rec.start_time):
             return f"pid {rec.pid} on {rec.host} now belongs to another process"
         return None
     age = now - rec.heartbeat_at
@@ -392,8 +401,3 @@ class OutputLock:
                  tb: Optional[TracebackType]) -> None:
         self.release()
 
-
-def read_lock(out_dir: str | Path) -> Optional[dict[str, Any]]:
-    """The current lock record of ``out_dir`` as a dict (for `resflow info`/reports), or None."""
-    rec, _ = _read_record(Path(out_dir) / LOCK_NAME)
-    return asdict(rec) if rec is not None else None

@@ -17,7 +17,7 @@ from ..io.maskstore import MaskStore, parallel_hdf5
 from ..pipeline import Job, ResultSink, TaskSource, TileTask, counter_source, drive, export_split, list_source
 from ..runtime.comm import Communicator
 from ..runtime.device import apply_binding
-from ..runtime.mpi import bind_device, inject_fault
+from ..runtime.mpi import after_write_round, bind_device
 from ..tiling import split_block, split_cyclic
 
 
@@ -88,7 +88,7 @@ class MPIRunner:
         writer = self.writer if store_job else "independent"
 
         def after_round(_: int) -> None:
-            inject_fault(comm.rank, getattr(sink, "tiles_written", 0))
+            after_write_round(comm.rank, getattr(sink, "tiles_written", 0))
         figures = drive(job, comm, source, total, sink, writer, self.device, self.binding,
                         bucket_override, after_round)
         if counter is not None:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from resflow_mpi.errors import ConfigError, OutputError
+from resflow_mpi.io.outlock import process_alive, process_start_time
 
 LOG = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ HELD_DIR = "held"
 # Separators inside file names; device and host names must not contain them.
 TICKET_INDEX_SEP = "#"
 HOLDER_SEP = "@"
-# /proc/<pid>/stat field 22 (1-based) is the start time in clock ticks since boot.
-PROC_STAT_STARTTIME_FIELD = 22
 UNKNOWN_START_TIME = "0"
 
 
@@ -136,55 +135,16 @@ def _host_name() -> str:
     return name.replace(HOLDER_SEP, "_").replace("/", "_").replace(TICKET_INDEX_SEP, "_")
 
 
-def _read_proc_stat(pid: int) -> tuple[str, str] | None:
-    """Return (state, start time) of a process from /proc, or None when the process does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
-            stat_line = stat_file.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name (field 2) is in parentheses and may itself hold spaces or ')', so the
-    # remaining fields are split after the LAST ')'; they start at field 3 (state).
-    after_command = stat_line[stat_line.rfind(")") + 1 :].split()
-    return after_command[0], after_command[PROC_STAT_STARTTIME_FIELD - 3]
+def holder_start_time(pid: int) -> str:
+    """The start time written into held ticket names: /proc's clock ticks, or "0" unknown."""
+    started = process_start_time(pid)
+    return UNKNOWN_START_TIME if started is None else str(started)
 
 
-def _proc_available() -> bool:
-    """Whether this host exposes /proc/<pid>/stat (Linux)."""
-    return os.path.exists(f"/proc/{os.getpid()}/stat")
-
-
-def process_start_time(pid: int) -> str:
-    """Return a process's start time (clock ticks since boot) as text, or "0" where /proc is absent."""
-    stat = _read_proc_stat(pid) if _proc_available() else None
-    return stat[1] if stat is not None else UNKNOWN_START_TIME
-
-
-def is_process_alive(pid: int, start_time: str) -> bool:
-    """Whether process pid on this host is alive and is the one that started at start_time."""
-    if _proc_available():
-        stat = _read_proc_stat(pid)
-        if stat is None:
-            # With /proc mounted hidepid, other users' processes are invisible yet alive; only a
-            # pid the kernel does not know is dead.
-            return _pid_exists(pid)
-        state, actual_start_time = stat
-        # A zombie ("Z") or dying ("X") process has exited even though its pid is still listed.
-        if state in ("Z", "X"):
-            return False
-        return start_time == UNKNOWN_START_TIME or actual_start_time == start_time
-    return _pid_exists(pid)
-
-
-def _pid_exists(pid: int) -> bool:
-    """Whether the kernel knows a process with this pid (signal 0 probes without sending)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _holder_alive(pid: int, start_time: str) -> bool:
+    """Whether a holder on this host is alive and is the process named in its ticket."""
+    known = start_time.isdigit() and start_time != UNKNOWN_START_TIME
+    return process_alive(pid, int(start_time) if known else None)
 
 
 class _Holder:
@@ -198,7 +158,7 @@ class _Holder:
         """Return "@<host>@<pid>@<starttime>" for the calling process."""
         pid = os.getpid()
         if cls._cached_pid != pid:
-            cls._cached_suffix = HOLDER_SEP.join(("", _host_name(), str(pid), process_start_time(pid)))
+            cls._cached_suffix = HOLDER_SEP.join(("", _host_name(), str(pid), holder_start_time(pid)))
             cls._cached_pid = pid
         return cls._cached_suffix
 
@@ -402,7 +362,7 @@ class TicketFolder:
     def _holder_is_gone(self, holder: dict[str, Any], held_name: str, this_host: str) -> bool:
         """Whether a held ticket's holder is dead (this host) or older than stale_after_s (other hosts)."""
         if holder["host"] == this_host:
-            return not is_process_alive(holder["pid"], holder["start_time"])
+            return not _holder_alive(holder["pid"], holder["start_time"])
         if self.stale_after_s is None:
             return False
         try:

@@ -7,7 +7,7 @@ import socket
 import sys
 import traceback
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from .comm import Communicator, resolve_comm, world
 from .device import DeviceBinding, choose_binding
@@ -101,23 +101,18 @@ def abort_on_error(comm: Any, what: str = "resflow") -> Iterator[None]:
         comm.abort(code)
 
 
-def inject_fault(rank: int, tiles_written: int) -> None:
-    """Fault injection for resilience tests: RESFLOW_FAULT="kill|raise:RANK:AFTER_TILES" makes that
-    rank SIGKILL itself (or raise) once it has written AFTER_TILES tiles; "slow:RANK:SECONDS"
-    makes it sleep that long after every write round (a job long enough to interrupt). Unset in
-    production."""
-    spec = os.environ.get("RESFLOW_FAULT")
-    if not spec:
-        return
-    kind, r, after = spec.split(":")
-    if kind == "slow":
-        if int(r) == rank:
-            import time
-            time.sleep(float(after))
-        return
-    if int(r) != rank or tiles_written < int(after):
-        return
-    if kind == "kill":
-        import signal
-        os.kill(os.getpid(), signal.SIGKILL)
-    raise RuntimeError(f"injected fault after {tiles_written} tiles")
+WriteRoundHook = Callable[[int, int], None]
+_write_round_hook: Optional[WriteRoundHook] = None
+
+
+def set_write_round_hook(hook: Optional[WriteRoundHook]) -> None:
+    """Test seam (fault injection in resilience tests): call ``hook(rank, tiles_written)`` after
+    every write round of this process; None removes it. Never set in production."""
+    global _write_round_hook
+    _write_round_hook = hook
+
+
+def after_write_round(rank: int, tiles_written: int) -> None:
+    """Run the write-round hook, if a test set one."""
+    if _write_round_hook is not None:
+        _write_round_hook(rank, tiles_written)

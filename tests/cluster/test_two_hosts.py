@@ -12,7 +12,7 @@ import pytest
 
 from tests.cluster.conftest import (assert_same_masks, cluster_env, report, run, two_host_mpirun,
                                     veth_bytes, writer_ranks)
-from tests.conftest import RESFLOW
+from tests.conftest import RESFLOW, resflow_with_fault
 
 pytestmark = [pytest.mark.cluster, pytest.mark.mpi, pytest.mark.slow]
 
@@ -59,13 +59,12 @@ def test_rank_killed_on_second_host_aborts_job_and_rerun_resumes(two_hosts: dict
     out = tmp_path / "out"
     total = report(one_host_reference)["tiles"]
     # One batch (4 tiles) per write round: each rank's 8 tiles take two rounds.
-    args = [RESFLOW, "run", str(cluster_run_config), "--quiet", "--set", f"output.dir={out}",
+    args = ["run", str(cluster_run_config), "--quiet", "--set", f"output.dir={out}",
             "--set", "parallel.write_round_batches=1"]
     # Rank 3 (on host 2) SIGKILLs itself after its first write round: the whole job must stop (a
     # hang runs into the timeout and fails the test).
-    p = subprocess.run([*two_host_mpirun(two_hosts, forward=("RESFLOW_FAULT",)), *args],
-                       env=cluster_env({"RESFLOW_FAULT": "kill:3:1"}), capture_output=True,
-                       text=True, timeout=180)
+    p = subprocess.run([*two_host_mpirun(two_hosts), *resflow_with_fault("kill:3:1"), *args],
+                       env=cluster_env(), capture_output=True, text=True, timeout=180)
     assert p.returncode != 0, "a job that lost a rank must fail"
     assert not (out / "run_report.json").exists()
     for _ in range(100):  # the host's daemon may need a moment after mpirun returned
@@ -75,7 +74,7 @@ def test_rank_killed_on_second_host_aborts_job_and_rerun_resumes(two_hosts: dict
             break
         time.sleep(0.1)
     assert leftovers == [], "processes of the aborted job still run on host 2"
-    run([*two_host_mpirun(two_hosts), *args], timeout=400)  # the same command resumes
+    run([*two_host_mpirun(two_hosts), RESFLOW, *args], timeout=400)  # the same command resumes
     r = report(out)
     assert all(s["complete"] for s in r["scenes"])
     assert 0 < r["tiles"] < total  # only the unfinished tiles were computed again

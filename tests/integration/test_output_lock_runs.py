@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from osgeo import gdal
 
 from resflow_mpi.io.outlock import LOCK_NAME
-from tests.conftest import RESFLOW, env, resflow
+from tests.conftest import RESFLOW, env, resflow, resflow_with_fault
 
 
 
@@ -25,24 +24,10 @@ def masks(out: Path) -> dict[str, np.ndarray]:
 def start(cfg: Path, out: Path, slow_s: float = 0.0) -> subprocess.Popen:
     """``resflow run`` in the background; ``slow_s``: sleep after every write round (the
     engine's fault injection), so the job outlasts another process's start-up."""
-    e = env()
-    if slow_s:
-        e["RESFLOW_FAULT"] = f"slow:0:{slow_s}"
-    return subprocess.Popen([RESFLOW, "run", str(cfg), "--quiet", "--no-report-html",
-                             "--set", f"output.dir={out}"], env=e, stdout=subprocess.PIPE,
+    command = resflow_with_fault(f"slow:0:{slow_s}") if slow_s else [RESFLOW]
+    return subprocess.Popen([*command, "run", str(cfg), "--quiet", "--no-report-html",
+                             "--set", f"output.dir={out}"], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_lock(p: subprocess.Popen, out: Path, timeout_s: float = 240) -> bool:
-    """True once the run holds the lock; False if it ended (or timed out) without taking it."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if (out / LOCK_NAME).exists():
-            return True
-        if p.poll() is not None:
-            return False
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture()
@@ -77,11 +62,21 @@ def test_two_concurrent_runs_on_one_output_dir(lone, tmp_path: Path) -> None:
 def test_killed_holder_is_recovered_and_resumed(lone, tmp_path: Path) -> None:
     cfg, reference = lone
     out = tmp_path / "killed"
-    first = start(cfg, out)
-    held = wait_for_lock(first, out)
+    # Killed mid-run (after a progress line: tiles written), each write round slowed to 0.5 s.
+    first = subprocess.Popen([*resflow_with_fault("slow:0:0.5"), "run", str(cfg),
+                              "--no-report-html", "--set", f"output.dir={out}",
+                              "--set", "parallel.write_round_batches=1"], env=env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert first.stderr is not None
+    line = ""
+    for line in first.stderr:
+        if line.startswith("[progress]"):
+            break
+    assert line.startswith("[progress]"), line
+    done, total = map(int, line.split()[1].split("/"))
+    assert done < total, line
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=60)
-    assert held, "the run never took the output lock"
     assert (out / LOCK_NAME).exists(), "a killed holder leaves its lock behind"
     again = resflow(["run", str(cfg), "--quiet", "--no-report-html", "--set", f"output.dir={out}"],
                     check=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import RESFLOW, env, resflow, store_scenes
+from tests.conftest import env, resflow, resflow_with_fault, store_scenes
 
 pytestmark = pytest.mark.mpi
 
@@ -26,11 +26,10 @@ def test_kill_one_rank_then_resume(tmp_path: Path, run_config) -> None:
     total = report_full["tiles"]
 
     cfg = run_config("crash.yaml", output={"dir": str(tmp_path / "crash")}, **common)
-    e = env()
-    e["RESFLOW_FAULT"] = f"kill:1:{total // 6}"
     # A hang would exceed the timeout and fail the test (TimeoutExpired): the job must stop.
-    p = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", RESFLOW, "run", str(cfg), "--quiet"],
-                       env=e, capture_output=True, text=True, timeout=90)
+    p = subprocess.run(["mpirun", "-n", "2", "--oversubscribe",
+                        *resflow_with_fault(f"kill:1:{total // 6}"), "run", str(cfg), "--quiet"],
+                       env=env(), capture_output=True, text=True, timeout=90)
     assert p.returncode != 0, "a job that lost a rank must fail"
     out = tmp_path / "crash"
     assert not (out / "run_report.json").exists()
@@ -53,10 +52,9 @@ def test_kill_one_rank_then_resume(tmp_path: Path, run_config) -> None:
 
 def test_rank_raising_aborts_job_with_rank_and_reason(tmp_path: Path, run_config) -> None:
     cfg = run_config("raise.yaml", tiling={"tile_px": 32, "halo_px": 8})
-    e = env()
-    e["RESFLOW_FAULT"] = "raise:1:1"
-    p = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", RESFLOW, "run", str(cfg), "--quiet"],
-                       env=e, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(["mpirun", "-n", "2", "--oversubscribe", *resflow_with_fault("raise:1:1"),
+                        "run", str(cfg), "--quiet"], env=env(), capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode != 0
     assert "[rank 1]" in p.stderr and "injected fault" in p.stderr and "aborting" in p.stderr
 
@@ -85,10 +83,10 @@ def test_sigint_to_mpirun_ends_with_a_line_and_the_rerun_resumes(tmp_path: Path,
     cfg = run_config("int.yaml", tiling={"tile_px": 32, "halo_px": 8}, scenes={"split": "all"},
                      parallel={"write_round_batches": 1})
     out = tmp_path / "out"
-    e = env()
-    e["RESFLOW_FAULT"] = "slow:1:0.2"  # rank 1 pauses after each write round: ~10 s of work
-    p = subprocess.Popen(["mpirun", "-n", "2", "--oversubscribe", RESFLOW, "run", str(cfg)],
-                         env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # rank 1 pauses after each write round: ~10 s of work
+    p = subprocess.Popen(["mpirun", "-n", "2", "--oversubscribe", *resflow_with_fault("slow:1:0.2"),
+                          "run", str(cfg)], env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     assert p.stderr is not None
     for line in p.stderr:  # wait for the first progress line: tiles are being written

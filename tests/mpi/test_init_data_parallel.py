@@ -86,4 +86,5 @@ def test_one_process_sum_keeps_gradients_and_batches() -> None:
     assert dp.sum_gradients(model, 4, 4, loss=2.5) == pytest.approx(2.5)
     for g, p in zip(grads, model.parameters()):
         assert torch.equal(g, p.grad)
+    assert int(model[1].num_batches_tracked) == 1
     dp.check_identical(model, "test model")

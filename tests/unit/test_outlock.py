@@ -14,7 +14,7 @@ import pytest
 
 from resflow_mpi.errors import OutputError
 from resflow_mpi.io.outlock import (LOCK_NAME, RECORD_BYTES, LockRecord, OutputLock, job_tag,
-                                    partial_path, process_start_time)
+                                    partial_path, process_alive, process_start_time)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -220,3 +220,26 @@ def test_job_tag_and_partial_names(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_JOB_ID", "123")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     assert job_tag() == "job123.0"
+
+
+def test_process_liveness_is_one_function_for_locks_and_tickets() -> None:
+    """outlock.process_alive decides for the output lock and the GPU tickets alike: a running
+    process is alive, with its own start time too; another start time, an exited pid, an unreaped
+    zombie and impossible pids are dead."""
+    from resflow_mpi.runners import tickets
+    me = os.getpid()
+    started = process_start_time(me)
+    assert started is not None
+    assert process_alive(me) and process_alive(me, started)
+    assert not process_alive(me, started - 1)
+    assert not process_alive(0) and not process_alive(-1) and not process_alive(2**62)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    for _ in range(200):  # exited but not reaped: a zombie
+        if not process_alive(child.pid):
+            break
+        time.sleep(0.02)
+    assert not process_alive(child.pid)
+    child.wait()
+    assert not process_alive(child.pid)
+    assert tickets.process_alive is process_alive
+    assert tickets.holder_start_time(me) == str(started)

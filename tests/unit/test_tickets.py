@@ -13,7 +13,7 @@ from typing import Any, Callable
 import pytest
 
 from resflow_mpi.errors import ConfigError
-from resflow_mpi.runners.tickets import Ticket, TicketFolder, process_start_time
+from resflow_mpi.runners.tickets import Ticket, TicketFolder, holder_start_time
 
 # fork starts workers in milliseconds; the workers only use the stdlib and this module.
 MP = multiprocessing.get_context("fork")
@@ -196,7 +196,7 @@ def test_reused_pid_is_not_taken_for_the_holder(tmp_path: Path) -> None:
     """A held ticket naming a live pid with another start time belongs to a dead process."""
     folder = TicketFolder.create(tmp_path / "tickets", ["cuda:0", "cuda:1"])
     host, pid = socket.gethostname(), os.getpid()
-    os.rename(folder.free_dir / "cuda:0#0", folder.held_dir / f"cuda:0#0@{host}@{pid}@{process_start_time(pid)}")
+    os.rename(folder.free_dir / "cuda:0#0", folder.held_dir / f"cuda:0#0@{host}@{pid}@{holder_start_time(pid)}")
     os.rename(folder.free_dir / "cuda:1#0", folder.held_dir / f"cuda:1#0@{host}@{pid}@1")
     assert folder.recover_stale() == ["cuda:1#0"]
     assert folder.status()["free"] == ["cuda:1#0"]
