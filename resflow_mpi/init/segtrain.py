@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dataparallel import data_parallel_step
 from .metrics import add_counts, confusion_counts, iou_f1
 
 # Loss weight of each training output: the main logits, then an auxiliary head's.
@@ -138,6 +139,16 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
              if recipe.schedule == "cosine" else None)
     loss_fn = dice_bce_loss if recipe.loss == "bce_dice" else bce_loss
+
+    def loss_of(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        valid, target = (yb != 255).float(), (yb == 1).float()
+        xb = xb.contiguous(memory_format=torch.channels_last)
+        # Networks with auxiliary heads (DeepLabV3) return them in training; weights as
+        # torchvision.
+        outputs = model.forward_with_aux(xb) if hasattr(model, "forward_with_aux") \
+            else (model(xb),)
+        return torch.stack([w * loss_fn(o, target, valid)
+                            for w, o in zip(AUX_LOSS_WEIGHTS, outputs)]).sum()
     model.train()
     curve = []
     for _ in range(steps):
@@ -145,27 +156,7 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
         xb = torch.from_numpy(x[idx])
         yb = torch.from_numpy(y[idx]).float()[:, None]
         xb, yb = augment_batch(xb, yb, rng, recipe)
-        n_batch = len(xb)
-        if dp is not None:
-            mine = dp.share(n_batch)
-            xb, yb = xb[mine], yb[mine]
-        valid = (yb != 255).float()
-        target = (yb == 1).float()
-        xb = xb.contiguous(memory_format=torch.channels_last)
-        opt.zero_grad()
-        loss_value = 0.0
-        if len(xb):
-            # Networks with auxiliary heads (DeepLabV3) return them in training; weights as
-            # torchvision.
-            outputs = model.forward_with_aux(xb) if hasattr(model, "forward_with_aux") \
-                else (model(xb),)
-            loss = torch.stack([w * loss_fn(o, target, valid)
-                                for w, o in zip(AUX_LOSS_WEIGHTS, outputs)]).sum()
-            loss.backward()
-            loss_value = float(loss.detach())
-        if dp is not None:
-            loss_value = dp.sum_gradients(model, len(xb), n_batch, loss_value)
-        opt.step()
+        loss_value = data_parallel_step(model, opt, (xb, yb), loss_of, dp)
         if sched is not None:
             sched.step()
         curve.append(loss_value)

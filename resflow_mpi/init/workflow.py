@@ -43,7 +43,7 @@ from ..tiling import Window, split_block
 from ..ood import EmbeddingReference
 from .clustering import choose_k, soft_labels
 from .data import TileSet, crop_warnings, open_scenes, per_scene_reports, sample_tiles
-from .dataparallel import DataParallel
+from .dataparallel import DataParallel, data_parallel_step
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
 from .holdout import HoldoutPlan, plan_holdout, scene_descriptors, stratum_of
@@ -72,25 +72,15 @@ def train_cem(x: np.ndarray, in_ch: int, embed_dim: int, epochs: int, batch_size
     xt = torch.from_numpy(x)
     g = torch.Generator().manual_seed(seed)
     ae.train()
+    def loss_of(xb: torch.Tensor) -> torch.Tensor:
+        recon, target = ae(xb)
+        _, emb = extractor.encode_pooled(target)
+        small = F.adaptive_avg_pool2d(target, 4).flatten(1)
+        return F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
     for _ in range(epochs):
         perm = torch.randperm(len(xt), generator=g)
         for i in range(0, len(xt), batch_size):
-            xb = xt[perm[i:i + batch_size]]
-            n_batch = len(xb)
-            if dp is not None:
-                xb = xb[dp.share(n_batch)]
-            opt.zero_grad()
-            loss_value = 0.0
-            if len(xb):
-                recon, target = ae(xb)
-                _, emb = extractor.encode_pooled(target)
-                small = F.adaptive_avg_pool2d(target, 4).flatten(1)
-                loss = F.mse_loss(recon, target) + F.mse_loss(thumb(emb), small)
-                loss.backward()
-                loss_value = float(loss.detach())
-            if dp is not None:
-                dp.sum_gradients(trained, len(xb), n_batch, loss_value)
-            opt.step()
+            data_parallel_step(trained, opt, (xt[perm[i:i + batch_size]],), loss_of, dp)
     extractor.eval()
     if dp is not None:
         dp.check_identical(trained, "feature extractor")
