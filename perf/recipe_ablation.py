@@ -4,13 +4,16 @@
 Crops are taken as ``resflow init`` takes them (its sampler, its held-out plan: whole scenes per
 region, row bands of lone scenes); one Mono (the configured preset, from scratch, the same steps)
 is trained per variant and seed on the training crops and scored on the held-out crops. Each
-variant is compared with the full recipe on the same held-out crops: IoU gain with a 95 % paired
-bootstrap interval over crops, per seed, and the mean over seeds.
+variant is compared with the first one given (the full recipe by default) on the same held-out
+crops: IoU gain with a 95 % paired bootstrap interval over crops, per seed, and the mean over
+seeds. ``--test-regions`` also scores every model on crops of the labelled test scenes, per
+region (new acquisitions and unseen regimes, which held-out training scenes do not show).
 
 Variants: full (the defaults), geometric augmentation only (no brightness/contrast/gamma/scale),
 no augmentation, BCE instead of BCE + Dice, constant learning rate, no early stopping.
 
-  python perf/recipe_ablation.py [--preset demo|tiny] [--seeds 2] [--steps 400] [--out DIR]
+  python perf/recipe_ablation.py [--preset demo|tiny] [--seeds 2] [--steps 400]
+                                 [--variants full,no_aug] [--test-regions] [--out DIR]
 
 Writes recipe_ablation.json into --out (default perf/results/recipe_ablation/).
 """
@@ -39,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--tile-px", type=int, default=64)
     ap.add_argument("--per-scene", type=int, default=24)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of: " + ", ".join(VARIANTS))
+    ap.add_argument("--test-regions", action="store_true",
+                    help="also score each model on crops of the archive's labelled test scenes, "
+                         "per region (new acquisitions, unseen regimes)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else bk.default_out("recipe_ablation")
@@ -78,10 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr, xva, yva = tiles.x[~is_val], tiles.y[~is_val], tiles.x[is_val], tiles.y[is_val]
     print(f"{len(xtr)} training and {len(xva)} held-out crops of {tr.tile_px} px "
           f"({len(plan.held_out_scenes)} held-out scenes, {len(plan.row_split_scenes)} row bands)")
-    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in VARIANTS}
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    test_sets: dict[str, tuple[Any, Any]] = {}
+    if args.test_regions:
+        tests = scenes_for(cfg, "test")
+        tscenes = open_scenes([e.path for e in tests], cfg)
+        ttiles, _ = sample_tiles(tscenes, [e.label for e in tests], list(range(len(tests))),
+                                 tr.tile_px, tr.tiles_per_scene // 2, cfg.scenes.bands,
+                                 cfg.normalization, cfg.labels, tr.seed, 0.0)
+        for region in sorted({e.region for e in tests}):
+            sel = np.isin(ttiles.scene, [i for i, e in enumerate(tests) if e.region == region])
+            test_sets[region] = (ttiles.x[sel], ttiles.y[sel])
+    rows: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for seed in range(args.seeds):
         counts = {}
-        for name, change in VARIANTS.items():
+        test_counts: dict[str, dict[str, Any]] = {}
+        for name, change in variants.items():
             recipe = dataclasses.replace(TrainingRecipe(), **change)
             torch.manual_seed(seed)
             model = build_segmentation(cfg.models.arch, cfg.models.preset, xtr.shape[1])
@@ -89,21 +109,29 @@ def main(argv: list[str] | None = None) -> int:
             fit = train_selected(model, xtr, ytr, args.steps, tr.batch_size, tr.lr, seed,
                                  xva, yva, tr.val_every, recipe)
             counts[name] = tile_counts(model, xva, yva)
-            g = paired_gain(counts[name], counts["full"], seed=seed)
-            rows[name].append({"seed": seed, "iou": g.iou_a, "minus_full": g.record(),
+            ref = next(iter(variants))
+            g = paired_gain(counts[name], counts[ref], seed=seed)
+            regions = {}
+            for region, (xt, yt) in test_sets.items():
+                test_counts.setdefault(region, {})[name] = tile_counts(model, xt, yt)
+                rg = paired_gain(test_counts[region][name], test_counts[region][ref], seed=seed)
+                regions[region] = {"iou": rg.iou_a, "minus_first": rg.record()}
+                print(f"    {region}: IoU {rg.iou_a:.4f}, minus {ref} {rg.text()}", flush=True)
+            rows[name].append({"seed": seed, "iou": g.iou_a, "minus_first": g.record(),
+                               "test_regions": regions,
                                "steps_run": fit["steps_run"], "best_step": fit["best_step"],
                                "seconds": time.perf_counter() - t0})
-            print(f"seed {seed} {name:>14}: held-out IoU {g.iou_a:.4f}  minus full "
+            print(f"seed {seed} {name:>14}: held-out IoU {g.iou_a:.4f}  minus {ref} "
                   f"{g.text():>26}  steps {fit['steps_run']:>4} (best {fit['best_step']})  "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
     summary = {name: {"iou_mean": float(np.mean([r["iou"] for r in rs])),
-                      "minus_full_mean": float(np.mean([r["minus_full"]["gain"] or 0.0
-                                                        for r in rs])),
+                      "minus_first_mean": float(np.mean([r["minus_first"]["gain"] or 0.0
+                                                         for r in rs])),
                       "seconds_mean": float(np.mean([r["seconds"] for r in rs]))}
                for name, rs in rows.items()}
-    print("\nvariant          IoU (mean over seeds)  minus full  s/model")
+    print(f"\nvariant          IoU (mean over seeds)  minus {next(iter(variants))}  s/model")
     for name, s in summary.items():
-        print(f"{name:>14}   {s['iou_mean']:.4f}               {s['minus_full_mean']:+.4f}"
+        print(f"{name:>14}   {s['iou_mean']:.4f}               {s['minus_first_mean']:+.4f}"
               f"     {s['seconds_mean']:.0f}")
     path = bk.write_json(out / "recipe_ablation.json",
                          {**bk.header("recipe_ablation", args), "train_crops": int(len(xtr)),
