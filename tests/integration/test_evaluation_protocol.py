@@ -11,11 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from osgeo import gdal
 
-from resflow_mpi.galleries import ImageGallery
-from resflow_mpi.models.hashing import hamming_distance
 from resflow_mpi.synth import UNSEEN_REGIME, archive_specs, synth_archive
 from tests.conftest import resflow, store_scenes, write_config
 
@@ -57,19 +54,14 @@ def test_run_with_routing_flags_unseen_tiles(eval_archive: Path, tiny_gallery: P
     per_scene = {Path(s["path"]).stem: s for s in report["scenes"]}
     assert report["ood_tiles"] == sum(s["ood_tiles"] for s in report["scenes"]) > 0
     assert report["bucket_histogram"].get("-2", 0) == report["ood_tiles"]
-    train_codes = torch.from_numpy(ImageGallery(tiny_gallery / "images.h5").codes)
-    nearest: dict[str, float] = {}
     stored = store_scenes(out / "masks.h5")
     for i, s in enumerate(report["scenes"]):
-        g = stored[i]
-        bucket = g["bucket"]
-        stem = Path(s["path"]).stem
-        assert int((bucket == -2).sum()) == per_scene[stem]["ood_tiles"]
-        d = hamming_distance(torch.from_numpy(g["code"][bucket != -1]), train_codes)
-        nearest[stem] = float(d.min(1).values.float().mean())
-    # The unseen regime's codes lie farther from every training code than a known regime's.
-    unseen = [v for k, v in nearest.items() if k.startswith("heldout-unseen")]
-    assert min(unseen) > nearest["heldout-perturbed-00"], nearest
+        bucket = stored[i]["bucket"]
+        assert int((bucket == -2).sum()) == per_scene[Path(s["path"]).stem]["ood_tiles"]
+    # The unseen regime's tiles are flagged, the perturbed known regime's at most rarely (hash
+    # codes alone need not tell them apart: unseen tiles may hash onto a training code).
+    unseen = [v["ood_tiles"] for k, v in per_scene.items() if k.startswith("heldout-unseen")]
+    assert min(unseen) > per_scene["heldout-perturbed-00"]["ood_tiles"], per_scene
     # The bucket map shows flagged tiles in white.
     bmap = next(p for p in out.glob("heldout-unseen-00*buckets.tif"))
     rgb = gdal.Open(str(bmap)).ReadAsArray()

@@ -36,7 +36,7 @@ def test_k_min_1_on_a_single_regime_archive_is_mono_only(single_archive: Path,
                             output={"dir": str(tmp_path / "out")},
                             training={"k_min": 1, "seg_epochs": 8})
     p = resflow(["init", str(init_cfg)], ranks=2, timeout=600)
-    assert "k chosen = 1 from 1..6" in p.stderr and "Mono only" in p.stderr, p.stderr
+    assert "choice k = 1 from 1..6" in p.stderr and "Mono only" in p.stderr, p.stderr
     curve = json.loads((gallery / "k_selection.json").read_text())
     assert curve["chosen_k"] == 1 and curve["ks"][0] == 1
     assert len(curve["reference_knee_score"]) == len(curve["ks"]) == len(curve["mean_intra_variance"])
