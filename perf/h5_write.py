@@ -144,7 +144,14 @@ def worker(args: argparse.Namespace) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     srs = osr.SpatialReference()
     srs.ImportFromEPSG(bk.BENCH_EPSG)
-    info = SceneInfo(path="h5-write-benchmark", width=args.width, height=args.height, band_count=3,
+    # The store records its source file's identity; the benchmark reads no pixels, so a
+    # placeholder file stands in for the scene.
+    source = Path(args.dir) / "h5-write-benchmark.source"
+    if rank == 0:
+        source.parent.mkdir(parents=True, exist_ok=True)
+        source.write_bytes(b"h5-write benchmark: no pixels are read from this file\n")
+    comm.Barrier()
+    info = SceneInfo(path=str(source), width=args.width, height=args.height, band_count=3,
                      dtype="uint8", nodata=0.0, crs_wkt=srs.ExportToWkt(), epsg=bk.BENCH_EPSG,
                      geotransform=(400000.0, bk.BENCH_PIXEL_M, 0.0, 1000000.0, 0.0, -bk.BENCH_PIXEL_M))
     tiles = list(tile_grid(0, args.width, args.height, args.tile_px, 0))
