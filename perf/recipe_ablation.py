@@ -47,8 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-regions", action="store_true",
                     help="also score each model on crops of the archive's labelled test scenes, "
                          "per region (new acquisitions, unseen regimes)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny archive, 10 steps, one seed: seconds, numbers meaningless")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    if args.quick:
+        args.preset, args.steps, args.seeds = "tiny", 10, 1
     out = Path(args.out) if args.out else bk.default_out("recipe_ablation")
     out.mkdir(parents=True, exist_ok=True)
 
