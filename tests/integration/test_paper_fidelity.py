@@ -40,7 +40,7 @@ def test_k_min_1_on_a_single_regime_archive_is_mono_only(single_archive: Path,
     curve = json.loads((gallery / "k_selection.json").read_text())
     assert curve["chosen_k"] == 1 and curve["ks"][0] == 1
     assert len(curve["reference_knee_score"]) == len(curve["ks"]) == len(curve["mean_intra_variance"])
-    assert "structureless" in curve["reason"]
+    assert "structureless" in curve["variance_reason"] and curve["variance_choice"] == 1
     manifest = json.loads((gallery / "manifest.json").read_text())
     assert manifest["summary"]["k"] == 1
     [bucket] = manifest["buckets"]
