@@ -210,8 +210,10 @@ class TrainingConfig:
                               "the whole gallery's held-out IoU (with k = 1, Mono alone); more "
                               "candidates cost more bucket models at init.", min=1)
     augment: Literal["full", "geometric", "none"] = _f(
-        "full", "Segmentation augmentation: full (flips, 90-degree rotations, brightness, "
-                "contrast, gamma, small scale jitter), geometric (flips and rotations) or none.")
+        "none", "Segmentation augmentation: full (flips, 90-degree rotations, brightness, "
+                "contrast, gamma, small scale jitter), geometric (flips and rotations) or none "
+                "(the default: at the default budgets augmentation cost held-out IoU, see "
+                "perf/RESULTS.md).")
     loss: Literal["bce_dice", "bce"] = _f("bce_dice", "Segmentation loss: BCE + soft Dice (sparse "
                                                       "buildings) or BCE alone.")
     lr_schedule: Literal["cosine", "constant"] = _f("cosine", "Learning-rate schedule of the "

@@ -37,7 +37,7 @@ class TrainingRecipe:
     5 % of the rate) or "constant"; ``patience``: stop after this many validation checks without
     a better held-out IoU (0: train every step)."""
 
-    augment: str = "full"
+    augment: str = "none"
     loss: str = "bce_dice"
     schedule: str = "cosine"
     patience: int = 4
