@@ -34,7 +34,7 @@ def test_k_min_1_on_a_single_regime_archive_is_mono_only(single_archive: Path,
                             scenes={"inputs": [str(single_archive)], "split": "train"},
                             models={"gallery": str(gallery)},
                             output={"dir": str(tmp_path / "out")},
-                            training={"k_min": 1, "seg_epochs": 8})
+                            training={"k_min": 1, "seg_epochs": 16})
     p = resflow(["init", str(init_cfg)], ranks=2, timeout=600)
     assert "choice k = 1 from 1..6" in p.stderr and "Mono only" in p.stderr, p.stderr
     curve = json.loads((gallery / "k_selection.json").read_text())
