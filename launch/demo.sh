@@ -33,7 +33,7 @@ print(f"scenes mapped: {sum(s['complete'] for s in r['scenes'])}/{len(r['scenes'
       f"({t['mpixel_per_s']:.2f} Mpx/s, {t['km2_per_s']:.3f} km2/s)")
 for s in r["scenes"]:
     print("  ", s["outputs"][0] if s["outputs"] else s["path"],
-          f"({s.get('ood_tiles', 0)} tile(s) out of distribution -> Mono)")
+          f"({s.get('ood_tiles', 0)} tile(s) flagged out of distribution)")
 k = json.load(open("demo-out/gallery/k_selection.json"))
 m = json.load(open("demo-out/gallery/manifest.json"))["summary"]
 print(f"buckets chosen: {k['chosen_k']} (curve: demo-out/gallery/k_selection.png), hash mAP {m['hash_map']:.3f}")
