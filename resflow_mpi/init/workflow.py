@@ -321,6 +321,10 @@ def choose_candidate(judged: Sequence[CandidateVerdict], seed: int
     if len(ranked) == 1:
         return best, f"k = {best.k}: the only candidate"
     runner = ranked[1]
+    if np.array_equal(best.counts, runner.counts):
+        return best, (f"k = {best.k} and k = {runner.k} map the held-out crops alike (IoU "
+                      f"{best.iou:.4f}, {n_kept(best)} and {n_kept(runner)} bucket model(s) "
+                      f"kept); the one with fewer kept models, then the smaller k, is kept")
     g = paired_gain(best.counts, runner.counts, seed=seed, groups=best.scene_of)
     close = g.low is None or g.low <= 0
     return best, (f"k = {best.k} (held-out IoU {best.iou:.4f}, {n_kept(best)} bucket model(s) "

@@ -134,6 +134,9 @@ def test_k_is_chosen_by_held_out_iou_and_a_close_choice_says_so() -> None:
     c = CandidateVerdict(3, [], near, gain)
     best, line = choose_candidate([a, c], seed=0)
     assert "close choice" in line
+    same = CandidateVerdict(4, [], mono, paired_gain(mono, mono))
+    best, line = choose_candidate([same, b], seed=0)
+    assert best.k == 4 and "map the held-out crops alike" in line and "close" not in line
 
 
 def test_variance_curve_candidates_start_at_the_elbow() -> None:
