@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dataparallel import data_parallel_step
-from .metrics import add_counts, confusion_counts, iou_f1
+from .metrics import COUNT_KEYS, confusion_counts, iou_f1
 
 # Loss weight of each training output: the main logits, then an auxiliary head's.
 AUX_LOSS_WEIGHTS = (1.0, 0.5)
@@ -171,20 +171,9 @@ def train_segmenter(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, 
     return curve
 
 
-@torch.inference_mode()
-def confusion(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 16,
-              threshold: float = 0.5) -> dict[str, int]:
-    """TP/FP/FN/TN over valid pixels (y != 255)."""
-    total: dict[str, int] = {}
-    model.eval()
-    for i in range(0, len(x), batch_size):
-        p = torch.sigmoid(model(torch.from_numpy(x[i:i + batch_size])))[:, 0].numpy() > threshold
-        add_counts(total, confusion_counts(p.astype(np.uint8), y[i:i + batch_size]))
-    return add_counts(total, {})
-
-
 def metrics(model: nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    c = confusion(model, x, y)
+    """Summed TP/FP/FN/TN over the tiles and their IoU/F1."""
+    c = dict(zip(COUNT_KEYS, (int(v) for v in tile_counts(model, x, y).sum(0))))
     return {**c, **iou_f1(c)}
 
 

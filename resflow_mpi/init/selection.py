@@ -11,6 +11,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .metrics import iou
+
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE = 0.95
 # Fewer held-out tiles than this: no evidence, the bucket maps with Mono.
@@ -18,15 +20,6 @@ MIN_EVIDENCE_TILES = 3
 # Held-out tiles most unlike the training scenes (by the embedding score), as a share of all
 # held-out tiles: the stand-in for the tiles routing flags when choosing their model.
 FLAGGED_PROXY_SHARE = 0.2
-
-
-def summed_iou(counts: np.ndarray) -> np.ndarray:
-    """IoU of the building class over the last axis of summed counts (..., 4) (TP, FP, FN, TN);
-    NaN where there is nothing to score."""
-    c = np.asarray(counts, np.float64)
-    den = c[..., 0] + c[..., 1] + c[..., 2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, c[..., 0] / np.maximum(den, 1), np.nan)
 
 
 @dataclass(frozen=True)
@@ -81,9 +74,9 @@ def paired_gain(a: np.ndarray, b: np.ndarray, seed: int = 0, samples: int = BOOT
     n = len(a)
     if n == 0:
         return Gain(0, None, None, None, None, None)
-    ia, ib = summed_iou(a.sum(0)), summed_iou(b.sum(0))
+    ia, ib = iou(a.sum(0)), iou(b.sum(0))
     draws = resample_indices(n, groups, samples, seed)
-    diff = np.array([summed_iou(a[i].sum(0)) - summed_iou(b[i].sum(0)) for i in draws])
+    diff = np.array([iou(a[i].sum(0)) - iou(b[i].sum(0)) for i in draws])
     diff = diff[~np.isnan(diff)]
     if len(diff) == 0:
         return Gain(n, _f(ia), _f(ib), None, None, None)
@@ -208,6 +201,6 @@ def choose_flagged_model(candidates: dict[str, np.ndarray], seed: int = 0,
              for name, c in candidates.items() if name != "mono"}
     better = {n: g for n, g in table.items() if g.low is not None and g.low > 0}
     choice = max(better, key=lambda n: better[n].gain or 0.0) if better else "mono"
-    return choice, {"tiles": int(len(mono)), "mono_iou": _f(summed_iou(mono.sum(0)))
+    return choice, {"tiles": int(len(mono)), "mono_iou": _f(iou(mono.sum(0)))
                     if len(mono) else None,
                     "candidates": {n: g.record() for n, g in table.items()}, "chosen": choice}

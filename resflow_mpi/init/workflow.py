@@ -47,11 +47,11 @@ from .dataparallel import DataParallel, data_parallel_step
 from .hashing import (bucket_of, centroid_codes, hamming_to_own_centroid,
                       mean_average_precision, packed_codes, train_hash_head)
 from .holdout import HoldoutPlan, plan_holdout, scene_descriptors, stratum_of
-from .metrics import COUNT_KEYS, add_counts, iou_f1
+from .metrics import COUNT_KEYS, iou, iou_f1
 from .oodfit import fit_embedding_reference
 from .segtrain import TrainingRecipe, acquisition_shifts, tile_counts, train_selected
 from .selection import (BucketVerdict, Gain, choose_flagged_model, family_confidence,
-                        flagged_proxy, gallery_counts, judge_bucket, paired_gain, summed_iou,
+                        flagged_proxy, gallery_counts, judge_bucket, paired_gain,
                         verdict_table)
 
 
@@ -275,7 +275,7 @@ class CandidateVerdict:
 
     @property
     def iou(self) -> float:
-        v = summed_iou(self.counts.sum(0)) if len(self.counts) else np.nan
+        v = iou(self.counts.sum(0)) if len(self.counts) else np.nan
         return -1.0 if np.isnan(v) else float(v)
 
 
@@ -515,7 +515,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
             _log(f"hash head (k = {c.k}): held-out mAP "
                  + ("n/a" if c.hash_map is None else f"{c.hash_map:.4f}, bucket = cluster on "
                     f"{c.bucket_equals_cluster:.1%} of held-out crops"))
-        state: Any = [dataclasses.replace(c) for c in candidates]
+        state: Any = candidates
         torch.set_num_threads(per_rank_threads)
     else:
         state = None
@@ -569,15 +569,14 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
                              xva[sel_val], yva[sel_val], tr.val_every, recipe)
         counts = tile_counts(model, xva, yva)
         counts_shifted = tile_counts(model, xsh, ysh)
+        val_counts = dict(zip(COUNT_KEYS, (int(v) for v in counts[sel_val].sum(0))))
         file = gallery / (f"{job.name}.pt" if job.k is None else f".candidate-{job.key}.pt")
         entry = save_module(model, file)
         entry.update({"train_tiles": int(sel_tr.sum()), "val_tiles": int(sel_val.sum()),
                       "steps": fit["steps_run"] + (plan.base_steps if job.from_base else 0),
                       "steps_budget": job.steps + (plan.base_steps if job.from_base else 0),
                       "from_base": job.from_base, "best_step": fit["best_step"],
-                      "val_metrics": {**add_counts({}, dict(zip(COUNT_KEYS,
-                                                                counts[sel_val].sum(0).tolist()))),
-                                      **iou_f1(dict(zip(COUNT_KEYS, counts[sel_val].sum(0))))}})
+                      "val_metrics": {**val_counts, **iou_f1(val_counts)}})
         done[job.key] = (entry, counts, counts_shifted)
     comm.quiet_barrier()
     lap("segmentation_models")

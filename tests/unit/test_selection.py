@@ -12,7 +12,8 @@ from resflow_mpi.init.data import TileSet
 from resflow_mpi.init.holdout import plan_holdout, scene_descriptors, stratum_of
 from resflow_mpi.init.segtrain import TrainingRecipe, augment_batch, train_selected
 from resflow_mpi.init.selection import (choose_flagged_model, flagged_proxy, gallery_counts,
-                                        judge_bucket, paired_gain, summed_iou)
+                                        judge_bucket, paired_gain)
+from resflow_mpi.init.metrics import iou as summed_iou
 from resflow_mpi.init.workflow import CandidateVerdict, choose_candidate, held_out_crops
 
 
