@@ -55,6 +55,14 @@ class ScenesConfig:
                                               "value ranges of blank fill, in the scenes' units.")
     blank_fill_min_run_px: int = _f(64, "Shortest run of fill pixels (along a row) taken as blank "
                                         "fill, so dark or bright objects are kept.", min=1)
+    gsd_m: Optional[float] = _f(
+        None, "Ground sample distance in metres the networks see (also for geographic CRSs): "
+              "every scene is read resampled to it (training crops too) and masks are written "
+              "back on each scene's own grid. The gallery records it; a run leaving it unset "
+              "uses the gallery's. null: each scene at its own pixel size.", min=0.001)
+    gsd_resampling: Literal["auto", "average", "bilinear", "cubic", "nearest"] = _f(
+        "auto", "GDAL resampling of scenes.gsd_m reads (auto: average when coarsening, bilinear "
+                "when refining).")
 
 
 @dataclass(frozen=True)

@@ -314,7 +314,7 @@ class ImageGallery:
 # extractor pools every tile to a fixed size, so any tile_px/halo_px the config accepts is valid.
 CONTRACT_KEYS = ("scenes.bands", "normalization.mode", "normalization.value_max",
                  "normalization.mean", "normalization.std", "models.hash_bits", "models.embed_dim",
-                 "models.arch", "models.preset")
+                 "models.arch", "models.preset", "scenes.gsd_m")
 
 
 def gallery_contract(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -331,6 +331,8 @@ def gallery_contract(manifest: dict[str, Any]) -> dict[str, Any]:
         "models.preset": manifest.get("preset"),
     }
     contract = {k: v for k, v in found.items() if v is not None}
+    if "gsd_m" in manifest:  # null is a real value here: each scene at its own pixel size
+        contract["scenes.gsd_m"] = manifest["gsd_m"]
     if "value_max" in norm:  # null is a real value here: the data type's default divisor
         vmax = norm["value_max"]
         dtypes = manifest.get("train_dtypes") or []
@@ -357,8 +359,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _show(value: Any) -> str:
-    text = "null (the data type's default)" if value is None else json.dumps(value)
+def _show(value: Any, key: str = "") -> str:
+    if value is None:
+        return ("null (each scene at its own pixel size)" if key == "scenes.gsd_m"
+                else "null (the data type's default)")
+    text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -412,8 +417,8 @@ def check_run_config(manifest_or_gallery: "ModelGallery | dict[str, Any]", cfg: 
                               f"{more}: remove the setting to map integer scenes as in training; "
                               "to map float scenes, retrain the gallery with `resflow init` (it "
                               "then records the range)")
-        raise ConfigError(f"{key} is {_show(mine)} but the gallery {root} was trained with "
-                          f"{_show(theirs)}{more}: remove the setting (the run then uses the "
+        raise ConfigError(f"{key} is {_show(mine, key)} but the gallery {root} was trained with "
+                          f"{_show(theirs, key)}{more}: remove the setting (the run then uses the "
                           "gallery's value) or retrain the gallery with `resflow init`")
 
 

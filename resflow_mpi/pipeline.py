@@ -31,7 +31,7 @@ from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
-from .io.raster import SceneInfo, prepare_scene, tile_coverage
+from .io.raster import SceneInfo, gsd_mismatch, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
@@ -297,6 +297,10 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
         if removed:
             job.say(f"[run] removed {len(removed)} output(s) of an earlier mask store "
                     f"({', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''})")
+        warning = gsd_mismatch(job.gallery.manifest.get("training_gsd_m") or {}, job.scenes,
+                               cfg.scenes.gsd_m)
+        if warning:
+            job.say(f"[run] warning: {warning}")
         done = [store.done_mask(i) for i in range(len(job.scenes))]
         tasks = build_tasks(job.plan, cfg, done)
     total = comm.bcast(len(tasks))
@@ -320,6 +324,9 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
              "memory_estimate": job.memory_estimate,
              "model": "mono (every tile by the Mono model)" if override else "buckets (RESFlow)",
              "gallery_selection": job.gallery.selection_record(),
+             "ground_resolution": {"gsd_m": cfg.scenes.gsd_m,
+                                   "resampled_scenes": sum(s.native_grid is not None
+                                                           for s in job.scenes)},
              **runner.report_extra()}
     totals = job_totals(job.h5_path, job.scenes, cfg.tiling.tile_px)
     extra["store_id"] = totals.store_id

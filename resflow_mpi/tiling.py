@@ -9,7 +9,7 @@ No I/O, no MPI: everything here is a function of integers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 
 class Window(NamedTuple):
@@ -45,6 +45,39 @@ class Tile:
     @property
     def key(self) -> tuple[int, int]:
         return (self.scene, self.index)
+
+
+GSD_TOLERANCE = 0.01  # a scene within 1 % of the target ground sample distance is read as it is
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """A raster's pixel grid: size and GDAL geotransform."""
+
+    width: int
+    height: int
+    geotransform: tuple[float, ...]
+
+
+def resampled_grid(grid: PixelGrid, sides_m: tuple[float, float], gsd_m: float
+                   ) -> Optional[PixelGrid]:
+    """The grid covering the same ground as ``grid`` with pixels of ``gsd_m`` metres, given the
+    ground lengths ``sides_m`` of one pixel step along a row and along a column; None when the
+    grid is already within ``GSD_TOLERANCE`` of it. The extent is kept exactly (the pixel size
+    absorbs the rounding of the size), so masks map back onto the scene's own grid."""
+    sx, sy = sides_m[0] / gsd_m, sides_m[1] / gsd_m
+    if abs(sx - 1.0) <= GSD_TOLERANCE and abs(sy - 1.0) <= GSD_TOLERANCE:
+        return None
+    width, height = max(1, round(grid.width * sx)), max(1, round(grid.height * sy))
+    return PixelGrid(width, height, scaled_geotransform(grid.geotransform, grid.width / width,
+                                                        grid.height / height))
+
+
+def scaled_geotransform(gt: tuple[float, ...], factor_x: float, factor_y: float) -> tuple[float, ...]:
+    """The geotransform of a raster whose pixel is ``factor_x`` x ``factor_y`` source pixels, same
+    origin: every term that multiplies a column (gt[1], gt[4]) scales with factor_x, every term that
+    multiplies a row (gt[2], gt[5]) with factor_y, so rotated grids stay exact."""
+    return (gt[0], gt[1] * factor_x, gt[2] * factor_y, gt[3], gt[4] * factor_x, gt[5] * factor_y)
 
 
 def grid_shape(width: int, height: int, tile_px: int) -> tuple[int, int]:

@@ -307,6 +307,8 @@ def evaluate_gallery(cfg: RunConfig, runner: Runner, scenes: list[Any], labels: 
         g.verify()
         return resolve_run_config(g, cfg)  # the gallery contract, as for `run`
     cfg = comm.root_call(check)
+    if cfg.scenes.gsd_m is not None:  # the gallery's ground resolution (scenes.gsd_m)
+        scenes = [s if s.native_grid is not None else prepare_scene(s.path, cfg) for s in scenes]
     gallery = ModelGallery(cfg.models.gallery)
     job = Job(cfg, ScenePlan(scenes, [None] * len(scenes)), gallery, out_dir, quiet=True)
     tasks = build_tasks(job.plan, cfg) if comm.is_root else []

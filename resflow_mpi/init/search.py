@@ -10,7 +10,7 @@ import torch
 
 from ..errors import InputError
 from ..galleries import ImageGallery, ModelGallery, bits_to_str
-from ..io.raster import WindowReader, open_scene, scene_statistics
+from ..io.raster import WindowReader, at_gsd, open_scene, scene_statistics
 from ..models.hashing import codes_to_bits, pack_bits
 from ..stages import normalize
 from ..tiling import Tile, Window
@@ -20,8 +20,13 @@ def hash_image(models_dir: str, image: str, window: list[int] | None) -> np.ndar
     """Packed code of a GeoTIFF (or one window of it) with the gallery's CEM + hash head."""
     g = ModelGallery(models_dir)
     bands = g.manifest.get("bands", [1, 2, 3])
-    info = open_scene(image, bands)
-    col, row, w, h = window or [0, 0, info.width, info.height]
+    native = open_scene(image, bands)
+    info = at_gsd(native, g.manifest.get("gsd_m"))  # the ground resolution the gallery saw
+    col, row, w, h = window or [0, 0, native.width, native.height]
+    if info.native_grid is not None:  # the window is in the file's pixels
+        fx, fy = info.width / native.width, info.height / native.height
+        col, row = int(col * fx), int(row * fy)
+        w, h = max(1, round(w * fx)), max(1, round(h * fy))
     if w * h > 4096 * 4096:
         raise InputError(f"{image}: window {w}x{h} is too large to hash at once; pass --window")
     win = Window(col, row, w, h)

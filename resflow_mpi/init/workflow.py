@@ -35,6 +35,7 @@ from ..config import RunConfig
 from ..errors import InputError, OutputError, ResflowError, os_error_cause
 from ..galleries import FORMAT_VERSION, MANIFEST, ImageGallery, bits_to_str, save_module, sha256_file
 from ..io.manifest import scenes_for
+from ..io.raster import gsd_note, gsd_summary
 from ..models import build_feature_extractor, build_hash_head, build_segmentation
 from ..models.embedding import ConvAutoencoder
 from ..runtime.comm import resolve_comm
@@ -448,6 +449,8 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
         centred = sum(r.building_centred for r in crop_reports)
         _log(f"{n} training crops of {tr.tile_px}px ({centred} centred on buildings) from "
              f"{len(scenes)} scene(s) on {size} rank(s)")
+        note, warn = gsd_note(gsd_summary(scenes), cfg.scenes.gsd_m)
+        _log(("warning: " if warn else "") + note)
         _log(f"held out for every model choice: {len(holdout.held_out_scenes)} whole scene(s)"
              + (f" ({', '.join(Path(paths[s]).stem for s in holdout.held_out_scenes)})"
                 if holdout.held_out_scenes else "")
@@ -679,6 +682,7 @@ def run_init(cfg: RunConfig, comm: Any) -> dict[str, Any] | None:
     manifest = {"format_version": FORMAT_VERSION, "in_channels": in_ch,
                 "bands": list(cfg.scenes.bands), "normalization": cfg.to_dict()["normalization"],
                 "train_dtypes": sorted({s.dtype for s in scenes}),
+                "gsd_m": cfg.scenes.gsd_m, "training_gsd_m": gsd_summary(scenes),
                 "training": cfg.to_dict()["training"], "arch": cfg.models.arch,
                 "preset": cfg.models.preset, "extractor": ext_entry, "hash_head": head_entry,
                 "buckets": bucket_entries, "mono": mono_entry,

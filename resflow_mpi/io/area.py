@@ -186,6 +186,28 @@ class GroundArea:
         px, py = pts[:, 0] - pts[:, 0].mean(), pts[:, 1] - pts[:, 1].mean()
         return float(abs(np.dot(px, np.roll(py, -1)) - np.dot(py, np.roll(px, -1))) / 2.0)
 
+    def pixel_sides_m(self, geotransform: Sequence[float], col: float, row: float
+                      ) -> tuple[float, float]:
+        """Ground lengths in metres of one pixel step along a row and along a column at pixel
+        (col, row): measured in an azimuthal equal-area plane centred there, so degrees of
+        longitude shrink with latitude and a projection's scale factor is taken into account."""
+        gt = geotransform
+        if self._local_m_per_unit is not None:
+            m = self._local_m_per_unit
+            return math.hypot(gt[1], gt[4]) * m, math.hypot(gt[2], gt[5]) * m
+        x, y = _apply(gt, np.array([col, col + 1.0, col]), np.array([row, row, row + 1.0]))
+        lon, lat = self._lonlat_deg(x[:1], y[:1])
+        laea = self.srs.CloneGeogCS()
+        laea.SetLAEA(float(lat[0]), float(lon[0]), 0.0, 0.0)
+        try:
+            ct = osr.CoordinateTransformation(self.srs, _traditional(laea))
+            pts = np.asarray(ct.TransformPoints(np.column_stack([x, y]).tolist()))[:, :2]
+        except RuntimeError:
+            pts = np.full((3, 2), math.nan)
+        if not np.isfinite(pts).all():
+            raise self._outside(float(x[0]), float(y[0]))
+        return (float(np.hypot(*(pts[1] - pts[0]))), float(np.hypot(*(pts[2] - pts[0]))))
+
     def metres_per_unit(self, x: float, y: float) -> float:
         """Ground length in metres of one CRS unit near (x, y): the square root of the local
         area scale (exact for conformal projections such as UTM and Web Mercator)."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import OutputError
 from . import geotiff
+from ..tiling import scaled_geotransform
 from .maskstore import MaskReader, SceneMeta
 from .oserrors import write_failure
 
@@ -102,7 +103,10 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
     failure = ""
     meta = store.scene_meta(scene)
     record = OutputRecord.of_store(store, scene, mapped_by)
-    tmp = geotiff.partial_path(out_tif)
+    # A mask resampled for the networks (scenes.gsd_m) is written on its own grid first, then
+    # brought back onto the scene file's grid.
+    on_grid = out_tif if meta.native is None else out_tif.with_name(out_tif.name + ".grid.tif")
+    tmp = geotiff.partial_path(on_grid)
     try:
         ds = geotiff.create(tmp, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
                             meta.geotransform, geotiff.TILED_OPTIONS, nodata=255)
@@ -114,7 +118,12 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
                         "RESFLOW_VALUES": "0=background,1=building,255=nodata"})
         ds.FlushCache()
         band = ds = None
-        written.append(geotiff.commit(tmp, out_tif))
+        if meta.native is None:
+            written.append(geotiff.commit(tmp, out_tif))
+        else:
+            n = meta.native
+            written.append(geotiff.regrid(tmp, out_tif, n.width, n.height, n.geotransform))
+            tmp.unlink()
         if cog_path is not None:
             current = cog_path
             written.append(geotiff.translate_cog(out_tif, cog_path))
@@ -128,17 +137,10 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
         exc.__traceback__ = None
         with geotiff.quietly():
             band = ds = None
-        geotiff.remove_partial(out_tif, cog_path, bucket_tif)
+        geotiff.remove_partial(out_tif, on_grid, cog_path, bucket_tif)
     if failure:
         raise OutputError(failure)
     return written
-
-
-def scaled_geotransform(gt: tuple[float, ...], factor_x: float, factor_y: float) -> tuple[float, ...]:
-    """The geotransform of a raster whose pixel is ``factor_x`` x ``factor_y`` source pixels, same
-    origin: every term that multiplies a column (gt[1], gt[4]) scales with factor_x, every term that
-    multiplies a row (gt[2], gt[5]) with factor_y, so rotated grids stay exact."""
-    return (gt[0], gt[1] * factor_x, gt[2] * factor_y, gt[3], gt[4] * factor_x, gt[5] * factor_y)
 
 
 def export_failure(path: Path, exc: BaseException) -> str:

@@ -202,3 +202,20 @@ def translate_cog(src: Union[str, Path], path: Path,
                   options: Sequence[str] = COG_LABEL_OPTIONS) -> Path:
     """A cloud-optimized GeoTIFF copy of ``src`` at ``path`` (labels: nearest overviews)."""
     return translate(src, path, "COG", options)
+
+
+def regrid(src: Union[str, Path], path: Path, width: int, height: int,
+           geotransform: Sequence[float], options: Sequence[str] = TILED_OPTIONS) -> Path:
+    """A copy of ``src`` at ``path`` on a grid of the same extent with ``width`` x ``height``
+    pixels (nearest neighbour: classes and nodata stay as they are), atomically. GDAL streams
+    it block by block."""
+    ensure_configured()
+    vrt = gdal.Translate("", str(src), format="VRT", width=width, height=height,
+                         resampleAlg="nearest")
+    if vrt is None:
+        raise RuntimeError(gdal.GetLastErrorMsg() or f"cannot resample {src}")
+    vrt.SetGeoTransform(list(geotransform))
+    try:
+        return translate(vrt, path, "GTiff", options)
+    finally:
+        vrt = None

@@ -166,6 +166,10 @@ class RasterLabelSource(LabelSource):
             raise InputError(f"{where} has {ds.RasterCount} bands; a label is one band of class "
                              "values (write band 1 alone, e.g. gdal_translate -b 1)")
         self._warnings = [w for w in [self._check_grid()] if w]
+        if scene.native_grid is not None:  # scenes.gsd_m: the label follows its scene's grid
+            ds = self._ds = gdal.Translate("", ds, format="VRT", width=scene.width,
+                                           height=scene.height, resampleAlg="mode")
+            ds.SetGeoTransform(list(scene.geotransform))
         band = ds.GetRasterBand(1)
         self.nodata = band.GetNoDataValue()
         self._dtype = gdal.GetDataTypeName(band.DataType)
@@ -173,38 +177,39 @@ class RasterLabelSource(LabelSource):
 
     def _check_grid(self) -> Optional[str]:
         ds, s = self._ds, self.scene
+        g = s.file_grid  # the scene file's own grid (also when read at scenes.gsd_m)
         gt = ds.GetGeoTransform(can_return_null=True)
         wkt = ds.GetProjection() or ""
         georef = gt is not None and tuple(gt) != (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-        size_ok = (ds.RasterXSize, ds.RasterYSize) == (s.width, s.height)
+        size_ok = (ds.RasterXSize, ds.RasterYSize) == (g.width, g.height)
         if not georef and not wkt:
             if not size_ok:
                 raise InputError(f"{self.path}: label raster is {ds.RasterXSize}x{ds.RasterYSize} "
                                  f"px without georeferencing, its scene {s.path} is "
-                                 f"{s.width}x{s.height}; give a label on the scene's grid")
+                                 f"{g.width}x{g.height}; give a label on the scene's grid")
             return (f"{self.path}: label raster has no georeferencing; taken as pixel-aligned with "
                     f"its scene {os.path.basename(s.path)}")
         diffs = []
         if not size_ok:
-            diffs.append(f"size {ds.RasterXSize}x{ds.RasterYSize} vs {s.width}x{s.height}")
+            diffs.append(f"size {ds.RasterXSize}x{ds.RasterYSize} vs {g.width}x{g.height}")
         if georef:
-            px = max(abs(s.geotransform[1]), abs(s.geotransform[5]), 1e-12)
+            px = max(abs(g.geotransform[1]), abs(g.geotransform[5]), 1e-12)
             # Origin within 1/1000 pixel, pixel size and rotation within a millionth of a pixel.
             tol = (px * 1e-3, px * 1e-6, px * 1e-6, px * 1e-3, px * 1e-6, px * 1e-6)
-            if any(abs(a - b) > t for a, b, t in zip(gt, s.geotransform, tol)):
+            if any(abs(a - b) > t for a, b, t in zip(gt, g.geotransform, tol)):
                 diffs.append(f"geotransform {tuple(round(v, 6) for v in gt)} vs "
-                             f"{tuple(round(v, 6) for v in s.geotransform)}")
+                             f"{tuple(round(v, 6) for v in g.geotransform)}")
         if wkt and not osr.SpatialReference(wkt=wkt).IsSame(osr.SpatialReference(wkt=s.crs_wkt)):
             diffs.append("CRS")
         if not diffs:
             return None
         fix = ""
-        if s.geotransform[2] == 0 and s.geotransform[4] == 0:
-            x0, y0 = s.geotransform[0], s.geotransform[3]
-            x1, y1 = x0 + s.width * s.geotransform[1], y0 + s.height * s.geotransform[5]
+        if g.geotransform[2] == 0 and g.geotransform[4] == 0:
+            x0, y0 = g.geotransform[0], g.geotransform[3]
+            x1, y1 = x0 + g.width * g.geotransform[1], y0 + g.height * g.geotransform[5]
             srs = f"EPSG:{s.epsg}" if s.epsg else "<scene CRS>"
             fix = (f" (gdalwarp -r near -t_srs {srs} -te {min(x0, x1):.6f} {min(y0, y1):.6f} "
-                   f"{max(x0, x1):.6f} {max(y0, y1):.6f} -ts {s.width} {s.height} "
+                   f"{max(x0, x1):.6f} {max(y0, y1):.6f} -ts {g.width} {g.height} "
                    f"{os.path.basename(self.path)} label_on_scene_grid.tif)")
         raise InputError(f"{self.path}: label raster is on another grid than its scene {s.path} "
                          f"({'; '.join(diffs)}); warp it onto the scene grid{fix}, or give the "

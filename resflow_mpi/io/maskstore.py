@@ -42,7 +42,7 @@ import numpy as np
 
 from ..errors import OutputError, os_error_cause
 from .oserrors import write_failure
-from ..tiling import Tile, grid_shape
+from ..tiling import PixelGrid, Tile, grid_shape
 from . import OPEN_SCENES
 from .raster import SceneInfo
 
@@ -194,6 +194,10 @@ class MaskStore:
                             "geotransform": np.asarray(s.geotransform, np.float64),
                             "width": s.width, "height": s.height, "grid_rows": rows,
                             "grid_cols": cols, "tile_offset": int(offsets[i]), "complete": 0})
+            if s.native_grid is not None:  # scenes.gsd_m: exports go back to the file's grid
+                n = s.native_grid
+                g.attrs.update({"native_width": n.width, "native_height": n.height,
+                                "native_geotransform": np.asarray(n.geotransform, np.float64)})
 
     def _check_identities(self) -> None:
         """Before resuming: every scene file is still the one laid out (``scene_identity``).
@@ -434,6 +438,7 @@ class SceneMeta:
     grid_rows: int
     grid_cols: int
     tile_px: int
+    native: Optional[PixelGrid] = None  # the scene file's grid when the mask is resampled
 
 
 class MaskReader:
@@ -463,10 +468,14 @@ class MaskReader:
         """Size, georeferencing, source and tile grid of scene ``scene``."""
         g = self._group(scene)
         h, w = g["mask"].shape
+        native = None
+        if "native_width" in g.attrs:
+            native = PixelGrid(int(g.attrs["native_width"]), int(g.attrs["native_height"]),
+                               tuple(float(v) for v in g.attrs["native_geotransform"]))
         return SceneMeta(int(w), int(h), tuple(float(v) for v in g.attrs["geotransform"]),
                          str(g.attrs["crs_wkt"]), str(g.attrs["source_path"]),
                          int(g.attrs["grid_rows"]), int(g.attrs["grid_cols"]),
-                         int(self.file.attrs["tile_px"]))  # type: ignore[union-attr]
+                         int(self.file.attrs["tile_px"]), native)  # type: ignore[union-attr]
 
     def iter_mask_rows(self, scene: int, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, (rows, W) uint8 block) over the scene's mask, top to bottom."""

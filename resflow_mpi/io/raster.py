@@ -15,7 +15,7 @@ from osgeo import gdal, osr
 
 from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
-from ..tiling import Tile, Window, grid_shape
+from ..tiling import PixelGrid, Tile, Window, grid_shape, resampled_grid
 from .area import GroundArea
 from .gdalenv import ensure_configured
 
@@ -74,6 +74,26 @@ class SceneInfo:
     alpha_band: Optional[int] = None    # 1-based alpha band (0 = transparent = invalid)
     blank_fill_ranges: tuple[tuple[float, float], ...] = ()
     blank_fill_min_run_px: int = 0
+    # The file's own grid when the networks see the scene resampled (scenes.gsd_m): width,
+    # height and geotransform above are then the resampled grid, read through ``open_grid``.
+    native_grid: Optional[PixelGrid] = None
+    resampling: str = ""  # GDAL resampling of those reads
+
+    @property
+    def file_grid(self) -> PixelGrid:
+        """The grid of the file itself (where exported masks go)."""
+        return self.native_grid or PixelGrid(self.width, self.height, self.geotransform)
+
+    def pixel_sides_m(self) -> tuple[float, float]:
+        """Ground lengths in metres of a pixel of the file, along a row and a column, at the
+        scene's centre."""
+        g = self.file_grid
+        return self._ground.pixel_sides_m(g.geotransform, g.width / 2, g.height / 2)
+
+    def native_gsd_m(self) -> float:
+        """The file's ground sample distance in metres (geometric mean of a pixel's sides)."""
+        sx, sy = self.pixel_sides_m()
+        return math.sqrt(sx * sy)
 
     def nodata_of(self, band: int) -> Optional[float]:
         """The nodata value honoured for a 1-based band (config override or file)."""
@@ -189,11 +209,110 @@ def prepare_scene(path: str | Path, cfg: Any) -> SceneInfo:
     for float scenes an explicit value range that the sampled pixels respect."""
     bands = cfg.scenes.bands
     info = open_scene(path, bands, cfg.scenes.expect_dtype, PixelRules.from_scenes_config(cfg.scenes))
+    info = at_gsd(info, cfg.scenes.gsd_m, cfg.scenes.gsd_resampling)
     if info.dtype == "float32":
         check_float_range(info, bands, cfg.normalization)
     elif cfg.normalization.mode == "range":
         check_integer_range(info, bands, cfg.normalization)
     return with_statistics(info, bands, cfg.normalization.mode)
+
+
+def at_gsd(info: SceneInfo, gsd_m: Optional[float], resampling: str = "auto") -> SceneInfo:
+    """The scene as the networks see it at ground sample distance ``gsd_m`` metres (None: as it
+    is): its grid resampled (see ``tiling.resampled_grid``), the file's grid kept in
+    ``native_grid``. ``resampling`` "auto" averages when coarsening and interpolates bilinearly
+    when refining."""
+    if gsd_m is None or info.native_grid is not None:
+        return info
+    grid = resampled_grid(info.file_grid, info.pixel_sides_m(), gsd_m)
+    if grid is None:
+        return info
+    if resampling == "auto":
+        resampling = "average" if grid.width < info.width else "bilinear"
+    return replace(info, width=grid.width, height=grid.height, geotransform=grid.geotransform,
+                   native_grid=info.file_grid, resampling=resampling)
+
+
+def gsd_summary(scenes: Sequence[SceneInfo]) -> dict[str, float]:
+    """Smallest, median and largest ground sample distance (m) of the scenes' files."""
+    gsd = sorted(s.native_gsd_m() for s in scenes)
+    if not gsd:
+        return {}
+    return {"min": round(gsd[0], 4), "median": round(float(np.median(gsd)), 4),
+            "max": round(gsd[-1], 4)}
+
+
+GSD_SPREAD = 1.5  # scenes whose pixel sizes differ more than this look different to the networks
+
+
+def gsd_note(summary: dict[str, float], gsd_m: Optional[float]) -> tuple[str, bool]:
+    """What init says about the training scenes' ground resolution, and whether it is a warning
+    (pixel sizes spread over more than GSD_SPREAD x while the networks see each as it is)."""
+    lo, hi = summary["min"], summary["max"]
+    span = f"{lo:g} m/px" if lo == hi else f"{lo:g} to {hi:g} m/px"
+    if gsd_m is not None:
+        return f"ground resolution: scenes {span}, read resampled to {gsd_m:g} m (scenes.gsd_m)", False
+    if hi > lo * GSD_SPREAD:
+        return (f"training scenes range from {span} and the networks see each at its own pixel "
+                f"size (a building spans {hi / lo:.1f}x more pixels in some); set scenes.gsd_m "
+                f"(e.g. {summary['median']:g}) so they see one ground resolution"), True
+    return f"ground resolution: scenes {span} (each at its own pixel size)", False
+
+
+def gsd_mismatch(training: dict[str, float], scenes: Sequence[SceneInfo],
+                 gsd_m: Optional[float]) -> Optional[str]:
+    """A warning when a run maps scenes at their own pixel size that lies outside the pixel sizes
+    the gallery was trained on (by more than GSD_SPREAD); None otherwise."""
+    if gsd_m is not None or not training:
+        return None
+    lo, hi = training["min"] / GSD_SPREAD, training["max"] * GSD_SPREAD
+    off = [s for s in scenes if not lo <= s.native_gsd_m() <= hi]
+    if not off:
+        return None
+    first = off[0]
+    return (f"{len(off)} scene(s) (e.g. {os.path.basename(first.path)} at "
+            f"{first.native_gsd_m():.3g} m/px) are far from the {training['min']:g}-"
+            f"{training['max']:g} m/px the gallery was trained on, and are mapped at their own "
+            "pixel size; retrain with scenes.gsd_m set so every scene is resampled to one ground "
+            "resolution")
+
+
+def open_grid(info: SceneInfo) -> gdal.Dataset:
+    """The scene's pixels on the grid the networks see: the file, or (scenes.gsd_m) a virtual
+    raster that resamples the file inside each window read (GDAL reads only the source pixels a
+    window needs; nothing is written). One handle per reader, as for the file."""
+    ds = _open(info.path)
+    if info.native_grid is None:
+        return ds
+    nodata = _resampling_nodata(info, ds)
+    opts = gdal.TranslateOptions(format="VRT", width=info.width, height=info.height,
+                                 resampleAlg=info.resampling,
+                                 noData=nodata if nodata is not None else None)
+    vrt = gdal.Translate("", ds, options=opts)
+    if vrt is None:
+        raise InputError(f"{info.path}: cannot be resampled to scenes.gsd_m")
+    vrt.SetGeoTransform(info.geotransform)
+    return vrt
+
+
+def _resampling_nodata(info: SceneInfo, ds: gdal.Dataset) -> Optional[float]:
+    """The nodata value the resampling must skip when the config replaces the file's (None: the
+    file's own values hold). GDAL's resampled reads take one such value for all bands."""
+    own = [ds.GetRasterBand(i).GetNoDataValue() for i in range(1, ds.RasterCount + 1)]
+    wanted = list(info.band_nodata) or own
+    if all(_same_nodata(a, b) for a, b in zip(own, wanted)):
+        return None
+    values = {("nan" if v is not None and math.isnan(v) else v) for v in wanted if v is not None}
+    if len(values) != 1:
+        raise InputError(f"{info.path}: scenes.gsd_m resamples with one nodata value for all "
+                         f"bands, scenes.nodata gives {sorted(map(str, values))}; give one value")
+    return next(v for v in wanted if v is not None)
+
+
+def _same_nodata(a: Optional[float], b: Optional[float]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _check_not_truncated(path: str, ds: gdal.Dataset, bands: Sequence[int]) -> None:
@@ -389,7 +508,7 @@ def _sample(info: SceneInfo, bands: Sequence[int], sample_px: int
     """A decimated read (at most sample_px^2 pixels per band): values (C, N) and validity (N)."""
     scale = max(1.0, max(info.width, info.height) / sample_px)
     shape = (max(1, int(info.height / scale)), max(1, int(info.width / scale)))
-    ds = _open(info.path)
+    ds = open_grid(info)
     full = Window(0, 0, info.width, info.height)
     try:
         arr = _read_window(ds, bands, full, shape)
@@ -491,7 +610,7 @@ class WindowReader:
     def __init__(self, info: SceneInfo, bands: Sequence[int]):
         self.info = info
         self.bands = list(bands)
-        self._ds = _open(info.path)
+        self._ds = open_grid(info)
         self.bytes_read = 0
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
@@ -584,7 +703,7 @@ COVERAGE_CHUNK_PX = 1 << 22  # pixels per prescan read (x bands x dtype bytes of
 
 def _tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int], rows: int,
                    cols: int) -> np.ndarray:
-    ds = _open(info.path)
+    ds = open_grid(info)
     cov = np.zeros((rows, cols), np.float32)
     tiles_per_read = max(1, COVERAGE_CHUNK_PX // (tile_px * tile_px))
     for r in range(rows):

@@ -47,7 +47,7 @@ from ..errors import ConfigError, ResflowError
 from ..galleries import ModelGallery
 from ..io.gdalenv import configure as configure_io
 from ..io.maskstore import MaskStore, TileResult
-from ..io.raster import SceneInfo, open_scene
+from ..io.raster import SceneInfo, at_gsd, open_scene
 from ..pipeline import (Job, PipelineStats, ResultSink, TileProcessor, TileTask, build_stages,
                         export_outputs, list_source, scene_tasks, stats_dict)
 from ..runtime.comm import Communicator
@@ -172,7 +172,8 @@ def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
     configure_io()  # executors are other processes: GDAL settings are per process
     index, path = item
     t = job.cfg.tiling
-    info = open_scene(path, job.cfg.scenes.bands, job.cfg.scenes.expect_dtype)
+    sc = job.cfg.scenes
+    info = at_gsd(open_scene(path, sc.bands, sc.expect_dtype), sc.gsd_m, sc.gsd_resampling)
     yield from scene_tasks(index, info, t.tile_px, t.halo_px, coverage.value[index],
                            done.value[index])
 

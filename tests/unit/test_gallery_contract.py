@@ -23,6 +23,7 @@ MISMATCHES = [
     ("models.embed_dim=64", "models.embed_dim", "64", "32"),
     ("models.arch=fcn_resnet", "models.arch", '"fcn_resnet"', '"unet"'),
     ("models.preset=small", "models.preset", '"small"', '"tiny"'),
+    ("scenes.gsd_m=0.5", "scenes.gsd_m", "0.5", "null (each scene at its own pixel size)"),
 ]
 
 
@@ -36,7 +37,7 @@ def test_manifest_records_the_contract(tiny_gallery: Path) -> None:
     assert c == {"scenes.bands": [1, 2, 3], "normalization.mode": "range",
                  "normalization.value_max": 255.0, "normalization.mean": [],
                  "normalization.std": [], "models.hash_bits": 16, "models.embed_dim": 32,
-                 "models.arch": "unet", "models.preset": "tiny"}
+                 "models.arch": "unet", "models.preset": "tiny", "scenes.gsd_m": None}
 
 
 def test_the_training_config_passes(tmp_path: Path, tiny_gallery: Path) -> None:
