@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .io.export import MONO_COLOUR, bucket_map_rgb
+from .io import vsi
 from .io.naming import BUCKETS, COG, MASK, output_file_name
 from .io.raster import RasterPreview
 
@@ -287,7 +288,7 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
                 if mask is not None else f"{sl.index:04d}")
         if mask is None:
             sl.notes.append("no mask GeoTIFF among the outputs (output.geotiff off?)")
-        elif not Path(scene["path"]).is_file():
+        elif vsi.stat(str(scene["path"])) is None:
             sl.notes.append(f"source scene {scene['path']} not found; no image quicklook")
         else:
             try:

@@ -26,6 +26,7 @@ from typing import Collection, Optional, Sequence
 from ..errors import InputError
 from .gdalenv import ensure_configured
 from .naming import inside_output_dir, is_label_name, is_output_name
+from .vsi import is_virtual
 
 # What folders and globs take as scenes (a file named explicitly may have any extension).
 SCENE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".ntf")
@@ -36,7 +37,7 @@ FILE_LIKE_SUFFIXES = SCENE_EXTENSIONS + (".json", ".txt")
 def scene_key(path: str) -> str:
     """The identity of a scene file: its real path (symlinks, '.' and '..' resolved); a GDAL
     virtual path (/vsicurl/, /vsis3/, ...) as written."""
-    return path if path.startswith("/vsi") else os.path.realpath(path)
+    return path if is_virtual(path) else os.path.realpath(path)
 
 
 def pattern_label(image: str, pattern: str) -> str:
