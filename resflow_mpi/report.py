@@ -480,6 +480,23 @@ def _selection_section(report: dict[str, Any]) -> str:
             + "".join(f"<p>{_esc(n)}</p>" for n in notes))
 
 
+def _aoi_section(report: dict[str, Any]) -> str:
+    """Which area of interest limited the run, and what it kept ('' without one)."""
+    aoi = report.get("aoi")
+    if not aoi:
+        return ""
+    outside = aoi.get("scenes_outside") or []
+    rows = [("file", _esc(aoi.get("path"))),
+            ("tiles intersecting", f"{_esc(aoi.get('tiles_intersecting'))} of "
+                                   f"{_esc(aoi.get('tiles_total'))} (the others neither read "
+                                   "nor computed; nodata in the outputs)"),
+            ("area inside the scenes", f"{_num(aoi.get('area_km2', 0), '.3f')} km2 (the areas "
+                                       "of this report count only the AOI)")]
+    if outside:
+        rows.append(("scenes outside it (not mapped)", _esc(", ".join(outside))))
+    return "<h2>Area of interest</h2>\n" + _table(["", ""], rows)
+
+
 def _skipped_section(report: dict[str, Any]) -> str:
     skipped = report.get("skipped_scenes", [])
     if not skipped:
@@ -523,7 +540,7 @@ def render_html(report: dict[str, Any], looks: Quicklooks, title: str) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
-        "<h2>Run summary</h2>", summary,
+        "<h2>Run summary</h2>", summary, _aoi_section(report),
         "<h2>Time per stage</h2>", _stage_table(report),
         _img(looks.stage_times_png, "seconds per stage"),
         "<h2>Ranks</h2>", _rank_table(report), _img(looks.rank_load_png, "load per rank"),
