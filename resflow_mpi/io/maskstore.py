@@ -477,6 +477,17 @@ class MaskReader:
         for r0 in range(0, height, rows_per_block):
             yield r0, mask[r0:min(height, r0 + rows_per_block), :]
 
+    def has_probabilities(self, scene: int) -> bool:
+        """True when the store kept the scene's probabilities (inference.save_probabilities)."""
+        return "prob" in self._group(scene)
+
+    def iter_prob_rows(self, scene: int, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W) float16 block) over the scene's stored probabilities."""
+        prob = self._group(scene)["prob"]
+        height = prob.shape[0]
+        for r0 in range(0, height, rows_per_block):
+            yield r0, prob[r0:min(height, r0 + rows_per_block), :]
+
     def scene_attrs(self, scene: int) -> dict[str, Any]:
         """The scene group's attributes (georeferencing, grid, ``complete``, ...)."""
         return dict(self._group(scene).attrs)
