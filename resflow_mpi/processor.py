@@ -168,8 +168,8 @@ class TileProcessor:
             if task.empty:
                 yield self._empty_result(task)
             elif task.aoi_wkb is not None:  # outside the area of interest is nodata
-                work.append((task, valid & inside_mask(task.aoi_wkb, info.geotransform,
-                                                       task.tile.owned)))
+                work.append((task, valid & inside_mask(task.aoi_wkb, info.crs_wkt,
+                                                       info.geotransform, task.tile.owned)))
             else:
                 work.append((task, valid))
         if batch.x is None:

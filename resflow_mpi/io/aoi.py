@@ -175,16 +175,19 @@ def scene_aoi(aoi: AreaOfInterest, crs_wkt: str, geotransform: Sequence[float], 
     return SceneAOI(bytes(part.ExportToWkb()), inside, edges, area_km2)
 
 
-def inside_mask(wkb: bytes, geotransform: Sequence[float], w: Window) -> np.ndarray:
+def inside_mask(wkb: bytes, crs_wkt: str, geotransform: Sequence[float], w: Window
+                ) -> np.ndarray:
     """(h, w) bool: True where a pixel centre of window ``w`` lies inside the geometry ``wkb``
-    (in the scene's CRS); one window is rasterised, never the scene."""
+    (in the scene's CRS ``crs_wkt``); one window is rasterised, never the scene."""
     ensure_configured()
     gt = geotransform
     ds = gdal.GetDriverByName("MEM").Create("", w.width, w.height, 1, gdal.GDT_Byte)
     ds.SetGeoTransform((gt[0] + w.col * gt[1] + w.row * gt[2], gt[1], gt[2],
                         gt[3] + w.col * gt[4] + w.row * gt[5], gt[4], gt[5]))
+    ds.SetProjection(crs_wkt)
     mem = ogr.GetDriverByName("Memory").CreateDataSource("")
-    layer = mem.CreateLayer("aoi", geom_type=ogr.wkbMultiPolygon)
+    layer = mem.CreateLayer("aoi", srs=osr.SpatialReference(wkt=crs_wkt),
+                            geom_type=ogr.wkbMultiPolygon)
     feature = ogr.Feature(layer.GetLayerDefn())
     feature.SetGeometry(ogr.CreateGeometryFromWkb(wkb))
     layer.CreateFeature(feature)

@@ -61,7 +61,7 @@ def test_lonlat_aoi_on_a_utm_grid(tmp_path: Path) -> None:
     assert on.area_km2 == pytest.approx(100 * 70 * 0.25 / 1e6, rel=1e-3)
     # the per-window rasterisation agrees with the share (pixel centres)
     w = Window(64, 0, 64, 64)
-    mask = inside_mask(on.edges[1], GT, w)
+    mask = inside_mask(on.edges[1], _wkt(EPSG), GT, w)
     assert mask.shape == (64, 64)
     assert mask[:, :36].all() and not mask[:, 36:].any()
     assert mask.mean() == pytest.approx(on.inside[0, 1], abs=1e-3)
@@ -137,6 +137,16 @@ def test_fraction_matches_rasterised_pixels_on_a_rotated_aoi(tmp_path: Path) -> 
     assert on is not None and on.tiles_intersecting == 9
     for index, wkb in on.edges.items():
         r, c = divmod(index, 3)
-        share = inside_mask(wkb, GT, Window(c * 64, r * 64, 64, 64)).mean()
+        share = inside_mask(wkb, _wkt(EPSG), GT, Window(c * 64, r * 64, 64, 64)).mean()
         assert share == pytest.approx(on.inside[r, c], abs=2 / 64)
     assert np.isclose(on.inside.sum() * 64 * 64, 0.5 * 184 * 184, rtol=1e-3)
+
+
+def test_report_names_the_aoi() -> None:
+    from resflow_mpi.report import _aoi_section
+    html = _aoi_section({"aoi": {"path": "/data/aoi.gpkg", "tiles_intersecting": 1234,
+                                 "tiles_total": 5000, "area_km2": 12.5,
+                                 "scenes_outside": ["/data/far.tif"]}})
+    assert "Area of interest" in html and "/data/aoi.gpkg" in html
+    assert "1234 of 5000" in html and "12.500 km2" in html and "/data/far.tif" in html
+    assert _aoi_section({}) == ""
