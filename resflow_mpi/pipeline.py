@@ -32,7 +32,7 @@ from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
-from .io.raster import SceneInfo, prepare_scene, tile_coverage
+from .io.raster import SceneInfo, open_scene, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
@@ -110,17 +110,20 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
     def check(path: str) -> tuple[str, Any, Any, Any]:
         # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
         try:
+            on_scene = None
+            if aoi is not None:  # from the header alone: a scene the AOI misses is never read
+                head = open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype)
+                on_scene = scene_aoi(aoi, head.crs_wkt, head.geotransform, head.width,
+                                     head.height, cfg.tiling.tile_px)
+                if on_scene is None:
+                    return "outside", path, "", None
             info = prepare_scene(path, cfg)
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
                    if cfg.tiling.prescan_nodata else None)
             if cov is not None and float(cov.max()) == 0.0:
                 raise InputError(f"{path}: scene is entirely nodata "
                                  f"({info.validity_text(cfg.scenes.bands)})")
-            if aoi is None:
-                return "ok", info, cov, None
-            on_scene = scene_aoi(aoi, info.crs_wkt, info.geotransform, info.width, info.height,
-                                 cfg.tiling.tile_px)
-            return ("ok", info, cov, on_scene) if on_scene else ("outside", path, "", None)
+            return "ok", info, cov, on_scene
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
                 raise

@@ -1,7 +1,7 @@
 """Remote and virtual scenes (`resflow run`, one process, untrained gallery): a GeoTIFF inside a
 zip (/vsizip/) and one served over HTTP with byte ranges by a server on 127.0.0.1 (/vsicurl/)
-are mapped like local files; a rerun skips the finished tiles (scene identity through GDAL's
-stat), and the output lock on local disk still refuses a second job."""
+are mapped like local files (the HTTP one on 2 ranks); a rerun skips the finished tiles (scene
+identity through GDAL's stat), and the output lock on local disk still refuses a second job."""
 from __future__ import annotations
 
 import functools
@@ -9,15 +9,17 @@ import http.server
 import json
 import os
 import re
+import subprocess
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 from osgeo import gdal
 
 from resflow_mpi.io.outlock import OutputLock
+from tests.conftest import resflow
 from tests.integration.test_bad_inputs import assert_clear_error, make_cfg, run, scene
 
 TILING = {"tile_px": 64, "halo_px": 8}
@@ -81,15 +83,20 @@ def _report(out: Path) -> dict:
     return json.loads((out / "run_report.json").read_text())
 
 
-def _map_twice(tmp_path: Path, gallery: Path, path: str) -> dict:
-    """Run twice on ``path``: the first maps every tile, the second only finds them finished."""
+def _map_twice(tmp_path: Path, gallery: Path, path: str, ranks: Optional[int] = None) -> dict:
+    """Run twice on ``path`` (under mpirun with ``ranks``): the first maps every tile, the
+    second only finds them finished."""
     cfg = make_cfg(tmp_path, gallery, [path], tiling=TILING)
-    first = run(cfg)
+
+    def go() -> subprocess.CompletedProcess:
+        return run(cfg) if ranks is None else resflow(["run", str(cfg), "--quiet"], ranks=ranks,
+                                                      check=False)
+    first = go()
     assert first.returncode == 0, first.stderr
     report = _report(tmp_path / "out")
     assert [s["path"] for s in report["scenes"]] == [path]
     assert report["tiles"] == 4 and report["invocation"]["tiles"] == 4
-    again = run(cfg)
+    again = go()
     assert again.returncode == 0, again.stderr
     rerun = _report(tmp_path / "out")
     assert rerun["invocation"]["tiles"] == 0 and rerun["invocation"]["tiles_resumed"] == 4
@@ -110,12 +117,13 @@ def test_vsizip_scene_is_mapped_and_resumed(tmp_path: Path, unit_gallery: Path) 
     assert (ds.RasterXSize, ds.RasterYSize) == (96, 96)
 
 
+@pytest.mark.mpi
 def test_vsicurl_scene_over_http_ranges(tmp_path: Path, unit_gallery: Path,
                                         http_root: tuple[Path, str, list[int]]) -> None:
     root, url, sent = http_root
     s = scene(root / "S.tif", size=96)
     path = f"/vsicurl/{url}/S.tif"
-    _map_twice(tmp_path, unit_gallery, path)
+    _map_twice(tmp_path, unit_gallery, path, ranks=2)
     assert sent, "the scene was read over HTTP"
     assert (tmp_path / "out" / "S.resflow-mask.tif").exists()
     # the scene replaced on the server: its output is refused in one line (identity by HTTP stat)
