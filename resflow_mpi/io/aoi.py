@@ -23,6 +23,7 @@ from ..tiling import Window, grid_shape
 from .area import GroundArea, _traditional
 from .gdalenv import ensure_configured
 from .vsi import is_virtual
+from .vsi import stat as vsi_stat
 
 # Edges are densified to this share of the AOI's larger extent before reprojection, so a straight
 # edge of the AOI's CRS follows its true curve in the scene's CRS.
@@ -41,6 +42,7 @@ class AreaOfInterest:
     crs_wkt: str
 
     def geometry(self) -> ogr.Geometry:
+        """A new OGR geometry of the AOI (its own CRS)."""
         return ogr.CreateGeometryFromWkb(self.wkb)
 
 
@@ -56,21 +58,28 @@ class SceneAOI:
     area_km2: float = 0.0
 
     def tile_inside(self, index: int) -> float:
+        """Share of tile ``index``'s owned pixels inside the AOI (0: outside, 1: inside)."""
         return float(self.inside.ravel()[index])
 
     @property
     def tiles_intersecting(self) -> int:
+        """Tiles of the scene that the AOI touches (mapped)."""
         return int((self.inside > 0).sum())
 
 
-@functools.lru_cache(maxsize=4)
 def load_aoi(path: str) -> AreaOfInterest:
     """Read every polygon of an OGR source into one geometry; InputError (one line naming the
     file and ``scenes.aoi``) when it is missing, unreadable, has no polygons or no CRS, or its
-    layers disagree on the CRS."""
-    ensure_configured()
-    if not is_virtual(path) and not os.path.exists(path):
+    layers disagree on the CRS. Read once per process while the file is unchanged."""
+    found = vsi_stat(path)
+    if found is None and not is_virtual(path):
         raise InputError(f"{path}: area of interest not found (scenes.aoi)")
+    return _load_aoi(path, found)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_aoi(path: str, stamp: Optional[tuple[int, int]]) -> AreaOfInterest:
+    ensure_configured()
     try:
         ds = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_READONLY)
     except RuntimeError as exc:

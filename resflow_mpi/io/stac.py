@@ -69,10 +69,11 @@ def _items(path: str) -> list[Any]:
             obj = pystac.read_file(path)
             items = [obj] if isinstance(obj, pystac.Item) else list(
                 obj.get_items(recursive=True))  # type: ignore[union-attr]
-    except (OSError, ValueError, KeyError, TypeError, pystac.STACError) as exc:
-        raise InputError(f"{path}: not a readable STAC file ({type(exc).__name__}: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
-                         ) from None
+    except (OSError, ValueError, KeyError, TypeError, pystac.STACError,
+            pystac.STACTypeError) as exc:
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"{path}: not a readable STAC file ({why}); check it with a STAC "
+                         "validator (scenes.inputs)") from None
     if not items:
         raise InputError(f"{path}: STAC {kind} holds no items (scenes.inputs)")
     return items

@@ -134,3 +134,12 @@ def test_errors_are_one_line(tmp_path: Path, assets: tuple[str, ...], fragment: 
         resolve_scene_inputs([str(path)], stac=StacOptions(assets, str(tmp_path / "vrt")))
     line = str(err.value)
     assert "\n" not in line and str(path) in line and "'bad'" in line and fragment in line, line
+
+
+def test_broken_stac_file_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"type": "Feature", "stac_version": "1.0.0", "properties": {}}')
+    with pytest.raises(InputError) as err:
+        resolve_scene_inputs([str(path)])
+    line = str(err.value)
+    assert "\n" not in line and line.startswith(f"{path}: not a readable STAC file"), line
