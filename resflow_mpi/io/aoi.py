@@ -160,19 +160,23 @@ def scene_aoi(aoi: AreaOfInterest, crs_wkt: str, geotransform: Sequence[float], 
     rows, cols = grid_shape(width, height, tile_px)
     inside = np.zeros((rows, cols), np.float32)
     edges: dict[int, bytes] = {}
-    x0, x1, y0, y1 = part.GetEnvelope()
     for r in range(rows):
+        h = min(tile_px, height - r * tile_px)
+        # Clipped to the tile row first, so each tile meets only the AOI's vertices near it.
+        strip = part.Intersection(window_polygon(geotransform, Window(0, r * tile_px, width, h)))
+        if strip is None or strip.IsEmpty() or strip.GetArea() <= 0:
+            continue
+        x0, x1, y0, y1 = strip.GetEnvelope()
         for c in range(cols):
-            w = Window(c * tile_px, r * tile_px, min(tile_px, width - c * tile_px),
-                       min(tile_px, height - r * tile_px))
+            w = Window(c * tile_px, r * tile_px, min(tile_px, width - c * tile_px), h)
             box = window_polygon(geotransform, w)
             bx0, bx1, by0, by1 = box.GetEnvelope()
-            if bx0 > x1 or bx1 < x0 or by0 > y1 or by1 < y0 or not box.Intersects(part):
+            if bx0 > x1 or bx1 < x0 or by0 > y1 or by1 < y0 or not box.Intersects(strip):
                 continue
-            if box.Within(part):
+            if box.Within(strip):
                 inside[r, c] = 1.0
                 continue
-            clipped = box.Intersection(part)
+            clipped = box.Intersection(strip)
             share = clipped.GetArea() / box.GetArea() if clipped is not None else 0.0
             snap = SNAP_PX / (w.width * w.height)
             if share >= 1.0 - snap:
