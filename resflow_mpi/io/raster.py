@@ -264,7 +264,8 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str],
                          or flags & gdal.GMF_NODATA and file_nodata is not None)
     alpha = next((i for i in range(1, ds.RasterCount + 1)
                   if ds.GetRasterBand(i).GetColorInterpretation() == gdal.GCI_AlphaBand), None)
-    info = SceneInfo(path=path if is_virtual(path) else os.path.abspath(path), width=ds.RasterXSize, height=ds.RasterYSize,
+    info = SceneInfo(path=path if is_virtual(path) else os.path.abspath(path),
+                     width=ds.RasterXSize, height=ds.RasterYSize,
                      band_count=ds.RasterCount, dtype=dtype, nodata=band_nodata[bands[0] - 1],
                      crs_wkt=wkt, epsg=int(epsg) if epsg and epsg.isdigit() else None,
                      geotransform=tuple(gt), metadata=dict(ds.GetMetadata() or {}),
