@@ -32,7 +32,7 @@ APT_PACKAGES=(openmpi-bin libopenmpi-dev python3-mpi4py python3-h5py-mpi python3
               python3-venv python3-dev)
 # Keep versions here in one place; STAMP changes whenever this list changes.
 PIP_PACKAGES=(torch==2.13.0 scikit-learn==1.9.1 "pyyaml>=6" pyspark==4.3.0 "matplotlib>=3.7,<3.11"
-              "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9" hypothesis==6.170.27)
+              "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9" hypothesis==6.170.27 pystac==1.15.2)
 CONSTRAINTS=("numpy==1.24.2" "scipy==1.15.3")
 STAMP_TEXT="apt:${APT_PACKAGES[*]} java pip:${PIP_PACKAGES[*]} constraints:${CONSTRAINTS[*]} pkg:editable"
 STAMP="$VENV/.resflow-install-stamp"

@@ -216,8 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
     sp = sub.add_parser("sample", help=cmd_sample.__doc__)
-    sp.add_argument("gallery", help="image gallery HDF5 (gallery/images.h5)")
+    sp.add_argument("gallery", nargs="?", default=None,
+                    help="image gallery HDF5 (gallery/images.h5); or --from-run")
+    sp.add_argument("--from-run", default=None, metavar="OUT",
+                    help="draw from a mapped archive (a run's output folder): per bucket, the "
+                         "flagged tiles and the least confident ones (what to label next)")
     sp.add_argument("--per-bucket", type=int, required=True, metavar="N")
+    sp.add_argument("--lowest", type=int, default=None, metavar="M",
+                    help="with --from-run: the M least confident tiles too (default: N)")
     sp.add_argument("--scenes", nargs="+", default=None, help="only these scenes (names or paths)")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", required=True, help="folder for the chips and chips.gpkg")

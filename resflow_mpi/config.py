@@ -40,6 +40,15 @@ class ScenesConfig:
                                        "train, run uses predict, evaluate the labelled predict "
                                        "scenes. An archive.json from `resflow synth` also works "
                                        "(train/test). Replaces scenes.inputs and scenes.split.")
+    stac_assets: list[str] = _f([], "STAC items in scenes.inputs or a manifest's image: the "
+                                    "asset keys or band common names that make each scene's "
+                                    "bands, in order (e.g. [red, green, blue] or [visual]); "
+                                    "single-band assets are stacked by a VRT in "
+                                    "output.dir/stac. Empty: the item's one raster asset.")
+    aoi: Optional[str] = _f(None, "Area of interest: a polygon file (any OGR source, any CRS). "
+                                  "Tiles outside it are neither read nor computed, pixels "
+                                  "outside it are nodata (255) in the outputs, and areas count "
+                                  "only inside it; scenes it misses are not mapped.")
     bands: list[int] = _f([1, 2, 3], "1-based band numbers fed to the networks, in order.")
     expect_dtype: Optional[Literal["uint8", "uint16"]] = _f(None, "Refuse scenes of another data "
                                                                   "type (null: uint8 or uint16).")

@@ -25,13 +25,14 @@ import numpy as np
 from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery, resolve_run_config
+from .io.aoi import AreaOfInterest, SceneAOI, load_aoi, scene_aoi
 from .io.export import OutputRecord, confined, export_scene, outputs_current
 from .io.maskstore import MaskReader, MaskStore, TileResult, mark_complete_scenes
 from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
-from .io.raster import SceneInfo, gsd_mismatch, prepare_scene, tile_coverage
+from .io.raster import SceneInfo, at_gsd, gsd_mismatch, open_scene, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
@@ -55,6 +56,24 @@ class ScenePlan:
     scenes: list[SceneInfo]
     coverage: list[Optional[np.ndarray]] = field(default_factory=list)  # valid fraction per tile
     skipped: list[dict[str, str]] = field(default_factory=list)
+    aoi: list[Optional[SceneAOI]] = field(default_factory=list)  # scenes.aoi on each scene
+    aoi_source: Optional[AreaOfInterest] = None
+    outside_aoi: list[str] = field(default_factory=list)  # scenes the AOI misses (not mapped)
+
+    def scene_aoi(self, index: int) -> Optional[SceneAOI]:
+        """The AOI on scene ``index`` (None: no scenes.aoi)."""
+        return self.aoi[index] if self.aoi else None
+
+    def aoi_summary(self, tile_px: int) -> Optional[dict[str, Any]]:
+        """What the AOI kept: tiles intersecting it of all tiles, its area inside the scenes."""
+        if self.aoi_source is None:
+            return None
+        total = sum(int(np.prod(grid_shape(s.width, s.height, tile_px))) for s in self.scenes)
+        return {"path": self.aoi_source.path,
+                "tiles_intersecting": sum(a.tiles_intersecting for a in self.aoi if a),
+                "tiles_total": total,
+                "area_km2": sum(a.area_km2 for a in self.aoi if a),
+                "scenes_outside": list(self.outside_aoi)}
 
 
 def check_output_dir(out_dir: str) -> Path:
@@ -86,31 +105,48 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
                              "scenes.inputs, or the predict: list of scenes.manifest)")
         return paths
     paths = comm.root_call(scene_paths)
+    aoi = comm.root_call(lambda: load_aoi(cfg.scenes.aoi)) if cfg.scenes.aoi else None
 
-    def check(path: str) -> tuple[str, Any, Any]:
+    def check(path: str) -> tuple[str, Any, Any, Any]:
         # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
         try:
+            on_scene = None
+            if aoi is not None:  # from the header alone: a scene the AOI misses is never read
+                head = at_gsd(open_scene(path, cfg.scenes.bands, cfg.scenes.expect_dtype),
+                              cfg.scenes.gsd_m)  # the tile grid the networks see
+                on_scene = scene_aoi(aoi, head.crs_wkt, head.geotransform, head.width,
+                                     head.height, cfg.tiling.tile_px)
+                if on_scene is None:
+                    return "outside", path, "", None
             info = prepare_scene(path, cfg)
             cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
                    if cfg.tiling.prescan_nodata else None)
             if cov is not None and float(cov.max()) == 0.0:
                 raise InputError(f"{path}: scene is entirely nodata "
                                  f"({info.validity_text(cfg.scenes.bands)})")
-            return "ok", info, cov
+            return "ok", info, cov, on_scene
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
                 raise
-            return "skip", path, str(exc)
+            return "skip", path, str(exc), None
     checked = comm.map_split(paths, check)
 
     def assemble() -> ScenePlan:
-        plan = ScenePlan([])
-        for kind, a, b in checked or []:
+        plan = ScenePlan([], aoi_source=aoi)
+        for kind, a, b, on_scene in checked or []:
             if kind == "ok":
                 plan.scenes.append(a)
                 plan.coverage.append(b)
+                if aoi is not None:
+                    plan.aoi.append(on_scene)
+            elif kind == "outside":
+                plan.outside_aoi.append(a)
             else:
                 plan.skipped.append({"path": a, "reason": b})
+        if aoi is not None and plan.outside_aoi and not plan.scenes:
+            raise InputError(f"{aoi.path}: the area of interest intersects none of the "
+                             f"{len(paths)} scene(s) (scenes.aoi); check its extent and CRS "
+                             "against the scenes'")
         if not plan.scenes:
             raise InputError(f"no usable scene among {len(paths)} (all skipped: "
                              f"{plan.skipped[0]['reason']} ...)")
@@ -119,13 +155,21 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
 
 
 def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
-                coverage: Optional[np.ndarray] = None,
-                done: Optional[np.ndarray] = None) -> list[TileTask]:
-    """The unfinished tiles of one scene, flagged empty where the scene is all nodata."""
+                coverage: Optional[np.ndarray] = None, done: Optional[np.ndarray] = None,
+                aoi: Optional[SceneAOI] = None) -> list[TileTask]:
+    """The unfinished tiles of one scene, flagged empty where the scene is all nodata or the
+    tile lies outside the area of interest ``aoi``; a tile on the AOI's edge carries the AOI
+    clipped to its owned window (its pixels outside are nodata)."""
     cov = coverage.ravel() if coverage is not None else None
-    return [TileTask(tile, bool(cov is not None and cov[tile.index] == 0.0))
-            for tile in tile_grid(index, info.width, info.height, tile_px, halo_px)
-            if done is None or not done[tile.index]]
+    tasks = []
+    for tile in tile_grid(index, info.width, info.height, tile_px, halo_px):
+        if done is not None and done[tile.index]:
+            continue
+        inside = aoi.tile_inside(tile.index) if aoi is not None else 1.0
+        empty = bool(cov is not None and cov[tile.index] == 0.0) or inside == 0.0
+        tasks.append(TileTask(tile, empty, inside,
+                              aoi.edges.get(tile.index) if aoi is not None else None))
+    return tasks
 
 
 def build_tasks(plan: ScenePlan, cfg: RunConfig,
@@ -134,7 +178,7 @@ def build_tasks(plan: ScenePlan, cfg: RunConfig,
     t = cfg.tiling
     return [task for i, s in enumerate(plan.scenes)
             for task in scene_tasks(i, s, t.tile_px, t.halo_px, plan.coverage[i],
-                                    done[i] if done is not None else None)]
+                                    done[i] if done is not None else None, plan.scene_aoi(i))]
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -240,6 +284,9 @@ def setup_job(cfg: RunConfig, comm: Communicator, quiet: bool,
         out_dir = check_output_dir(cfg.output.dir)
         lock.acquire()  # held to the end of the job; a second job on out_dir is refused here
         tiles = sum(not task.empty for task in build_tasks(plan, cfg))
+        aoi = plan.aoi_summary(cfg.tiling.tile_px)
+        if aoi is not None and not quiet:
+            print(aoi_line(aoi), file=sys.stderr, flush=True)
         _, estimate = preflight(
             cfg, ModelGallery(cfg.models.gallery), ranks=comm.size,
             ranks_per_node=int(b.get("local_size", 1)), device=str(b.get("device", "cpu")),
@@ -328,8 +375,12 @@ def _run_job(cfg: RunConfig, runner: Runner, restart: bool, quiet: bool,
                                    "resampled_scenes": sum(s.native_grid is not None
                                                            for s in job.scenes)},
              **runner.report_extra()}
-    totals = job_totals(job.h5_path, job.scenes, cfg.tiling.tile_px)
+    totals = job_totals(job.h5_path, job.scenes, cfg.tiling.tile_px,
+                        [job.plan.scene_aoi(i) for i in range(len(job.scenes))])
     extra["store_id"] = totals.store_id
+    aoi = job.plan.aoi_summary(cfg.tiling.tile_px)
+    if aoi is not None:
+        extra["aoi"] = aoi
     report = write_report(job.out_dir, cfg, job.scenes, runner.name, per_worker,
                           time.perf_counter() - t_start, complete, exported, job.plan.skipped,
                           extra, totals)
@@ -579,9 +630,11 @@ def owned_pixels(width: int, height: int, tile_px: int) -> np.ndarray:
     return np.outer(h, w).ravel()
 
 
-def job_totals(h5_path: str, scenes: Sequence[SceneInfo], tile_px: int) -> JobTotals:
+def job_totals(h5_path: str, scenes: Sequence[SceneInfo], tile_px: int,
+               aoi: Sequence[Optional[SceneAOI]] = ()) -> JobTotals:
     """Every finished tile of the job, resumed or not, with its pixels and ground area (a tile's
-    area is its pixels at the scene's mean pixel area, as the tile loop counts it)."""
+    area is its pixels at the scene's mean pixel area, as the tile loop counts it; with an area
+    of interest ``aoi`` (per scene), its pixels inside the AOI)."""
     out = []
     with MaskReader(h5_path) as reader:
         for i, s in enumerate(scenes):
@@ -589,10 +642,14 @@ def job_totals(h5_path: str, scenes: Sequence[SceneInfo], tile_px: int) -> JobTo
             done = rec["done"].astype(bool)
             bucket = rec["bucket"].astype(np.int64)
             computed = done & (bucket != -1)
-            px = int(owned_pixels(s.width, s.height, tile_px)[done].sum())
+            owned = owned_pixels(s.width, s.height, tile_px)
+            px = int(owned[done].sum())
+            on_scene = aoi[i] if i < len(aoi) else None
+            px_in = (float((owned * on_scene.inside.ravel())[done].sum())
+                     if on_scene is not None else px)
             values, counts = np.unique(bucket[computed], return_counts=True)
             out.append(SceneTotals(len(done), int(done.sum()), int(computed.sum()), px,
-                                   px * s.area_km2 / max(1, s.width * s.height),
+                                   px_in * s.area_km2 / max(1, s.width * s.height),
                                    int((bucket[computed] == -2).sum()),
                                    {int(b): int(n) for b, n in zip(values, counts)}))
         return JobTotals(reader.store_id, out)
@@ -660,6 +717,14 @@ def write_report(out_dir: Path, cfg: RunConfig, scenes: Sequence[SceneInfo], eng
     except OSError as exc:
         raise OutputError(f"{path}: cannot write the run report ({os_error_cause(exc)})") from None
     return report
+
+
+def aoi_line(aoi: dict[str, Any]) -> str:
+    """The plan's line on the area of interest (``ScenePlan.aoi_summary``)."""
+    outside = aoi["scenes_outside"]
+    return (f"AOI: {aoi['tiles_intersecting']:,} of {aoi['tiles_total']:,} tiles intersect "
+            f"{aoi['path']} ({aoi['area_km2']:.3f} km2); the others are neither read nor "
+            "computed" + (f"; {len(outside)} scene(s) outside it not mapped" if outside else ""))
 
 
 def summary_line(report: dict[str, Any]) -> str:

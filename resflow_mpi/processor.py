@@ -16,6 +16,7 @@ import numpy as np
 
 from .config import RunConfig
 from .io import OPEN_SCENES
+from .io.aoi import inside_mask
 from .io.maskstore import TileResult
 from .io.raster import SceneInfo, WindowReader
 from .stages import OOD_BUCKET, BucketQueues, PendingTile, TileStages, normalize
@@ -26,10 +27,14 @@ TaskSource = Callable[[], Optional[Sequence["TileTask"]]]
 
 @dataclass(frozen=True)
 class TileTask:
-    """A tile descriptor as scattered by rank 0: where to read, and whether it is all nodata."""
+    """A tile descriptor as scattered by rank 0: where to read, whether it is all nodata (or
+    outside the area of interest), the share of its owned pixels inside the area of interest,
+    and for a tile on the area's edge the area clipped to its owned window (WKB, scene CRS)."""
 
     tile: Tile
     empty: bool = False
+    inside: float = 1.0
+    aoi_wkb: Optional[bytes] = None
 
 
 @dataclass
@@ -158,9 +163,13 @@ class TileProcessor:
             self.stats.tiles += 1
             owned_px = task.tile.owned.width * task.tile.owned.height
             self.stats.pixels += owned_px
-            self.stats.area_km2 += self.scenes[task.tile.scene].window_area_km2(task.tile.owned)
+            info = self.scenes[task.tile.scene]
+            self.stats.area_km2 += info.window_area_km2(task.tile.owned) * task.inside
             if task.empty:
                 yield self._empty_result(task)
+            elif task.aoi_wkb is not None:  # outside the area of interest is nodata
+                work.append((task, valid & inside_mask(task.aoi_wkb, info.crs_wkt,
+                                                       info.geotransform, task.tile.owned)))
             else:
                 work.append((task, valid))
         if batch.x is None:

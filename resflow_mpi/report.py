@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError, OutputError
 from .io.export import MONO_COLOUR, bucket_map_rgb
+from .io import vsi
 from .io.naming import BUCKETS, COG, MASK, output_file_name
 from .io.raster import RasterPreview
 
@@ -287,7 +288,7 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
                 if mask is not None else f"{sl.index:04d}")
         if mask is None:
             sl.notes.append("no mask GeoTIFF among the outputs (output.geotiff off?)")
-        elif not Path(scene["path"]).is_file():
+        elif vsi.stat(str(scene["path"])) is None:
             sl.notes.append(f"source scene {scene['path']} not found; no image quicklook")
         else:
             try:
@@ -479,6 +480,23 @@ def _selection_section(report: dict[str, Any]) -> str:
             + "".join(f"<p>{_esc(n)}</p>" for n in notes))
 
 
+def _aoi_section(report: dict[str, Any]) -> str:
+    """Which area of interest limited the run, and what it kept ('' without one)."""
+    aoi = report.get("aoi")
+    if not aoi:
+        return ""
+    outside = aoi.get("scenes_outside") or []
+    rows = [("file", _esc(aoi.get("path"))),
+            ("tiles intersecting", f"{_esc(aoi.get('tiles_intersecting'))} of "
+                                   f"{_esc(aoi.get('tiles_total'))} (the others neither read "
+                                   "nor computed; nodata in the outputs)"),
+            ("area inside the scenes", f"{_num(aoi.get('area_km2', 0), '.3f')} km2 (the areas "
+                                       "of this report count only the AOI)")]
+    if outside:
+        rows.append(("scenes outside it (not mapped)", _esc(", ".join(outside))))
+    return "<h2>Area of interest</h2>\n" + _table(["", ""], rows)
+
+
 def _skipped_section(report: dict[str, Any]) -> str:
     skipped = report.get("skipped_scenes", [])
     if not skipped:
@@ -522,7 +540,7 @@ def render_html(report: dict[str, Any], looks: Quicklooks, title: str) -> str:
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_esc(title)}</h1>",
-        "<h2>Run summary</h2>", summary,
+        "<h2>Run summary</h2>", summary, _aoi_section(report),
         "<h2>Time per stage</h2>", _stage_table(report),
         _img(looks.stage_times_png, "seconds per stage"),
         "<h2>Ranks</h2>", _rank_table(report), _img(looks.rank_load_png, "load per rank"),

@@ -5,6 +5,11 @@ which bucket every tile falls in, so a labelling campaign can ask for the same n
 from every bucket instead of whatever the archive happens to hold most of. Selection
 (:func:`select_stratified`) is pure numpy; the chips and their index are written by
 :mod:`resflow_mpi.io.chips`.
+
+``--from-run OUT`` draws from a mapped archive instead ("what to label next"): every computed
+tile of the run's mask store, stratified by bucket, the tiles flagged out of distribution
+(bucket -2) and the tiles the models were least sure of (:func:`tile_confidence` over the stored
+probabilities; a run needs ``inference.save_probabilities`` for it).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -21,8 +27,12 @@ from ..errors import InputError, OutputError
 
 SUMMARY_NAME = "sample.json"
 INDEX_NAME = "chips.gpkg"
-# The only files of an earlier sample that a new one removes: chips in their bucket folders.
-CHIP_PATH = re.compile(r"bucket-[0-9]+/[^/]+\.tif")
+# The only files of an earlier sample that a new one removes: chips in their stratum folders.
+CHIP_PATH = re.compile(r"(bucket-[0-9]+|flagged|low-confidence)/[^/]+\.tif")
+FLAGGED_BUCKET = -2       # the store's bucket of tiles flagged out of distribution
+# Pixels at or above this probability are building-ish: confidence is measured where the models
+# see some building, since confident background dominates any tile otherwise.
+BUILDINGISH_P = 0.25
 
 
 def _spread_order(centres: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -152,20 +162,44 @@ def _write_summary(out: Path, summary: dict[str, Any]) -> None:
                           "writable and has space") from None
 
 
+def _write_sample(out: Path, records: Sequence[Any], summary: dict[str, Any]) -> Path:
+    """Write each record's chip under ``out``, the GeoPackage index and ``sample.json`` (the
+    summary's chip list goes first, so a later call can remove the chips of a call that stopped
+    half-way); the index path."""
+    from ..io.chips import write_chip, write_chip_index
+
+    prepare_out_dir(out)
+    _write_summary(out, {"complete": False, "chip_files": [r.chip for r in records]})
+    for r in records:
+        write_chip(r.scene_path, r.window, out / r.chip)
+    index = write_chip_index(out / INDEX_NAME, records)
+    _write_summary(out, {**summary, "index": str(index), "chips": len(records),
+                         "scenes": sorted({r.scene for r in records}), "complete": True,
+                         "chip_files": [r.chip for r in records]})
+    return index
+
+
 def sample_command(args: argparse.Namespace) -> int:
-    """`resflow sample GALLERY/images.h5 --per-bucket N [--scenes ...] --seed S --out DIR`."""
+    """`resflow sample GALLERY/images.h5 --per-bucket N [--scenes ...] --seed S --out DIR`, or
+    `resflow sample --from-run OUT --per-bucket N [--lowest M] --out DIR`."""
     from ..galleries import ImageGallery, bits_to_str
-    from ..io.chips import ChipRecord, write_chip, write_chip_index
+    from ..io.chips import ChipRecord
 
     if args.per_bucket < 1:
         raise InputError(f"--per-bucket {args.per_bucket}: ask for at least 1 tile per bucket")
+    from_run = getattr(args, "from_run", None)
+    if (args.gallery is None) == (from_run is None):
+        raise InputError("resflow sample: give an image gallery (GALLERY/images.h5) or "
+                         "--from-run OUT (a run's output folder), not both")
+    if from_run is not None:
+        return sample_from_run(args)
     gallery = ImageGallery(args.gallery)
     allowed_scenes = (_scene_filter(gallery.scenes, args.scenes) if args.scenes
                       else np.ones(len(gallery.scenes), bool))
     picked = select_stratified(gallery.bucket, gallery.scene, gallery.window, args.per_bucket,
                                args.seed, allowed=allowed_scenes[gallery.scene])
     centroid = _bucket_codes(Path(args.gallery))
-    planned: list[tuple[int, int, dict[str, Any], tuple[int, int, int, int], str]] = []
+    records: list[ChipRecord] = []
     for b, tiles in picked.items():
         for tile in tiles:
             meta = gallery.scenes[int(gallery.scene[tile])]
@@ -173,34 +207,160 @@ def sample_command(args: argparse.Namespace) -> int:
                 raise InputError(f"{args.gallery}: the image gallery does not record scene paths; "
                                  "rebuild it with `resflow init`")
             col, row, width, height = (int(v) for v in gallery.window[tile])
-            chip = f"bucket-{b:02d}/{meta['name']}_c{col}_r{row}.tif"
-            planned.append((int(tile), b, meta, (col, row, width, height), chip))
+            records.append(ChipRecord(
+                tile=int(tile), bucket=b, code=bits_to_str(gallery.codes[tile], gallery.n_bits),
+                bucket_code=centroid.get(b, ""), scene=meta["name"], scene_path=meta["path"],
+                window=(col, row, width, height),
+                chip=f"bucket-{b:02d}/{meta['name']}_c{col}_r{row}.tif"))
     out = Path(args.out)
-    prepare_out_dir(out)
-    # Written first, so a later call can remove these chips even if this one stops half-way.
-    _write_summary(out, {"complete": False, "chip_files": [p[-1] for p in planned]})
-    records: list[ChipRecord] = []
-    for tile, b, meta, window, chip in planned:
-        write_chip(meta["path"], window, out / chip)
-        records.append(ChipRecord(tile=tile, bucket=b,
-                                  code=bits_to_str(gallery.codes[tile], gallery.n_bits),
-                                  bucket_code=centroid.get(b, ""), scene=meta["name"],
-                                  scene_path=meta["path"], window=window, chip=chip))
-    index = write_chip_index(out / INDEX_NAME, records)
     counts = {b: len(t) for b, t in picked.items()}
     short = {b: n for b, n in counts.items() if n < args.per_bucket}
-    summary = {"gallery": str(args.gallery), "per_bucket": args.per_bucket, "seed": args.seed,
-               "index": str(index), "chips": len(records), "per_bucket_written": counts,
-               "buckets_short": short,
-               "scenes": sorted({r.scene for r in records}), "complete": True,
-               "chip_files": [r.chip for r in records]}
-    _write_summary(out, summary)
+    index = _write_sample(out, records, {
+        "gallery": str(args.gallery), "per_bucket": args.per_bucket, "seed": args.seed,
+        "per_bucket_written": counts, "buckets_short": short})
     for b, n in counts.items():
         note = f" (the bucket has only {n} tile(s) in these scenes)" if b in short else ""
         print(f"bucket {b}: {n} chip(s){note}")
-    print(f"{len(records)} chip(s) from {len(summary['scenes'])} scene(s) in {out}; "
+    print(f"{len(records)} chip(s) from {len({r.scene for r in records})} scene(s) in {out}; "
           f"index {index} (open it in QGIS)")
     if short:
         print(f"[sample] {len(short)} bucket(s) gave fewer than {args.per_bucket} tiles",
               file=sys.stderr)
+    return 0
+
+
+# -- what to label next: a mapped archive ---------------------------------------------------------
+def tile_confidence(prob: np.ndarray, valid: np.ndarray) -> float:
+    """How sure the models were of a tile: mean |p - 0.5| * 2 over its valid building-ish pixels
+    (p >= BUILDINGISH_P), or over all its valid pixels when none is building-ish; NaN when no
+    pixel is valid. 1: every pixel decided outright; 0: every pixel at p = 0.5."""
+    p = prob.astype(np.float32)[valid]
+    if p.size == 0:
+        return float("nan")
+    building = p[p >= BUILDINGISH_P]
+    return float(np.mean(np.abs((building if building.size else p) - 0.5)) * 2.0)
+
+
+@dataclass
+class MappedTiles:
+    """Every computed tile of a run: scene index, tile index, bucket, packed code, owned window
+    (col, row, width, height) and confidence, one row per tile; and each scene's path."""
+
+    scene: np.ndarray
+    tile: np.ndarray
+    bucket: np.ndarray
+    code: np.ndarray
+    window: np.ndarray
+    confidence: np.ndarray
+    scene_paths: list[str]
+
+
+def mapped_tiles(out_dir: Path) -> tuple[MappedTiles, dict[str, Any]]:
+    """The computed tiles of the run in ``out_dir`` (its mask store) and its run report.
+
+    InputError (one line) when the folder holds no finished run, or its store kept no
+    probabilities: a mask alone says nothing of how sure the models were."""
+    from ..io.maskstore import MaskReader
+    from ..report import load_run_report
+
+    report = load_run_report(out_dir)
+    h5 = Path(str(report.get("h5_path", out_dir / "masks.h5")))
+    if not h5.is_file():
+        h5 = out_dir / h5.name  # the output folder was moved
+    cols_out: dict[str, list[np.ndarray]] = {k: [] for k in
+                                            ("scene", "tile", "bucket", "code", "window", "conf")}
+    paths: list[str] = []
+    with MaskReader(str(h5)) as reader:
+        for s in range(reader.n_scenes()):
+            meta = reader.scene_meta(s)
+            paths.append(meta.source_path)
+            if not reader.has_probabilities(s):
+                raise InputError(f"{h5}: the run kept no probabilities, and a mask alone does not "
+                                 "say how sure the models were; rerun it with --restart "
+                                 "--set inference.save_probabilities=true to sample by "
+                                 "confidence")
+            rec = reader.tile_records(s)
+            tp, cols = meta.tile_px, meta.grid_cols
+            conf = np.full(meta.grid_rows * cols, np.nan)
+            windows = np.zeros((meta.grid_rows * cols, 4), np.int64)
+            masks = reader.iter_mask_rows(s, tp)
+            for (r0, prob), (_, mask) in zip(reader.iter_prob_rows(s, tp), masks):
+                row = r0 // tp
+                for c in range(cols):
+                    block = np.s_[:, c * tp:(c + 1) * tp]
+                    conf[row * cols + c] = tile_confidence(prob[block], mask[block] != 255)
+                    windows[row * cols + c] = (c * tp, r0, prob[block].shape[1], prob.shape[0])
+            keep = rec["done"].astype(bool) & (rec["bucket"] != -1)
+            idx = np.flatnonzero(keep)
+            for name, values in (("scene", np.full(len(idx), s)), ("tile", idx),
+                                 ("bucket", rec["bucket"][idx].astype(np.int64)),
+                                 ("code", rec["code"][idx]), ("window", windows[idx]),
+                                 ("conf", conf[idx])):
+                cols_out[name].append(values)
+    if not paths or not sum(len(t) for t in cols_out["tile"]):
+        raise InputError(f"{out_dir}: the run computed no tile yet; finish `resflow run` first")
+    cat = {k: np.concatenate(v) for k, v in cols_out.items()}
+    return MappedTiles(cat["scene"], cat["tile"], cat["bucket"], cat["code"], cat["window"],
+                       cat["conf"], paths), report
+
+
+def select_to_label(tiles: MappedTiles, per_bucket: int, lowest: int, seed: int
+                    ) -> list[tuple[str, np.ndarray]]:
+    """(stratum, row indices of ``tiles``): ``per_bucket`` tiles of each bucket and of the tiles
+    flagged out of distribution, spread over scenes and space (:func:`select_stratified`), then
+    the ``lowest`` least confident tiles not drawn yet."""
+    picked = select_stratified(tiles.bucket, tiles.scene, tiles.window, per_bucket, seed)
+    strata = [("flagged" if b == FLAGGED_BUCKET else f"bucket-{b:02d}", rows)
+              for b, rows in sorted(picked.items(), key=lambda kv: (kv[0] < 0, kv[0]))]
+    taken = np.zeros(len(tiles.bucket), bool)
+    for _, rows in strata:
+        taken[rows] = True
+    candidates = np.flatnonzero(~taken & np.isfinite(tiles.confidence))
+    order = candidates[np.argsort(tiles.confidence[candidates], kind="stable")]
+    if lowest > 0 and len(order):
+        strata.append(("low-confidence", order[:lowest]))
+    return strata
+
+
+def sample_from_run(args: argparse.Namespace) -> int:
+    """`resflow sample --from-run OUT --per-bucket N [--lowest M] [--seed S] --out DIR`."""
+    from ..galleries import bits_to_str
+    from ..io.chips import ChipRecord
+
+    lowest = args.per_bucket if args.lowest is None else args.lowest
+    if lowest < 0:
+        raise InputError(f"--lowest {lowest}: give 0 or more tiles of lowest confidence")
+    out_run = Path(args.from_run)
+    tiles, report = mapped_tiles(out_run)
+    gallery = report.get("config", {}).get("models", {}).get("gallery") or ""
+    centroid = _bucket_codes(Path(gallery) / "images.h5") if gallery else {}
+    n_bits = int(report.get("config", {}).get("models", {}).get("hash_bits") or
+                 tiles.code.shape[1] * 8)
+    records = []
+    for stratum, rows in select_to_label(tiles, args.per_bucket, lowest, args.seed):
+        for i in rows:
+            path = tiles.scene_paths[int(tiles.scene[i])]
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(path).stem) or "scene"
+            col, row, width, height = (int(v) for v in tiles.window[i])
+            b = int(tiles.bucket[i])
+            records.append(ChipRecord(
+                tile=int(tiles.tile[i]), bucket=b, code=bits_to_str(tiles.code[i], n_bits),
+                bucket_code=centroid.get(b, ""), scene=name, scene_path=path,
+                window=(col, row, width, height), chip=f"{stratum}/{name}_c{col}_r{row}.tif",
+                stratum="bucket" if stratum.startswith("bucket-") else stratum,
+                confidence=float(tiles.confidence[i])))
+    out = Path(args.out)
+    counts: dict[str, int] = {}
+    for r in records:
+        key = r.chip.split("/")[0]
+        counts[key] = counts.get(key, 0) + 1
+    index = _write_sample(out, records, {
+        "from_run": str(out_run), "per_bucket": args.per_bucket, "lowest": lowest,
+        "seed": args.seed, "per_stratum_written": counts,
+        "tiles_mapped": int(len(tiles.tile)),
+        "flagged_mapped": int((tiles.bucket == FLAGGED_BUCKET).sum())})
+    for key, n in counts.items():
+        print(f"{key}: {n} chip(s)")
+    print(f"{len(records)} chip(s) to label from {len(tiles.tile)} mapped tile(s) of {out_run} "
+          f"in {out}; index {index} (open it in QGIS)")
     return 0

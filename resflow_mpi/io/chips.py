@@ -2,11 +2,13 @@
 
 A chip keeps its scene's CRS, bands, data type and nodata; its geotransform is the scene's moved
 to the window's corner, so it lies exactly on the scene in a GIS. The index holds one polygon per
-chip (its footprint) with the bucket, the tile's hash code, the scene and the window, and the
-chip's path relative to the index, so QGIS opens both side by side for labelling.
+chip (its footprint) with the bucket, the tile's hash code, the scene and the window, why it was
+drawn (stratum) and the mapped tile's confidence where known, and the chip's path relative to the
+index, so QGIS opens both side by side for labelling.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ class ChipRecord:
     scene_path: str
     window: tuple[int, int, int, int]   # col, row, width, height in scene pixels
     chip: str
+    stratum: str = "bucket"             # why it was drawn: bucket, flagged, low-confidence
+    confidence: float = float("nan")    # mean |p - 0.5| * 2 of a mapped tile (NaN: not known)
 
 
 def window_geotransform(scene_gt: Sequence[float], col: int, row: int) -> tuple[float, ...]:
@@ -113,7 +117,8 @@ def write_chip_index(path: Path, records: Sequence[ChipRecord]) -> Path:
         fields = [("tile", ogr.OFTInteger64), ("bucket", ogr.OFTInteger), ("code", ogr.OFTString),
                   ("bucket_code", ogr.OFTString), ("scene", ogr.OFTString),
                   ("window", ogr.OFTString), ("col", ogr.OFTInteger), ("row", ogr.OFTInteger),
-                  ("width", ogr.OFTInteger), ("height", ogr.OFTInteger), ("chip", ogr.OFTString)]
+                  ("width", ogr.OFTInteger), ("height", ogr.OFTInteger), ("chip", ogr.OFTString),
+                  ("stratum", ogr.OFTString), ("confidence", ogr.OFTReal)]
         for name, kind in fields:
             layer.CreateField(ogr.FieldDefn(name, kind))
         defn = layer.GetLayerDefn()
@@ -130,9 +135,12 @@ def write_chip_index(path: Path, records: Sequence[ChipRecord]) -> Path:
                       "bucket_code": record.bucket_code, "scene": record.scene,
                       "window": ",".join(str(v) for v in record.window), "col": record.window[0],
                       "row": record.window[1], "width": record.window[2],
-                      "height": record.window[3], "chip": record.chip}
+                      "height": record.window[3], "chip": record.chip,
+                      "stratum": record.stratum}
             for name, value in values.items():
                 feature.SetField(name, value)
+            if not math.isnan(record.confidence):  # unknown: left null
+                feature.SetField("confidence", float(record.confidence))
             feature.SetGeometry(polygon)
             layer.CreateFeature(feature)
         layer.CommitTransaction()

@@ -11,6 +11,7 @@ Both routes expand each listed item with :func:`expand` and then keep each scene
   named label (one-line error);
 - identity is the real path: ``../data/img/S.tif``, ``./../data/img/../img/S.tif`` and the same
   file through a symlinked folder are one scene, kept once with a note;
+- a STAC file (Item, ItemCollection or static catalog, ``io.stac``) stands for its items' scenes;
 - a VRT whose source files are all listed scenes (``a.vrt`` over ``a.tif``) is dropped with a
   note, so its pixels are not mapped (and counted) twice.
 """
@@ -26,6 +27,8 @@ from typing import Collection, Optional, Sequence
 from ..errors import InputError
 from .gdalenv import ensure_configured
 from .naming import inside_output_dir, is_label_name, is_output_name
+from .stac import StacOptions, is_stac, stac_scenes
+from .vsi import is_virtual
 
 # What folders and globs take as scenes (a file named explicitly may have any extension).
 SCENE_EXTENSIONS = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".ntf")
@@ -36,7 +39,7 @@ FILE_LIKE_SUFFIXES = SCENE_EXTENSIONS + (".json", ".txt")
 def scene_key(path: str) -> str:
     """The identity of a scene file: its real path (symlinks, '.' and '..' resolved); a GDAL
     virtual path (/vsicurl/, /vsis3/, ...) as written."""
-    return path if path.startswith("/vsi") else os.path.realpath(path)
+    return path if is_virtual(path) else os.path.realpath(path)
 
 
 def pattern_label(image: str, pattern: str) -> str:
@@ -189,17 +192,22 @@ def distinct(paths: Sequence[str], label_pattern: Optional[str] = None,
 
 def resolve_scene_inputs(inputs: Sequence[str], split: str = "all", exclude: Collection[str] = (),
                          label_pattern: Optional[str] = None,
-                         notes: Optional[list[str]] = None) -> list[str]:
-    """``scenes.inputs`` (globs, folders, .txt lists, archive.json manifests) -> scene paths.
+                         notes: Optional[list[str]] = None,
+                         stac: Optional[StacOptions] = None) -> list[str]:
+    """``scenes.inputs`` (globs, folders, .txt lists, archive.json manifests, STAC files) ->
+    scene paths.
 
     Paths come back real, each scene once, in listed order (globs and folders sorted), by
     :func:`expand` and :func:`distinct`. ``exclude``: label files (never scenes); ``split``
-    filters archive.json entries (train, test or all). A missing plain path is kept for the
-    scene checks to report (``scenes.on_bad_scene``)."""
+    filters archive.json entries (train, test or all); ``stac``: how STAC items become scenes
+    (``io.stac``). A missing plain path is kept for the scene checks to report
+    (``scenes.on_bad_scene``)."""
     labels = {scene_key(p) for p in exclude}
     listed: list[str] = []
     for item in inputs:
-        if item.endswith(".json") and os.path.isfile(item):
+        if is_stac(item):
+            listed += stac_scenes(item, stac or StacOptions())
+        elif item.endswith(".json") and os.path.isfile(item):
             listed += archive_images(item, split)
         elif item.endswith(".txt") and os.path.isfile(item):
             for line in Path(item).read_text().splitlines():

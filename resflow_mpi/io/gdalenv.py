@@ -14,6 +14,14 @@ CACHE_ENV = "RESFLOW_GDAL_CACHE_MB"   # bounded block cache per process; reads a
 
 _configured = False
 
+# Remote scenes (/vsicurl/, /vsis3/, ...): opening a scene must not list its folder (an HTTP
+# directory listing or an S3 LIST per scene) nor probe sidecars, and a busy server gets retries.
+# Each is set only where the user's environment has not set it. CPL_VSIL_CURL_ALLOWED_EXTENSIONS
+# is left alone: STAC hrefs are often signed URLs or have no extension at all.
+REMOTE_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "3",
+                  "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+                  "GDAL_HTTP_MULTIPLEX": "YES", "VSI_CACHE": "TRUE"}
+
 
 def cache_mb_default() -> int:
     """The block cache size (MB) used when ``configure`` is not given one."""
@@ -21,13 +29,17 @@ def cache_mb_default() -> int:
 
 
 def configure(cache_mb: Optional[int] = None) -> None:
-    """Turn GDAL/OGR/OSR exceptions on and bound GDAL's block cache (idempotent)."""
+    """Turn GDAL/OGR/OSR exceptions on, bound GDAL's block cache and set the remote-read options
+    (``REMOTE_OPTIONS``) the environment leaves unset (idempotent)."""
     global _configured
     from osgeo import gdal, ogr, osr
     osr.UseExceptions()
     ogr.UseExceptions()
     gdal.UseExceptions()
     gdal.SetCacheMax((cache_mb if cache_mb is not None else cache_mb_default()) * 1024 * 1024)
+    for key, value in REMOTE_OPTIONS.items():
+        if gdal.GetConfigOption(key) is None:
+            gdal.SetConfigOption(key, value)
     _configured = True
 
 

@@ -32,6 +32,7 @@ from ..config import LabelsConfig, RunConfig
 from ..errors import ConfigError, InputError
 from .discovery import distinct, expand, note, pattern_label, resolve_scene_inputs, scene_key
 from .labels import LabelSpec
+from .stac import StacOptions, is_stac, stac_scenes
 
 Purpose = Literal["train", "predict", "evaluate"]
 SECTIONS = ("train", "predict")
@@ -143,11 +144,12 @@ def _check_entry(raw: Any, where: str) -> dict[str, Any]:
     return dict(raw)
 
 
-def load_manifest(path: str | Path, labels: LabelsConfig,
-                  notes: Optional[list[str]] = None) -> dict[str, list[SceneEntry]]:
+def load_manifest(path: str | Path, labels: LabelsConfig, notes: Optional[list[str]] = None,
+                  stac: Optional[StacOptions] = None) -> dict[str, list[SceneEntry]]:
     """Parse and check a manifest (or archive.json): {'train': [...], 'predict': [...]}.
 
-    Paths are relative to the manifest; images must exist, and so must labels named in it.
+    Paths are relative to the manifest; images must exist, and so must labels named in it. An
+    image that is a STAC file stands for its items' scenes (``stac``: see ``io.stac``).
     Images are found by ``io.discovery`` (the rules of scenes.inputs) and come back as real
     paths, each scene once per section (a note for each duplicate, to ``notes`` or stderr); a
     scene listed twice in a section with another region or label is an InputError."""
@@ -191,7 +193,10 @@ def load_manifest(path: str | Path, labels: LabelsConfig,
             label = resolve(e["label"]) if e.get("label") else None
             if label is not None and not label.startswith("/vsi") and not os.path.exists(label):
                 raise InputError(f"{label}: label file not found ({where}.label)")
-            for image in expand(resolve(e["image"]), f"{where}.image", named_labels):
+            image_item = resolve(e["image"])
+            images = (stac_scenes(image_item, stac or StacOptions()) if is_stac(image_item)
+                      else expand(image_item, f"{where}.image", named_labels))
+            for image in images:
                 real = scene_key(image)
                 found.append((image, SceneEntry(path=real,
                                                 label=_label_spec(real, labels, label, e),
@@ -235,7 +240,8 @@ def _inputs_entries(cfg: RunConfig, split: str, notes: Optional[list[str]] = Non
     exclude = [e.label.path for e in from_archives.values() if e.label is not None]
     if cfg.labels.file is not None:
         exclude.append(cfg.labels.file)
-    paths = resolve_scene_inputs(cfg.scenes.inputs, split, exclude, cfg.labels.pattern, notes)
+    paths = resolve_scene_inputs(cfg.scenes.inputs, split, exclude, cfg.labels.pattern, notes,
+                                 StacOptions.from_config(cfg))
     return [from_archives.get(p) or SceneEntry(p, _label_spec(p, cfg.labels), Path(p).stem)
             for p in paths]
 
@@ -248,7 +254,7 @@ def scenes_for(cfg: RunConfig, purpose: Purpose,
     when scenes.split is all). Notes (duplicates dropped, scenes to evaluate that are also
     training scenes) go to ``notes``, or to stderr when None."""
     if cfg.scenes.manifest is not None:
-        m = load_manifest(cfg.scenes.manifest, cfg.labels, notes)
+        m = load_manifest(cfg.scenes.manifest, cfg.labels, notes, StacOptions.from_config(cfg))
         if purpose == "evaluate":
             trained = {e.path for e in m["train"]}
             for e in m["predict"]:

@@ -40,10 +40,10 @@ from typing import Any, Iterator, Optional, Sequence
 import h5py
 import numpy as np
 
-from ..errors import OutputError, os_error_cause
+from ..errors import InputError, OutputError, os_error_cause
 from .oserrors import write_failure
 from ..tiling import PixelGrid, Tile, grid_shape
-from . import OPEN_SCENES
+from . import OPEN_SCENES, vsi
 from .raster import SceneInfo
 
 FORMAT_VERSION = 2
@@ -371,12 +371,14 @@ IDENTITY_HEAD_BYTES = 1 << 16  # the header (and first blocks) checksummed per s
 def scene_identity(info: SceneInfo) -> dict[str, Any]:
     """What tells a scene file from another put at its path: size in px, band count, data type,
     geotransform, file size, modification time (ns) and a checksum of the first 64 KiB."""
-    st = os.stat(info.path)
-    with open(info.path, "rb") as f:
-        head = hashlib.sha256(f.read(IDENTITY_HEAD_BYTES)).hexdigest()
+    found = vsi.stat(info.path)
+    if found is None:
+        raise InputError(f"{info.path}: scene file not found (or not reachable) when recording "
+                         "its identity; check the path or the connection")
+    head = hashlib.sha256(vsi.read_head(info.path, IDENTITY_HEAD_BYTES)).hexdigest()
     return {"size_px": [info.width, info.height], "bands": info.band_count, "dtype": info.dtype,
-            "geotransform": [float(v) for v in info.geotransform], "file_bytes": st.st_size,
-            "mtime_ns": st.st_mtime_ns, "head_sha256": head}
+            "geotransform": [float(v) for v in info.geotransform], "file_bytes": found[0],
+            "mtime_ns": found[1], "head_sha256": head}
 
 
 def identity_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -483,6 +485,17 @@ class MaskReader:
         height = mask.shape[0]
         for r0 in range(0, height, rows_per_block):
             yield r0, mask[r0:min(height, r0 + rows_per_block), :]
+
+    def has_probabilities(self, scene: int) -> bool:
+        """True when the store kept the scene's probabilities (inference.save_probabilities)."""
+        return "prob" in self._group(scene)
+
+    def iter_prob_rows(self, scene: int, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, (rows, W) float16 block) over the scene's stored probabilities."""
+        prob = self._group(scene)["prob"]
+        height = prob.shape[0]
+        for r0 in range(0, height, rows_per_block):
+            yield r0, prob[r0:min(height, r0 + rows_per_block), :]
 
     def scene_attrs(self, scene: int) -> dict[str, Any]:
         """The scene group's attributes (georeferencing, grid, ``complete``, ...)."""

@@ -18,6 +18,8 @@ from ..errors import InputError
 from ..tiling import PixelGrid, Tile, Window, grid_shape, resampled_grid
 from .area import GroundArea
 from .gdalenv import ensure_configured
+from .vsi import is_virtual
+from .vsi import stat as vsi_stat
 
 SUPPORTED_DTYPES = {"Byte": "uint8", "UInt16": "uint16", "Float32": "float32"}
 
@@ -174,14 +176,21 @@ class SceneInfo:
             object.__setattr__(self, k, v)
 
 
-def _open(path: str) -> gdal.Dataset:
-    ensure_configured()  # every scene read starts here
+def _check_local_path(path: str) -> None:
+    """A local scene path names a non-empty file (GDAL virtual paths are checked by GDAL)."""
+    if is_virtual(path):
+        return
     if not os.path.exists(path):
         raise InputError(f"{path}: scene file not found")
     if os.path.isdir(path):
         raise InputError(f"{path}: is a directory, expected a GeoTIFF scene")
     if os.path.getsize(path) == 0:
         raise InputError(f"{path}: file is empty (0 bytes)")
+
+
+def _open(path: str) -> gdal.Dataset:
+    ensure_configured()  # every scene read starts here
+    _check_local_path(path)
     try:
         ds = gdal.Open(path, gdal.GA_ReadOnly)
     except RuntimeError as exc:
@@ -317,9 +326,10 @@ def _same_nodata(a: Optional[float], b: Optional[float]) -> bool:
 
 def _check_not_truncated(path: str, ds: gdal.Dataset, bands: Sequence[int]) -> None:
     """A TIFF whose last block lies beyond the end of the file was cut short (copy interrupted)."""
-    if ds.GetDriver().ShortName != "GTiff":
+    found = vsi_stat(path) if ds.GetDriver().ShortName == "GTiff" else None
+    if found is None:
         return
-    size = os.path.getsize(path)
+    size = found[0]
     for b in bands:
         band = ds.GetRasterBand(b)
         bx, by = band.GetBlockSize()
@@ -373,7 +383,8 @@ def _open_scene(path: str, bands: Sequence[int], expect_dtype: Optional[str],
                          or flags & gdal.GMF_NODATA and file_nodata is not None)
     alpha = next((i for i in range(1, ds.RasterCount + 1)
                   if ds.GetRasterBand(i).GetColorInterpretation() == gdal.GCI_AlphaBand), None)
-    info = SceneInfo(path=os.path.abspath(path), width=ds.RasterXSize, height=ds.RasterYSize,
+    info = SceneInfo(path=path if is_virtual(path) else os.path.abspath(path),
+                     width=ds.RasterXSize, height=ds.RasterYSize,
                      band_count=ds.RasterCount, dtype=dtype, nodata=band_nodata[bands[0] - 1],
                      crs_wkt=wkt, epsg=int(epsg) if epsg and epsg.isdigit() else None,
                      geotransform=tuple(gt), metadata=dict(ds.GetMetadata() or {}),

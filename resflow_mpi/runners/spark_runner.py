@@ -164,18 +164,18 @@ class SparkJob:
 
 
 def scene_tile_tasks(item: tuple[int, str], job: SparkJob, coverage: Any,
-                     done: Any) -> Iterator[TileTask]:
+                     done: Any, aoi: Any = None) -> Iterator[TileTask]:
     """flatMap UDF: read a scene's extent with GDAL, yield its unfinished tiles' descriptors.
 
-    ``coverage`` and ``done`` are broadcasts of the driver's per-scene nodata coverage and
-    resume bitmaps (None where absent)."""
+    ``coverage``, ``done`` and ``aoi`` are broadcasts of the driver's per-scene nodata coverage,
+    resume bitmaps and area of interest (None where absent)."""
     configure_io()  # executors are other processes: GDAL settings are per process
     index, path = item
     t = job.cfg.tiling
     sc = job.cfg.scenes
     info = at_gsd(open_scene(path, sc.bands, sc.expect_dtype), sc.gsd_m, sc.gsd_resampling)
     yield from scene_tasks(index, info, t.tile_px, t.halo_px, coverage.value[index],
-                           done.value[index])
+                           done.value[index], aoi.value[index] if aoi and aoi.value else None)
 
 
 def node_tickets(job: SparkJob) -> TicketFolder:
@@ -375,10 +375,11 @@ class SparkRunner:
             todo[task.tile.scene][task.tile.index] = False  # type: ignore[index]
         coverage_bc = sc.broadcast(job.plan.coverage)
         done_bc = sc.broadcast([d if d.any() else None for d in todo])  # type: ignore[union-attr]
+        aoi_bc = sc.broadcast(job.plan.aoi)
         paths = [s.path for s in scenes]
         merged = (sc.parallelize(list(enumerate(paths)), numSlices=len(paths))
                   .flatMap(partial(scene_tile_tasks, job=spark_job, coverage=coverage_bc,
-                                   done=done_bc))
+                                   done=done_bc, aoi=aoi_bc))
                   .repartition(n_cores)
                   .mapPartitionsWithIndex(partial(compute_partition, job=spark_job))
                   .combineByKey(_start_list, _append, _extend, numPartitions=len(scenes) + 1,

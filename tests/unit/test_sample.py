@@ -197,3 +197,41 @@ def test_sample_refuses_a_file_or_a_folder_it_did_not_make(tmp_path: Path) -> No
                                          "sample.json of an earlier `resflow sample`"):
         _sample_here(images, foreign, 1, 0)
     assert a_file.read_text() == "x" and [q.name for q in foreign.iterdir()] == ["holiday.tif"]
+
+
+# -- what to label next (--from-run) ---------------------------------------------------------------
+def test_tile_confidence_over_building_ish_pixels() -> None:
+    from resflow_mpi.init.sample import tile_confidence
+    valid = np.ones((4, 4), bool)
+    background = np.full((4, 4), 0.02)
+    assert tile_confidence(background, valid) == pytest.approx(0.96)
+    unsure = background.copy()
+    unsure[0, :2] = 0.5          # two building-ish pixels at 0.5: confidence 0
+    assert tile_confidence(unsure, valid) == pytest.approx(0.0)
+    sure = background.copy()
+    sure[0, :2] = [1.0, 0.75]    # building-ish: |1-.5|*2=1, |.75-.5|*2=.5
+    assert tile_confidence(sure, valid) == pytest.approx(0.75)
+    sure[0, 0] = 0.5
+    assert tile_confidence(sure, valid & ~(np.arange(16).reshape(4, 4) == 0)) == \
+        pytest.approx(0.5), "invalid pixels never count"
+    assert np.isnan(tile_confidence(sure, np.zeros((4, 4), bool)))
+
+
+def test_select_to_label_strata() -> None:
+    from resflow_mpi.init.sample import MappedTiles, select_to_label
+    n = 40
+    bucket = np.array([0] * 20 + [1] * 15 + [-2] * 5)
+    confidence = np.linspace(1.0, 0.0, n)          # the last tiles are the least sure
+    confidence[20] = 0.0                           # but a bucket-1 tile is as unsure
+    window = np.array([[(i % 5) * 32, (i // 5) * 32, 32, 32] for i in range(n)])
+    tiles = MappedTiles(np.zeros(n, np.int64), np.arange(n), bucket, np.zeros((n, 2), np.uint8),
+                        window, confidence, ["s.tif"])
+    strata = dict(select_to_label(tiles, per_bucket=2, lowest=3, seed=0))
+    assert list(strata) == ["bucket-00", "bucket-01", "flagged", "low-confidence"]
+    assert all(len(strata[k]) == 2 for k in ("bucket-00", "bucket-01", "flagged"))
+    assert set(bucket[strata["flagged"]]) == {-2}
+    drawn = np.concatenate([strata[k] for k in ("bucket-00", "bucket-01", "flagged")])
+    low = strata["low-confidence"]
+    assert not set(low) & set(drawn), "a tile is drawn once"
+    rest = np.setdiff1d(np.arange(n), drawn)
+    assert set(low) == set(rest[np.argsort(confidence[rest], kind="stable")][:3])
