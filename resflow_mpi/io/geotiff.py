@@ -25,6 +25,9 @@ TILED_OPTIONS = ("TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFL
 # Cloud-optimized GeoTIFF of labels: overviews by nearest neighbour (they must not blend classes).
 COG_LABEL_OPTIONS = ("COMPRESS=DEFLATE", "BLOCKSIZE=512", "OVERVIEWS=AUTO", "RESAMPLING=NEAREST",
                      "NUM_THREADS=1")
+# Cloud-optimized GeoTIFF of quantised probabilities: overviews average (nodata excluded).
+COG_PROBABILITY_OPTIONS = ("COMPRESS=DEFLATE", "PREDICTOR=YES", "BLOCKSIZE=512", "OVERVIEWS=AUTO",
+                           "RESAMPLING=AVERAGE", "NUM_THREADS=1")
 
 GDAL_TYPES = {
     np.dtype("uint8"): gdal.GDT_Byte, np.dtype("uint16"): gdal.GDT_UInt16,
