@@ -16,12 +16,13 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from .blending import augmented
 from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery, resolve_run_config
@@ -182,6 +183,8 @@ def build_stages(cfg: RunConfig, gallery: ModelGallery, device: Any,
                                   ood_quantile=cfg.inference.ood_quantile if routed else None,
                                   ood_method=method,
                                   window_px=cfg.tiling.tile_px + 2 * cfg.tiling.halo_px)
+    models = replace(models, load_segmenter=augmented(
+        models.load_segmenter, cfg.inference.blend, cfg.inference.tta))
     return TileStages.from_config(models, device, cfg.inference)
 
 
