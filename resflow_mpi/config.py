@@ -149,8 +149,9 @@ class InferenceConfig:
                 "is cropped; hann: the read window is predicted as overlapping sub-windows "
                 "(half its size, half-overlapping, 3 x 3 of them) whose probabilities are "
                 "averaged with Hann-window weights, so no pixel's prediction comes from a window "
-                "edge (costs about 2.25x segmentation; tiles never exchange predictions, so "
-                "blending stays inside each tile's own read window). See perf/RESULTS.md.")
+                "edge (2.25x the pixels, about 3x the segmentation time; tiles never exchange "
+                "predictions, so blending stays inside each tile's own read window). See "
+                "perf/RESULTS.md.")
     tta: Literal["none", "flips", "d4"] = _f(
         "none", "Test-time augmentation: average the building probabilities over the "
                 "horizontal and vertical flips (flips: 3 passes) or the 8 flips and 90-degree "

@@ -27,7 +27,7 @@ import shapely
 from ..errors import InputError, OutputError, ResflowError
 from .area import GroundArea
 from .export import PROBABILITY_NODATA, PROBABILITY_SCALE
-from .footprints import regularize
+from .footprints import MAX_AREA_CHANGE, regularize
 from .gdalenv import ensure_configured
 from .oserrors import write_failure
 from .naming import MASK, PROBABILITY, output_file_name
@@ -418,8 +418,13 @@ def result_line(result: dict[str, Any]) -> str:
         source = (f"; confidence empty: no probability COG {result['probability_expected']} "
                   "(run with output.probability: true)")
     methods = result.get("regularized")
-    shapes = ("; regularized: " + ", ".join(f"{n} {m}" for m, n in sorted(methods.items()))
-              if methods else "")
+    shapes = ""
+    if methods:
+        shapes = "; right angles: " + ", ".join(
+            f"{methods[m]} {m}" for m in ("rectangle", "orthogonal") if methods.get(m))
+        if methods.get("simplified"):
+            shapes += (f", {methods['simplified']} left simplified (no right-angle outline "
+                       f"within {MAX_AREA_CHANGE:.0%} of their area)")
     return (f"{result['mask']}: {result['polygons']} polygon(s), {result['area_m2']:.1f} m2 "
             f"-> {result['gpkg']}{extra}{source}{shapes}")
 

@@ -108,7 +108,7 @@ def test_vectorize_regularizes_in_metres_and_reads_confidence(
                               simplify_m=0.0, geojson=False, regularize=True)
     assert cmd_vectorize(args) == 0
     line = capsys.readouterr().out
-    assert "confidence from s.resflow-probability.tif" in line and "1 orthogonal" in line
+    assert "confidence from s.resflow-probability.tif" in line and "right angles: 1 orthogonal" in line
     feats = read_features(tmp_path / "v" / "s.resflow-buildings.gpkg")
     assert len(feats) == 1
     ring = [tuple(p) for p in feats[0]["geom"].GetGeometryRef(0).GetPoints()]
