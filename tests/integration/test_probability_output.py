@@ -67,3 +67,19 @@ def test_probability_cog_matches_the_mask_and_the_store(tmp_path: Path,
     assert resflow("run", str(cfg), "--quiet", "--restart",
                    "--set", "output.probability=false") == 0
     assert not prob_tif.exists() and mask_tif.exists()
+
+
+def test_probability_config_is_checked_and_part_of_the_store_identity(tmp_path: Path) -> None:
+    import pytest
+
+    from resflow_mpi.config import load_config
+    from resflow_mpi.errors import ConfigError
+    from tests.conftest import write_config
+    path = write_config(tmp_path / "c.yaml", output={"dir": str(tmp_path / "o")})
+    with pytest.raises(ConfigError, match="output.probability needs output.geotiff"):
+        load_config(str(path), ["output.probability=true", "output.geotiff=false"])
+    plain, with_p = load_config(str(path), []), load_config(str(path), ["output.probability=true"])
+    assert with_p.keeps_probabilities and not plain.keeps_probabilities
+    assert plain.checksum() != with_p.checksum()
+    assert load_config(str(path), ["inference.save_probabilities=true"]).checksum() == \
+        with_p.checksum()
