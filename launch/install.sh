@@ -32,7 +32,8 @@ APT_PACKAGES=(openmpi-bin libopenmpi-dev python3-mpi4py python3-h5py-mpi python3
               python3-venv python3-dev)
 # Keep versions here in one place; STAMP changes whenever this list changes.
 PIP_PACKAGES=(torch==2.13.0 scikit-learn==1.9.1 "pyyaml>=6" pyspark==4.3.0 "matplotlib>=3.7,<3.11"
-              "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9" hypothesis==6.170.27 pystac==1.15.2)
+              "pytest>=8" "pytest-timeout>=2.3" "psutil>=5.9" hypothesis==6.170.27 pystac==1.15.2
+              shapely==2.1.2)  # shapely 2.1 wheels run on numpy >= 1.21 (Debian's 1.24 here)
 CONSTRAINTS=("numpy==1.24.2" "scipy==1.15.3")
 STAMP_TEXT="apt:${APT_PACKAGES[*]} java pip:${PIP_PACKAGES[*]} constraints:${CONSTRAINTS[*]} pkg:editable"
 STAMP="$VENV/.resflow-install-stamp"
@@ -84,7 +85,7 @@ log "pip install ${PIP_PACKAGES[*]}"
 
 # Fail now, not in the middle of a run, if the stack is not the real one.
 H5PY_ALWAYS_USE_MPI=1 "$VENV/bin/python" - <<'PY'
-import h5py, mpi4py, numpy, torch, sklearn, yaml
+import h5py, mpi4py, numpy, shapely, torch, sklearn, yaml
 from osgeo import gdal, gdal_array  # noqa: F401
 assert h5py.get_config().mpi, "h5py is not built with parallel HDF5"
 print(f"[install] ok: numpy {numpy.__version__}, torch {torch.__version__}, h5py {h5py.__version__} "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 CHROMIUM = Path("/usr/bin/chromium")
-WINDOW_SIZE = "1280,2400"
+WINDOW_SIZE = "1280,4800"  # tall enough for a scene section with three quicklooks
 TIMEOUT_S = 180
 INSTALL_HINT = ("install it with `apt-get install -y chromium` (Debian) or "
                 "`launch/install.sh --with-chromium`")

@@ -206,7 +206,7 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
     # the reader's stacking copy.
     parts["read_batches"] = (cap((inf.prefetch_batches + 2) * bs) * tile_in + read_batch
                              + 3 * raw_tile)
-    mask_bytes = t.tile_px * t.tile_px * (1 + (2 if inf.save_probabilities else 0)) + 64
+    mask_bytes = t.tile_px * t.tile_px * (1 + (2 if cfg.keeps_probabilities else 0)) + 64
     round_tiles = cap(bs * cfg.parallel.write_round_batches)
     writers = ranks if cfg.parallel.writer == "gather" else 1
     parts["write_round"] = 2 * round_tiles * mask_bytes * writers

@@ -231,8 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("vectorize", help=cmd_vectorize.__doc__)
     sp.add_argument("masks", nargs="+", help="mask GeoTIFFs (or an output directory)")
     sp.add_argument("--out", default=None, help="output directory (default: beside each mask)")
-    sp.add_argument("--min-area-m2", type=float, default=0.0)
-    sp.add_argument("--simplify-m", type=float, default=0.0)
+    sp.add_argument("--min-area-m2", "--min-area", dest="min_area_m2", type=float, default=0.0,
+                    metavar="M2", help="drop polygons under this ground area in m2")
+    sp.add_argument("--simplify-m", "--simplify", dest="simplify_m", type=float, default=0.0,
+                    metavar="M", help="Douglas-Peucker tolerance in metres (with --regularize: "
+                                      "of the outline before its edges are snapped; default "
+                                      "1.5 pixels)")
+    sp.add_argument("--regularize", action="store_true",
+                    help="right-angle corners: near-rectangular polygons become their minimum "
+                         "rotated rectangle, others have their edges snapped to the dominant "
+                         "orientation and its perpendicular")
     sp.add_argument("--geojson", action="store_true", help="also write GeoJSON")
     sp.add_argument("--merged", default=None, metavar="PATH",
                     help="also write every scene's polygons into one layer in --merged-crs "

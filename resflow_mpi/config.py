@@ -159,7 +159,20 @@ class InferenceConfig:
     channels_last: bool = _f(True, "channels-last memory format for convolutions.")
     compile: bool = _f(False, "torch.compile the segmentation models on GPU (slower start, "
                               "faster steady state; ignored on CPU).")
-    save_probabilities: bool = _f(False, "Also store float16 probabilities in the HDF5 output.")
+    save_probabilities: bool = _f(False, "Also store float16 probabilities in the HDF5 output "
+                                         "(output.probability stores them as well).")
+    blend: Literal["none", "hann"] = _f(
+        "none", "none: the network sees each tile's read window (tile + halo) once and the halo "
+                "is cropped; hann: the read window is predicted as overlapping sub-windows "
+                "(half its size, half-overlapping, 3 x 3 of them) whose probabilities are "
+                "averaged with Hann-window weights, so no pixel's prediction comes from a window "
+                "edge (2.25x the pixels, about 3x the segmentation time; tiles never exchange "
+                "predictions, so blending stays inside each tile's own read window). See "
+                "perf/RESULTS.md.")
+    tta: Literal["none", "flips", "d4"] = _f(
+        "none", "Test-time augmentation: average the building probabilities over the "
+                "horizontal and vertical flips (flips: 3 passes) or the 8 flips and 90-degree "
+                "rotations (d4: 8 passes). See perf/RESULTS.md for the IoU effect and cost.")
     model: Literal["buckets", "mono"] = _f("buckets", "buckets: each tile by its hash bucket's "
                                                       "model (RESFlow); mono: every tile by the "
                                                       "single Mono model (comparison, fallback).")
@@ -203,6 +216,11 @@ class OutputConfig:
     cog: bool = _f(True, "Also export a Cloud-Optimized GeoTIFF.")
     bucket_map: bool = _f(True, "Export the colour-coded per-tile bucket map.")
     quicklooks: bool = _f(True, "PNG quicklooks and an HTML report of the run.")
+    probability: bool = _f(False, "Also export each scene's building probability as a uint8 "
+                                  "COG <scene>.resflow-probability.tif on the scene's grid "
+                                  "(0-254: probability x 254, 255: nodata), from the same pass "
+                                  "as the mask; `resflow vectorize` reads it for each polygon's "
+                                  "confidence.")
 
 
 @dataclass(frozen=True)
@@ -305,6 +323,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def keeps_probabilities(self) -> bool:
+        """Whether the mask store keeps each pixel's probability (for the store or its export)."""
+        return self.inference.save_probabilities or self.output.probability
+
     def checksum(self) -> str:
         """SHA-256 of everything that changes output pixels (not ranks, policy or batching)."""
         d = self.to_dict()
@@ -314,6 +337,11 @@ class RunConfig:
             relevant["model"] = d["inference"]["model"]
         if d["inference"]["ood_routing"] != "off":
             relevant["ood"] = [d["inference"]["ood_routing"], d["inference"]["ood_quantile"]]
+        for key in ("blend", "tta"):  # absent when off: unchanged checksum for existing outputs
+            if d["inference"][key] != "none":
+                relevant[key] = d["inference"][key]
+        if self.keeps_probabilities:  # a store made without them cannot export them
+            relevant["probabilities"] = True
         relevant["scenes"].pop("on_bad_scene")
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 
@@ -338,6 +366,9 @@ class RunConfig:
                                        or any(s <= 0 for s in n.std)):
             raise ConfigError(f"{source}: normalization.mean/std need one value per band in "
                               f"scenes.bands ({len(self.scenes.bands)}) and std > 0")
+        if self.output.probability and not self.output.geotiff:
+            raise ConfigError(f"{source}: output.probability needs output.geotiff: true (the "
+                              "probability COG is exported beside the mask)")
         if not 0.0 < self.inference.threshold < 1.0:
             raise ConfigError(f"{source}: inference.threshold must be in (0, 1)")
         if not 0.0 < self.inference.ood_quantile <= 1.0:

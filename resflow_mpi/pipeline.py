@@ -16,19 +16,20 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
 
 import numpy as np
 
+from .blending import augmented
 from .config import RunConfig
 from .errors import InputError, OutputError, os_error_cause
 from .galleries import ModelGallery, resolve_run_config
 from .io.aoi import AreaOfInterest, SceneAOI, load_aoi, scene_aoi
 from .io.export import OutputRecord, confined, export_scene, outputs_current
 from .io.maskstore import MaskReader, MaskStore, TileResult, mark_complete_scenes
-from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
+from .io.naming import BUCKETS, COG, MASK, PROBABILITY, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
@@ -226,6 +227,8 @@ def build_stages(cfg: RunConfig, gallery: ModelGallery, device: Any,
                                   ood_quantile=cfg.inference.ood_quantile if routed else None,
                                   ood_method=method,
                                   window_px=cfg.tiling.tile_px + 2 * cfg.tiling.halo_px)
+    models = replace(models, load_segmenter=augmented(
+        models.load_segmenter, cfg.inference.blend, cfg.inference.tta))
     return TileStages.from_config(models, device, cfg.inference)
 
 
@@ -503,8 +506,10 @@ def mapped_by(cfg: RunConfig) -> str:
 
 
 def scene_output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
-    """Every output a scene can have, by kind (mask, COG, bucket map), inside ``out_dir``."""
-    return {kind: confined(out_dir, output_file_name(stem, kind)) for kind in (MASK, COG, BUCKETS)}
+    """Every output a scene can have, by kind (mask, COG, bucket map, probability COG), inside
+    ``out_dir``."""
+    return {kind: confined(out_dir, output_file_name(stem, kind))
+            for kind in (MASK, COG, BUCKETS, PROBABILITY)}
 
 
 def discard_stale_outputs(out_dir: Path, scenes: Sequence[SceneInfo], store_id: str) -> list[Path]:
@@ -540,8 +545,8 @@ def discard_stale_outputs(out_dir: Path, scenes: Sequence[SceneInfo], store_id: 
 def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence[SceneInfo],
                    indices: Sequence[int]) -> dict[int, list[str]]:
     """Export the given (complete) scenes as ``<scene>.resflow-mask.tif`` (+ ``-mask-cog``,
-    ``-buckets``) through one reader of the store. Outputs that already carry this store's
-    record are kept (a resumed or repeated run); any other is rewritten."""
+    ``-buckets``, ``-probability``) through one reader of the store. Outputs that already carry
+    this store's record are kept (a resumed or repeated run); any other is rewritten."""
     o = cfg.output
     done: dict[int, list[str]] = {}
     if not o.geotiff or not indices:
@@ -553,11 +558,12 @@ def export_outputs(cfg: RunConfig, out_dir: Path, h5_path: str, scenes: Sequence
             mask_tif = paths[MASK]
             cog = paths[COG] if o.cog else None
             buckets = paths[BUCKETS] if o.bucket_map else None
-            wanted = [p for p in (mask_tif, cog, buckets) if p is not None]
+            probability = paths[PROBABILITY] if o.probability else None
+            wanted = [p for p in (mask_tif, cog, buckets, probability) if p is not None]
             record = OutputRecord.of_store(reader, i, mapped_by(cfg))
             if not outputs_current(wanted, record):
                 wanted = export_scene(reader, i, mask_tif, cog, buckets,
-                                      mapped_by=record.mapped_by)
+                                      mapped_by=record.mapped_by, probability_cog=probability)
             done[i] = [str(p) for p in wanted]
     return done
 

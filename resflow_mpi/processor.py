@@ -113,7 +113,7 @@ class TileProcessor:
         owned = prob[c.row:c.row + c.height, c.col:c.col + c.width]
         mask = (owned > self.stages.threshold).astype(np.uint8)
         mask[~valid] = 255
-        keep = owned.astype(np.float16) if self.cfg.inference.save_probabilities else None
+        keep = owned.astype(np.float16) if self.cfg.keeps_probabilities else None
         self.stats.buckets[p.bucket] = self.stats.buckets.get(p.bucket, 0) + 1
         if p.bucket == OOD_BUCKET:
             s = task.tile.scene
@@ -123,7 +123,7 @@ class TileProcessor:
     def _empty_result(self, task: TileTask) -> TileResult:
         o = task.tile.owned
         prob = (np.zeros((o.height, o.width), np.float16)
-                if self.cfg.inference.save_probabilities else None)
+                if self.cfg.keeps_probabilities else None)
         return TileResult(task.tile, np.full((o.height, o.width), 255, np.uint8), -1,
                           np.zeros(self.code_bytes, np.uint8), prob)
 

@@ -17,9 +17,9 @@ from typing import Any, Collection, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, OutputError
-from .io.export import MONO_COLOUR, bucket_map_rgb
+from .io.export import MONO_COLOUR, PROBABILITY_NODATA, bucket_map_rgb, dequantize_probability
 from .io import vsi
-from .io.naming import BUCKETS, COG, MASK, output_file_name
+from .io.naming import BUCKETS, COG, MASK, PROBABILITY, output_file_name
 from .io.raster import RasterPreview
 
 REPORT_NAME = "report.html"
@@ -30,6 +30,7 @@ STRETCH_PERCENTILES = (2.0, 98.0)
 BUILDING_RGB = np.array([1.0, 0.0, 0.0])
 BUILDING_ALPHA = 0.45
 NODATA_GREY = 0.75
+PROBABILITY_COLOURMAP = "magma"  # perceptually uniform: dark = no building, light = building
 LEGEND_WIDTH_PX = 190
 LEGEND_ROW_PX = 20
 STAGES = ("read_s", "read_wait_s", "embed_s", "hash_s", "segment_s", "write_s")
@@ -46,6 +47,7 @@ class SceneLooks:
     index: int
     overlay_png: Optional[Path] = None
     buckets_png: Optional[Path] = None
+    probability_png: Optional[Path] = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -61,7 +63,8 @@ class Quicklooks:
         """All PNGs written, scenes first."""
         out: list[Path] = []
         for looks in self.scenes.values():
-            out += [p for p in (looks.overlay_png, looks.buckets_png) if p is not None]
+            out += [p for p in (looks.overlay_png, looks.buckets_png, looks.probability_png)
+                    if p is not None]
         return out + [p for p in (self.rank_load_png, self.stage_times_png) if p is not None]
 
 
@@ -139,6 +142,29 @@ def scene_overlay(scene_tif: Path, mask_tif: Path, bands: Sequence[int] = (1, 2,
     rgb[building] = (1 - BUILDING_ALPHA) * rgb[building] + BUILDING_ALPHA * BUILDING_RGB
     rgb[~valid] = NODATA_GREY
     return np.round(rgb * 255).astype(np.uint8)
+
+
+def probability_rgb(probability_tif: Path, max_px: int = THUMBNAIL_MAX_PX) -> np.ndarray:
+    """Thumbnail of a probability COG (uint8, see ``io.export.quantize_probability``) in the
+    PROBABILITY_COLOURMAP from 0 to 1, nodata grey; (h, w, 3) uint8. The COG's overviews are
+    averages, so a decimated read shows mean probabilities."""
+    from matplotlib import colormaps
+    preview = RasterPreview(probability_tif)
+    size = thumbnail_size(preview.width, preview.height, max_px)
+    prob = dequantize_probability(preview.read([1], size)[0])
+    rgb = colormaps[PROBABILITY_COLOURMAP](np.nan_to_num(prob, nan=0.0))[..., :3]
+    rgb[np.isnan(prob)] = NODATA_GREY
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def probability_quicklook(out_dir: Path, scene: dict[str, Any], path: Path) -> Optional[Path]:
+    """The scene's probability quicklook at ``path`` when the run exported a probability COG
+    (output.probability); None otherwise."""
+    suffix = output_file_name("", PROBABILITY)
+    found = [_locate(out_dir, o) for o in scene.get("outputs", []) if Path(o).name.endswith(suffix)]
+    if not found or found[0] is None:
+        return None
+    return _save_png(probability_rgb(found[0]), path)
 
 
 def _figure(width_px: int, height_px: int, dpi: int = 100) -> Any:
@@ -302,6 +328,8 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
             sl.notes.append("no bucket map among the outputs (output.bucket_map off?)")
         else:
             sl.buckets_png = bucket_map_png(buckets, folder / f"{stem}_buckets.png", legend)
+        sl.probability_png = probability_quicklook(out_dir, scene,
+                                                   folder / f"{stem}_probability.png")
     looks.rank_load_png = rank_load_png(report, folder / "rank_load.png")
     looks.stage_times_png = stage_times_png(report, folder / "stage_times.png")
     return looks
@@ -528,7 +556,17 @@ def _scene_section(scene: dict[str, Any], looks: Optional[SceneLooks]) -> str:
             parts.append("<p><small>buildings in red, nodata in grey; bands stretched "
                          f"{STRETCH_PERCENTILES[0]:g}-{STRETCH_PERCENTILES[1]:g} "
                          "percentile</small></p>")
+        parts.append(_probability_section(looks))
     return "\n".join(parts)
+
+
+def _probability_section(looks: SceneLooks) -> str:
+    """The scene's building-probability quicklook with its colour scale ("" without one)."""
+    if looks.probability_png is None:
+        return ""
+    return (f"<h4>building probability</h4>{_img(looks.probability_png, 'building probability')}"
+            f"<p><small>probability 0 (dark) to 1 (light yellow), {PROBABILITY_COLOURMAP} "
+            f"colour map; nodata (byte {PROBABILITY_NODATA}) in grey</small></p>")
 
 
 def render_html(report: dict[str, Any], looks: Quicklooks, title: str) -> str:

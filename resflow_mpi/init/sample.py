@@ -283,13 +283,19 @@ def mapped_tiles(out_dir: Path) -> tuple[MappedTiles, dict[str, Any]]:
             tp, cols = meta.tile_px, meta.grid_cols
             conf = np.full(meta.grid_rows * cols, np.nan)
             windows = np.zeros((meta.grid_rows * cols, 4), np.int64)
-            masks = reader.iter_mask_rows(s, tp)
-            for (r0, prob), (_, mask) in zip(reader.iter_prob_rows(s, tp), masks):
+            for r0, prob, mask in reader.iter_probability_rows(s, tp):
                 row = r0 // tp
                 for c in range(cols):
                     block = np.s_[:, c * tp:(c + 1) * tp]
                     conf[row * cols + c] = tile_confidence(prob[block], mask[block] != 255)
                     windows[row * cols + c] = (c * tp, r0, prob[block].shape[1], prob.shape[0])
+            if meta.native is not None:  # mapped at scenes.gsd_m: chips come from the file
+                fx, fy = meta.native.width / meta.width, meta.native.height / meta.height
+                windows = np.stack([np.floor(windows[:, 0] * fx), np.floor(windows[:, 1] * fy),
+                                    np.ceil(windows[:, 2] * fx), np.ceil(windows[:, 3] * fy)],
+                                   1).astype(np.int64)
+                windows[:, 2] = np.minimum(windows[:, 2], meta.native.width - windows[:, 0])
+                windows[:, 3] = np.minimum(windows[:, 3], meta.native.height - windows[:, 1])
             keep = rec["done"].astype(bool) & (rec["bucket"] != -1)
             idx = np.flatnonzero(keep)
             for name, values in (("scene", np.full(len(idx), s)), ("tile", idx),

@@ -33,6 +33,25 @@ CONFIG_KEY = "RESFLOW_CONFIG_CHECKSUM"
 SOURCE_KEY = "RESFLOW_SOURCE"
 MAPPED_BY_KEY = "RESFLOW_MAPPED_BY"
 
+# The probability COG's byte values: p in [0, 1] is stored as round(p * 254); 255 is nodata.
+PROBABILITY_SCALE = 254
+PROBABILITY_NODATA = 255
+
+
+def quantize_probability(prob: np.ndarray, nodata: np.ndarray) -> np.ndarray:
+    """uint8 bytes of building probabilities ``prob`` (any float array in [0, 1]): round(p * 254),
+    and PROBABILITY_NODATA where ``nodata`` (a bool array of the same shape) is set."""
+    q = np.rint(np.clip(prob.astype(np.float32), 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint8)
+    q[nodata] = PROBABILITY_NODATA
+    return q
+
+
+def dequantize_probability(q: np.ndarray) -> np.ndarray:
+    """float32 probabilities of probability-COG bytes; NaN where a byte is PROBABILITY_NODATA."""
+    p = q.astype(np.float32) / PROBABILITY_SCALE
+    p[q == PROBABILITY_NODATA] = np.nan
+    return p
+
 
 @dataclass(frozen=True)
 class OutputRecord:
@@ -85,8 +104,10 @@ def confined(out_dir: str | Path, name: str) -> Path:
 
 def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
                  cog_path: Optional[Path] = None, bucket_tif: Optional[Path] = None,
-                 rows_per_block: int = 1024, mapped_by: str = "buckets") -> list[Path]:
-    """Write the scene's mask (and optional COG and colour bucket map); return the paths written.
+                 rows_per_block: int = 1024, mapped_by: str = "buckets",
+                 probability_cog: Optional[Path] = None) -> list[Path]:
+    """Write the scene's mask (and optional COG, colour bucket map and probability COG); return
+    the paths written.
 
     ``source``: the mask store's path, or an open ``MaskReader`` (one per process for many
     scenes: opening the store per scene would cost more than a small scene's export).
@@ -95,7 +116,7 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
     if not isinstance(source, MaskReader):
         with MaskReader(source) as reader:
             return export_scene(reader, scene, out_tif, cog_path, bucket_tif, rows_per_block,
-                                mapped_by)
+                                mapped_by, probability_cog)
     store = source
     written: list[Path] = []
     current = out_tif
@@ -131,13 +152,17 @@ def export_scene(source: str | MaskReader, scene: int, out_tif: Path,
             current = bucket_tif
             _export_buckets(store.bucket_grid(scene), meta, bucket_tif, record)
             written.append(bucket_tif)
+        if probability_cog is not None:
+            current = probability_cog
+            written.append(_export_probability(store, scene, meta, probability_cog, record, step))
     except (RuntimeError, OSError) as exc:
         failure = export_failure(current, exc)
         # Drop the half-written dataset now (the traceback's GDAL frames hold it open).
         exc.__traceback__ = None
         with geotiff.quietly():
             band = ds = None
-        geotiff.remove_partial(out_tif, on_grid, cog_path, bucket_tif)
+        geotiff.remove_partial(out_tif, on_grid, cog_path, bucket_tif, probability_cog,
+                               _probability_source(probability_cog))
     if failure:
         raise OutputError(failure)
     return written
@@ -188,3 +213,38 @@ def _export_buckets(buckets: np.ndarray, meta: SceneMeta, path: Path,
     ds.FlushCache()
     ds = None
     geotiff.commit(tmp, path)
+
+
+def _probability_source(cog: Optional[Path]) -> Optional[Path]:
+    """The tiled GeoTIFF the probability COG is translated from (removed once the COG exists)."""
+    return cog.with_name(f"{cog.name}.source.tif") if cog is not None else None
+
+
+def _export_probability(store: MaskReader, scene: int, meta: SceneMeta, path: Path,
+                        record: OutputRecord, rows_per_block: int) -> Path:
+    """The scene's probabilities as a uint8 COG (see ``quantize_probability``) on its grid,
+    nodata where the mask is nodata; streamed by row blocks into a tiled GeoTIFF first (the COG
+    driver only copies)."""
+    if not store.has_probabilities(scene):
+        raise OutputError(f"{store.path}: the mask store kept no probabilities for scene "
+                          f"{scene}; rerun with --restart and output.probability: true")
+    source = geotiff.partial_path(_probability_source(path))
+    ds = geotiff.create(source, meta.width, meta.height, 1, np.uint8, meta.crs_wkt,
+                        meta.geotransform, geotiff.TILED_OPTIONS, nodata=PROBABILITY_NODATA)
+    try:
+        band = ds.GetRasterBand(1)
+        for r0, prob, mask in store.iter_probability_rows(scene, rows_per_block):
+            geotiff.check_write(band.WriteArray(quantize_probability(prob, mask == 255), 0, r0))
+        ds.SetMetadata({**record.metadata(),
+                        "RESFLOW_VALUES": f"0-{PROBABILITY_SCALE}=building probability x "
+                                          f"{PROBABILITY_SCALE},{PROBABILITY_NODATA}=nodata"})
+        ds.FlushCache()
+        band = ds = None
+        if meta.native is not None:  # scenes.gsd_m: back onto the scene file's grid
+            n = meta.native
+            return geotiff.regrid(source, path, n.width, n.height, n.geotransform,
+                                  geotiff.COG_PROBABILITY_OPTIONS, fmt="COG")
+        return geotiff.translate(source, path, "COG", geotiff.COG_PROBABILITY_OPTIONS)
+    finally:
+        band = ds = None
+        source.unlink(missing_ok=True)

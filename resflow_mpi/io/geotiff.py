@@ -25,6 +25,9 @@ TILED_OPTIONS = ("TILED=YES", "BLOCKXSIZE=256", "BLOCKYSIZE=256", "COMPRESS=DEFL
 # Cloud-optimized GeoTIFF of labels: overviews by nearest neighbour (they must not blend classes).
 COG_LABEL_OPTIONS = ("COMPRESS=DEFLATE", "BLOCKSIZE=512", "OVERVIEWS=AUTO", "RESAMPLING=NEAREST",
                      "NUM_THREADS=1")
+# Cloud-optimized GeoTIFF of quantised probabilities: overviews average (nodata excluded).
+COG_PROBABILITY_OPTIONS = ("COMPRESS=DEFLATE", "PREDICTOR=YES", "BLOCKSIZE=512", "OVERVIEWS=AUTO",
+                           "RESAMPLING=AVERAGE", "NUM_THREADS=1")
 
 GDAL_TYPES = {
     np.dtype("uint8"): gdal.GDT_Byte, np.dtype("uint16"): gdal.GDT_UInt16,
@@ -205,10 +208,11 @@ def translate_cog(src: Union[str, Path], path: Path,
 
 
 def regrid(src: Union[str, Path], path: Path, width: int, height: int,
-           geotransform: Sequence[float], options: Sequence[str] = TILED_OPTIONS) -> Path:
-    """A copy of ``src`` at ``path`` on a grid of the same extent with ``width`` x ``height``
-    pixels (nearest neighbour: classes and nodata stay as they are), atomically. GDAL streams
-    it block by block."""
+           geotransform: Sequence[float], options: Sequence[str] = TILED_OPTIONS,
+           fmt: str = "GTiff") -> Path:
+    """A copy of ``src`` at ``path`` (in ``fmt``) on a grid of the same extent with ``width`` x
+    ``height`` pixels (nearest neighbour: classes and nodata stay as they are), atomically. GDAL
+    streams it block by block."""
     ensure_configured()
     vrt = gdal.Translate("", str(src), format="VRT", width=width, height=height,
                          resampleAlg="nearest")
@@ -216,6 +220,6 @@ def regrid(src: Union[str, Path], path: Path, width: int, height: int,
         raise RuntimeError(gdal.GetLastErrorMsg() or f"cannot resample {src}")
     vrt.SetGeoTransform(list(geotransform))
     try:
-        return translate(vrt, path, "GTiff", options)
+        return translate(vrt, path, fmt, options)
     finally:
         vrt = None

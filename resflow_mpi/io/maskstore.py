@@ -487,15 +487,19 @@ class MaskReader:
             yield r0, mask[r0:min(height, r0 + rows_per_block), :]
 
     def has_probabilities(self, scene: int) -> bool:
-        """True when the store kept the scene's probabilities (inference.save_probabilities)."""
+        """Whether the store kept the scene's probabilities (``save_probabilities``)."""
         return "prob" in self._group(scene)
 
-    def iter_prob_rows(self, scene: int, rows_per_block: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, (rows, W) float16 block) over the scene's stored probabilities."""
-        prob = self._group(scene)["prob"]
-        height = prob.shape[0]
+    def iter_probability_rows(self, scene: int, rows_per_block: int
+                              ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(first row, (rows, W) float16 probabilities, the same rows of the uint8 mask) over
+        the scene, top to bottom; the mask's 255 marks nodata."""
+        g = self._group(scene)
+        prob, mask = g["prob"], g["mask"]
+        height = mask.shape[0]
         for r0 in range(0, height, rows_per_block):
-            yield r0, prob[r0:min(height, r0 + rows_per_block), :]
+            r1 = min(height, r0 + rows_per_block)
+            yield r0, prob[r0:r1, :], mask[r0:r1, :]
 
     def scene_attrs(self, scene: int) -> dict[str, Any]:
         """The scene group's attributes (georeferencing, grid, ``complete``, ...)."""

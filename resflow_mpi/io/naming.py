@@ -17,8 +17,9 @@ LABEL_SUFFIXES = ("_mask.tif", "_mask.tiff")
 LEGACY_OUTPUT_SUFFIXES = ("_mask_cog.tif", "_buckets.tif")
 
 
-# Output kinds of a scene: <scene>.resflow-mask.tif, .resflow-mask-cog.tif, .resflow-buckets.tif
-MASK, COG, BUCKETS = "mask", "mask-cog", "buckets"
+# Output kinds of a scene: <scene>.resflow-mask.tif, .resflow-mask-cog.tif, .resflow-buckets.tif,
+# .resflow-probability.tif (a COG)
+MASK, COG, BUCKETS, PROBABILITY = "mask", "mask-cog", "buckets", "probability"
 
 
 def output_file_name(stem: str, kind: str, ext: str = ".tif") -> str:

@@ -1,6 +1,11 @@
 """Building polygons from exported masks: GeoPackage (scene CRS) and optional GeoJSON (WGS84).
 
-Polygon areas (``area_m2``) are ground areas on the CRS's ellipsoid, from ``io/area.py``.
+Polygon areas (``area_m2``) are ground areas on the CRS's ellipsoid, from ``io/area.py``. Each
+polygon's ``confidence`` is the mean building probability of its pixels, read from the scene's
+probability COG (``output.probability``) beside the mask; it is empty when there is none.
+Polygons may be cleaned: a minimum ground area, Douglas-Peucker simplification and right-angle
+regularisation (``io/footprints.py``), all in metres; a geographic CRS is regularised in a local
+azimuthal equidistant projection, so its right angles are right angles on the ground.
 
 ``gdal.Polygonize`` reads the mask block by block, so a huge scene never sits in memory. Files
 appear only complete: each is written under a ``.partial`` name and renamed at the end.
@@ -16,11 +21,16 @@ from xml.sax.saxutils import escape
 
 from osgeo import gdal, ogr, osr
 
+import numpy as np
+import shapely
+
 from ..errors import InputError, OutputError, ResflowError
 from .area import GroundArea
+from .export import PROBABILITY_NODATA, PROBABILITY_SCALE
+from .footprints import MAX_AREA_CHANGE, regularize
 from .gdalenv import ensure_configured
 from .oserrors import write_failure
-from .naming import MASK, output_file_name
+from .naming import MASK, PROBABILITY, output_file_name
 
 LAYER_NAME = "buildings"
 # --merged extensions and the OGR drivers that write them.
@@ -28,6 +38,8 @@ MERGED_FORMATS = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".json": "GeoJSON",
                   ".shp": "ESRI Shapefile", ".fgb": "FlatGeobuf"}
 MASK_SUFFIX = output_file_name("", MASK)
 BUILDING_VALUE = 1
+# Outline tolerance of --regularize without --simplify, in pixel sizes: removes the pixel staircase.
+REGULARIZE_TOLERANCE_PX = 1.5
 
 
 def _partial(path: Path) -> Path:
@@ -69,14 +81,95 @@ def _building_selector(mask_tif: Path, width_px: int, height_px: int) -> gdal.Da
     return gdal.Open(xml)
 
 
+def probability_path(mask_tif: Path) -> Path:
+    """The probability COG a run exports beside a mask (``<scene>.resflow-probability.tif``)."""
+    name = mask_tif.name
+    stem = name[:-len(MASK_SUFFIX)] if name.endswith(MASK_SUFFIX) else mask_tif.stem
+    return mask_tif.with_name(output_file_name(stem, PROBABILITY))
+
+
+class PolygonConfidence:
+    """Mean building probability of the pixels inside a polygon, from a probability COG on the
+    mask's grid (pixel-edge polygons: a pixel is inside when its centre is)."""
+
+    def __init__(self, prob_tif: Path, mask: gdal.Dataset):
+        self.path = prob_tif
+        try:
+            self.ds = gdal.Open(str(prob_tif), gdal.GA_ReadOnly)
+        except RuntimeError as exc:
+            raise InputError(f"{prob_tif}: not a readable raster "
+                             f"({str(exc).strip().splitlines()[0]})") from None
+        if ((self.ds.RasterXSize, self.ds.RasterYSize) != (mask.RasterXSize, mask.RasterYSize)
+                or self.ds.GetGeoTransform() != mask.GetGeoTransform()):
+            raise InputError(f"{prob_tif}: not on the grid of its mask; rerun `resflow run` with "
+                             "output.probability: true, or move the file away")
+        self.gt = self.ds.GetGeoTransform()
+        self.inv = gdal.InvGeoTransform(self.gt)
+        self.band = self.ds.GetRasterBand(1)
+
+    def mean(self, geom: ogr.Geometry) -> Optional[float]:
+        """The polygon's mean probability (None when all its pixels are nodata)."""
+        x0, x1, y0, y1 = geom.GetEnvelope()
+        cols, rows = zip(*(gdal.ApplyGeoTransform(self.inv, x, y)
+                           for x in (x0, x1) for y in (y0, y1)))
+        c0, r0 = max(0, int(np.floor(min(cols)))), max(0, int(np.floor(min(rows))))
+        c1 = min(self.ds.RasterXSize, int(np.ceil(max(cols))))
+        r1 = min(self.ds.RasterYSize, int(np.ceil(max(rows))))
+        if c1 <= c0 or r1 <= r0:
+            return None
+        q = self.band.ReadAsArray(c0, r0, c1 - c0, r1 - r0)
+        cc, rr = np.meshgrid(np.arange(c0, c1) + 0.5, np.arange(r0, r1) + 0.5)
+        g = self.gt
+        x = g[0] + cc * g[1] + rr * g[2]
+        y = g[3] + cc * g[4] + rr * g[5]
+        inside = shapely.contains_xy(shapely.from_wkb(bytes(geom.ExportToWkb())), x, y)
+        values = q[inside & (q != PROBABILITY_NODATA)]
+        return float(values.mean()) / PROBABILITY_SCALE if values.size else None
+
+
+class Regularizer:
+    """Right-angle outlines (``footprints.regularize``) of polygons in ``srs``, in metres: a
+    projected CRS in its own plane, a geographic one in a local azimuthal equidistant projection
+    centred at (x, y)."""
+
+    def __init__(self, srs: osr.SpatialReference, x: float, y: float, tolerance_m: float,
+                 metres_per_unit: float):
+        self.to_local = self.to_crs = None
+        self.tolerance = tolerance_m / metres_per_unit
+        if srs.IsGeographic():
+            local = srs.CloneGeogCS()
+            local.SetAE(y, x, 0.0, 0.0)
+            local.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+            self.to_local = osr.CoordinateTransformation(srs, local)
+            self.to_crs = osr.CoordinateTransformation(local, srs)
+            self.tolerance = tolerance_m
+        self.methods: dict[str, int] = {}
+
+    def __call__(self, geom: ogr.Geometry) -> ogr.Geometry:
+        g = geom.Clone()
+        if self.to_local is not None:
+            g.Transform(self.to_local)
+        result = regularize(shapely.from_wkb(bytes(g.ExportToWkb())), self.tolerance)
+        self.methods[result.method] = self.methods.get(result.method, 0) + 1
+        out = ogr.CreateGeometryFromWkb(shapely.to_wkb(result.polygon))
+        if self.to_crs is not None:
+            out.Transform(self.to_crs)
+        return out
+
+
 def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: float = 0.0,
-                   simplify_m: float = 0.0, geojson_path: Optional[str | Path] = None
-                   ) -> dict[str, Any]:
-    """Polygonize a mask's building pixels into a GeoPackage layer "buildings" (id, area_m2).
+                   simplify_m: float = 0.0, geojson_path: Optional[str | Path] = None,
+                   regularize_corners: bool = False) -> dict[str, Any]:
+    """Polygonize a mask's building pixels into a GeoPackage layer "buildings" (id, area_m2,
+    confidence).
 
     Polygons smaller than ``min_area_m2`` (ground area, before simplification) are dropped;
-    ``simplify_m`` > 0 simplifies with topology preserved. Returns the paths written, the polygon
-    count and the total area in m2 (of the written geometries).
+    ``simplify_m`` > 0 simplifies with topology preserved; ``regularize_corners`` gives every
+    polygon right-angle corners (``simplify_m``, or 1.5 pixels, is then the tolerance of the
+    outline before its edges are snapped). ``confidence`` is the polygon's mean probability from
+    the probability COG beside the mask (empty without one). Returns the paths written, the
+    polygon count, the total area in m2 (of the written geometries), the confidence source
+    (None without one) and how many polygons each regularisation method made.
     """
     ensure_configured()
     mask_tif, out_gpkg = Path(mask_tif), Path(out_gpkg)
@@ -109,14 +202,24 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
 
         ground = GroundArea(ds.GetProjection(), str(mask_tif))
         tolerance = 0.0
-        if simplify_m > 0 and raw_layer.GetFeatureCount():
+        regularizer: Optional[Regularizer] = None
+        if (simplify_m > 0 or regularize_corners) and raw_layer.GetFeatureCount():
             x0, x1, y0, y1 = raw_layer.GetExtent()
-            tolerance = simplify_m / ground.metres_per_unit((x0 + x1) / 2, (y0 + y1) / 2)
+            m_per_unit = ground.metres_per_unit((x0 + x1) / 2, (y0 + y1) / 2)
+            tolerance = simplify_m / m_per_unit
+            if regularize_corners:
+                pixel_m = abs(ds.GetGeoTransform()[1]) * m_per_unit
+                regularizer = Regularizer(srs, (x0 + x1) / 2, (y0 + y1) / 2,
+                                          simplify_m or REGULARIZE_TOLERANCE_PX * pixel_m,
+                                          m_per_unit)
+        prob_tif = probability_path(mask_tif)
+        confidence = PolygonConfidence(prob_tif, ds) if prob_tif.is_file() else None
         out_ds = gpkg_driver.CreateDataSource(str(gpkg_tmp))
         layer = out_ds.CreateLayer(LAYER_NAME, srs=srs, geom_type=ogr.wkbPolygon,
                                    options=["FID=fid"])
         layer.CreateField(ogr.FieldDefn("id", ogr.OFTInteger64))
         layer.CreateField(ogr.FieldDefn("area_m2", ogr.OFTReal))
+        layer.CreateField(ogr.FieldDefn("confidence", ogr.OFTReal))
         defn = layer.GetLayerDefn()
         layer.StartTransaction()
         for raw in raw_layer:
@@ -124,7 +227,10 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
             if min_area_m2 > 0 and ground.geometry_m2(geom) < min_area_m2:
                 dropped += 1
                 continue
-            if simplify_m > 0:
+            mean_p = confidence.mean(geom) if confidence is not None else None
+            if regularizer is not None:
+                geom = regularizer(geom)
+            elif simplify_m > 0:
                 geom = geom.SimplifyPreserveTopology(tolerance)
                 if geom is None or geom.IsEmpty():
                     dropped += 1
@@ -135,6 +241,10 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
             feat = ogr.Feature(defn)
             feat.SetField("id", polygons)
             feat.SetField("area_m2", area_m2)
+            if mean_p is None:
+                feat.SetFieldNull("confidence")
+            else:
+                feat.SetField("confidence", mean_p)
             feat.SetGeometry(geom)
             layer.CreateFeature(feat)
         layer.CommitTransaction()
@@ -156,7 +266,7 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
     except RuntimeError as exc:
         raise OutputError(write_failure(out_gpkg, exc, f"vectorizing {mask_tif} failed")) from None
     finally:
-        selector = None
+        selector = confidence = None
         ds = None
         leftovers = [gpkg_tmp, raw_tmp]
         if geojson_path is not None:
@@ -165,7 +275,10 @@ def vectorize_mask(mask_tif: str | Path, out_gpkg: str | Path, min_area_m2: floa
             p.unlink(missing_ok=True)
     return {"mask": str(mask_tif), "gpkg": str(out_gpkg),
             "geojson": str(geojson_path) if geojson_path is not None else None,
-            "polygons": polygons, "area_m2": total_area_m2, "dropped": dropped}
+            "polygons": polygons, "area_m2": total_area_m2, "dropped": dropped,
+            "confidence": str(prob_tif) if prob_tif.is_file() else None,
+            "probability_expected": str(prob_tif),
+            "regularized": dict(regularizer.methods) if regularizer is not None else None}
 
 
 def merged_driver(out_path: str | Path) -> str:
@@ -192,7 +305,7 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
                  target_crs: str = "EPSG:4326") -> dict[str, Any]:
     """One layer of every scene's polygons in ``target_crs`` (scenes in any CRSs), in the format
     the extension names (GeoPackage, GeoJSON, Shapefile, FlatGeobuf): columns ``scene`` (source
-    GeoPackage stem), ``id`` and ``area_m2`` (ground area, see ``io/area.py``).
+    GeoPackage stem), ``id``, ``area_m2`` (ground area, see ``io/area.py``) and ``confidence``.
 
     The files are written in a hidden folder beside the target and moved into place at the end
     (a Shapefile is several files)."""
@@ -213,7 +326,7 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
         out_ds = ogr.GetDriverByName(driver_name).CreateDataSource(str(staging / out_path.name))
         layer = out_ds.CreateLayer(LAYER_NAME, srs=dst, geom_type=ogr.wkbPolygon)
         for name, kind in (("scene", ogr.OFTString), ("id", ogr.OFTInteger64),
-                           ("area_m2", ogr.OFTReal)):
+                           ("area_m2", ogr.OFTReal), ("confidence", ogr.OFTReal)):
             layer.CreateField(ogr.FieldDefn(name, kind))
         defn = layer.GetLayerDefn()
         layer.StartTransaction()
@@ -231,6 +344,12 @@ def merge_layers(gpkgs: Sequence[str | Path], out_path: str | Path,
                 feat.SetField("scene", scene)
                 feat.SetField("id", f.GetField("id"))
                 feat.SetField("area_m2", f.GetField("area_m2"))
+                has_confidence = (f.GetFieldIndex("confidence") >= 0
+                                  and f.IsFieldSetAndNotNull("confidence"))
+                if has_confidence:
+                    feat.SetField("confidence", f.GetField("confidence"))
+                else:
+                    feat.SetFieldNull("confidence")
                 feat.SetGeometry(geom)
                 layer.CreateFeature(feat)
                 count += 1
@@ -283,7 +402,8 @@ def vectorize_one(mask: Path, args: argparse.Namespace) -> dict[str, Any]:
     gpkg, geojson = output_paths(mask, args.out)
     try:
         return vectorize_mask(mask, gpkg, args.min_area_m2, args.simplify_m,
-                              geojson if args.geojson else None)
+                              geojson if args.geojson else None,
+                              getattr(args, "regularize", False))
     except ResflowError as exc:
         return {"mask": str(mask), "error": str(exc), "exit_code": exc.exit_code}
 
@@ -292,8 +412,21 @@ def result_line(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{result['mask']}: error: {result['error']}"
     extra = f", {result['geojson']}" if result["geojson"] else ""
+    if result.get("confidence"):
+        source = f"; confidence from {Path(result['confidence']).name}"
+    else:
+        source = (f"; confidence empty: no probability COG {result['probability_expected']} "
+                  "(run with output.probability: true)")
+    methods = result.get("regularized")
+    shapes = ""
+    if methods:
+        shapes = "; right angles: " + ", ".join(
+            f"{methods[m]} {m}" for m in ("rectangle", "orthogonal") if methods.get(m))
+        if methods.get("simplified"):
+            shapes += (f", {methods['simplified']} left simplified (no right-angle outline "
+                       f"within {MAX_AREA_CHANGE:.0%} of their area)")
     return (f"{result['mask']}: {result['polygons']} polygon(s), {result['area_m2']:.1f} m2 "
-            f"-> {result['gpkg']}{extra}")
+            f"-> {result['gpkg']}{extra}{source}{shapes}")
 
 
 def prepare_outputs(args: argparse.Namespace) -> None:

@@ -32,7 +32,7 @@ class LocalRunner:
         t = job.cfg.tiling
         return MaskStore(job.h5_path, job.scenes, t.tile_px, t.halo_px, job.code_bytes,
                          job.cfg.checksum(), job.gallery.checksum, comm=None, restart=restart,
-                         save_probabilities=job.cfg.inference.save_probabilities)
+                         save_probabilities=job.cfg.keeps_probabilities)
 
     def map_tiles(self, job: Job, tasks: Sequence[TileTask], sink: ResultSink,
                   bucket_override: Optional[str] = None) -> Optional[list[dict[str, Any]]]:

@@ -60,7 +60,7 @@ class MPIRunner:
         return MaskStore(job.h5_path, job.scenes, t.tile_px, t.halo_px, job.code_bytes,
                          job.cfg.checksum(), job.gallery.checksum,
                          comm=None if serial else self.comm.mpi, restart=restart,
-                         save_probabilities=job.cfg.inference.save_probabilities)
+                         save_probabilities=job.cfg.keeps_probabilities)
 
     def _source(self, job: Job, tasks: Sequence[TileTask]) -> tuple[TaskSource, Any]:
         """Rank 0's descriptors -> this rank's task source (and the work counter to free)."""

@@ -347,7 +347,7 @@ class SparkRunner:
         t = job.cfg.tiling
         return MaskStore(job.h5_path, job.scenes, t.tile_px, t.halo_px, job.code_bytes,
                          job.cfg.checksum(), job.gallery.checksum, comm=None, restart=restart,
-                         save_probabilities=job.cfg.inference.save_probabilities)
+                         save_probabilities=job.cfg.keeps_probabilities)
 
     def _context(self, cfg: RunConfig) -> Any:
         if self.sc is None:

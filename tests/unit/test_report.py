@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,20 +16,36 @@ from matplotlib.image import imread
 from osgeo import gdal
 
 from resflow_mpi.errors import InputError
-from resflow_mpi.io.export import BUCKET_COLOURS
-from resflow_mpi.report import (LEGEND_WIDTH_PX, NODATA_GREY, thumbnail_size, write_html_report,
-                                write_quicklooks)
+from resflow_mpi.io import geotiff
+from resflow_mpi.io.export import BUCKET_COLOURS, PROBABILITY_NODATA, quantize_probability
+from resflow_mpi.report import (LEGEND_WIDTH_PX, NODATA_GREY, PROBABILITY_COLOURMAP,
+                                thumbnail_size, write_html_report, write_quicklooks)
 
 gdal.UseExceptions()
 
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT_SCRIPT = REPO / "perf" / "screenshot_report.py"
 CHROMIUM = Path("/usr/bin/chromium")
+WINDOW_HEIGHT_PX = 4800  # perf/screenshot_report.py's window: the whole test report fits
 SCENE_W, SCENE_H = 1000, 600
 TILE_PX = 100
 GT = (500_000.0, 0.5, 0.0, 1_000_000.0, 0.0, -0.5)
 BUILDING = (slice(200, 300), slice(300, 500))  # rows, cols of the one building block
 NODATA_COLS = slice(0, 100)                    # left strip is nodata in scene and mask
+BUILDING_P, BACKGROUND_P = 0.9, 0.2            # probabilities of the probability COG
+# Set by .ci/run: the screenshot test fails instead of skipping when Chromium is missing.
+REQUIRE_BROWSER = os.environ.get("RESFLOW_REQUIRE_BROWSER") == "1"
+
+
+def require_chromium() -> None:
+    """Skip without /usr/bin/chromium; fail instead under RESFLOW_REQUIRE_BROWSER=1 (CI)."""
+    if CHROMIUM.is_file():
+        return
+    reason = (f"no {CHROMIUM} (apt-get install -y chromium, or launch/install.sh "
+              "--with-chromium)")
+    if REQUIRE_BROWSER:
+        pytest.fail(f"report screenshot required (RESFLOW_REQUIRE_BROWSER=1) but {reason}")
+    pytest.skip(reason)
 
 
 def _geotiff(path: Path, data: np.ndarray, nodata: float | None) -> Path:
@@ -46,8 +63,10 @@ def _geotiff(path: Path, data: np.ndarray, nodata: float | None) -> Path:
     return path
 
 
-def make_output_dir(root: Path) -> tuple[Path, dict[str, Any]]:
-    """One complete scene (scene, mask, bucket map), one incomplete, one skipped; and the report."""
+def make_output_dir(root: Path, probability: bool = False) -> tuple[Path, dict[str, Any]]:
+    """One complete scene (scene, mask, bucket map; with ``probability`` a probability COG:
+    BUILDING_P on the building, BACKGROUND_P elsewhere, nodata as the mask), one incomplete, one
+    skipped; and the report."""
     rng = np.random.default_rng(0)
     scene = rng.integers(20, 230, (3, SCENE_H, SCENE_W), dtype=np.uint8)
     scene[:, :, NODATA_COLS] = 0
@@ -66,6 +85,14 @@ def make_output_dir(root: Path) -> tuple[Path, dict[str, Any]]:
     rgb = np.zeros((3, rows, cols), np.uint8)
     rgb[:, buckets >= 0] = BUCKET_COLOURS[buckets[buckets >= 0]].T
     bucket_path = _geotiff(out / "0000_scene_a_buckets.tif", rgb, nodata=None)
+    outputs = [str(mask_path), str(cog_path), str(bucket_path)]
+    if probability:
+        prob = np.where(mask[0] == 1, BUILDING_P, BACKGROUND_P)
+        q = quantize_probability(prob, mask[0] == 255)
+        source = geotiff.write_array(out / "p.tif", q, 32637, GT, PROBABILITY_NODATA)
+        outputs.append(str(geotiff.translate(source, out / "scene_a.resflow-probability.tif",
+                                             "COG", geotiff.COG_PROBABILITY_OPTIONS)))
+        source.unlink()
     per_rank = [{"rank": r, "tiles": t, "tiles_computed": t - 2, "pixels": t * TILE_PX ** 2,
                  "bytes_read": t * 30_000, "bytes_written": t * 10_000, "read_s": 1.0,
                  "read_wait_s": 0.1, "embed_s": 2.0 + r, "hash_s": 0.2, "segment_s": 4.0,
@@ -75,7 +102,7 @@ def make_output_dir(root: Path) -> tuple[Path, dict[str, Any]]:
         "engine": "mpi", "ranks": 2, "wall_s": 12.345,
         "scenes": [{"index": 0, "path": str(scene_path), "width": SCENE_W, "height": SCENE_H,
                     "area_km2": 0.15, "complete": True,
-                    "outputs": [str(mask_path), str(cog_path), str(bucket_path)]},
+                    "outputs": outputs},
                    {"index": 1, "path": str(root / "scene_b.tif"), "width": 500, "height": 500,
                     "area_km2": 0.0625, "complete": False, "outputs": []}],
         "skipped_scenes": [{"path": str(root / "broken<1>.tif"), "reason": "not a raster & empty"}],
@@ -158,17 +185,60 @@ def test_screenshot_refuses_a_dir_without_report(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "report.html" in proc.stderr
 
 
-@pytest.mark.skipif(not CHROMIUM.is_file(), reason="no /usr/bin/chromium "
-                    "(apt-get install -y chromium, or launch/install.sh --with-chromium)")
-def test_screenshot_of_the_report_is_not_blank(out_dir: Path, tmp_path: Path) -> None:
-    write_html_report(out_dir)
+def magma_rgb(p: float) -> np.ndarray:
+    """The report's colour of probability ``p`` (0-255 RGB)."""
+    from matplotlib import colormaps
+    return np.round(np.array(colormaps[PROBABILITY_COLOURMAP](p)[:3]) * 255)
+
+
+def colour_count(pixels: np.ndarray, rgb: np.ndarray, tol: float = 4.0) -> int:
+    """Pixels of an RGB(A) float image within ``tol`` (0-255 units) of ``rgb`` in every channel."""
+    return int((np.abs(pixels[..., :3] * 255 - rgb) <= tol).all(axis=-1).sum())
+
+
+def test_probability_quicklook_shows_the_probabilities(tmp_path: Path) -> None:
+    out, _ = make_output_dir(tmp_path, probability=True)
+    names = sorted(p.name for p in write_quicklooks(out))
+    assert "0000_scene_a_probability.png" in names
+    look = imread(out / "quicklooks" / "0000_scene_a_probability.png")
+    tw, th = thumbnail_size(SCENE_W, SCENE_H)
+    assert look.shape[:2] == (th, tw)
+    scale = tw / SCENE_W
+    assert np.round(look[int(250 * scale), int(400 * scale), :3] * 255) == pytest.approx(
+        magma_rgb(round(BUILDING_P * 254) / 254), abs=1)
+    assert np.round(look[int(500 * scale), int(800 * scale), :3] * 255) == pytest.approx(
+        magma_rgb(round(BACKGROUND_P * 254) / 254), abs=1)
+    assert look[th // 2, 5, :3] == pytest.approx([NODATA_GREY] * 3, abs=0.01)
+    page = write_html_report(out).read_text()
+    assert "building probability" in page and page.count("data:image/png;base64,") == 5
+
+
+def test_screenshot_of_the_report_shows_the_probability_quicklook(tmp_path: Path) -> None:
+    """Headless Chromium renders report.html; the screenshot holds the probability quicklook:
+    the building block in the colour of its probability (about 80 x 160 px at thumbnail scale),
+    the background in its colour, and the nodata strip grey."""
+    require_chromium()
+    out, _ = make_output_dir(tmp_path, probability=True)
+    write_html_report(out)
     png = tmp_path / "shot.png"
-    proc = subprocess.run([sys.executable, str(SCREENSHOT_SCRIPT), str(out_dir), "--png", str(png)],
+    proc = subprocess.run([sys.executable, str(SCREENSHOT_SCRIPT), str(out), "--png", str(png)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(png.resolve())
     pixels = imread(png)
-    assert pixels.shape[:2] == (2400, 1280) and float(pixels.var()) > 0
+    assert pixels.shape[:2] == (WINDOW_HEIGHT_PX, 1280) and float(pixels.var()) > 0
+    building = colour_count(pixels, magma_rgb(round(BUILDING_P * 254) / 254))
+    background = colour_count(pixels, magma_rgb(round(BACKGROUND_P * 254) / 254))
+    scale = thumbnail_size(SCENE_W, SCENE_H)[0] / SCENE_W
+    block_px = 100 * 200 * scale ** 2
+    assert 0.9 * block_px <= building <= 1.1 * block_px, building
+    assert background > 10 * block_px, background
+    from scipy import ndimage
+    near = (np.abs(pixels[..., :3] * 255 - magma_rgb(round(BUILDING_P * 254) / 254)) <= 4).all(-1)
+    parts, _ = ndimage.label(near)
+    block = ndimage.find_objects(parts)[int(np.bincount(parts.ravel())[1:].argmax())]
+    assert (block[0].stop - block[0].start, block[1].stop - block[1].start) == pytest.approx(
+        (100 * scale, 200 * scale), abs=2)   # one block of the building's shape
 
 
 def test_ood_section_names_the_routing_method() -> None:
