@@ -164,7 +164,7 @@ def test_run_maps_resampled_and_exports_on_the_scene_grid(tmp_path: Path,
     cfg = write_config(tmp_path / "run.yaml",
                        scenes={"inputs": [str(scene)], "split": "all", "gsd_m": 0.5},
                        models={"gallery": str(unit_gallery)},
-                       output={"dir": str(tmp_path / "out")})
+                       output={"dir": str(tmp_path / "out"), "probability": True})
     resflow(["run", str(cfg), "--quiet"])
     report = json.loads((tmp_path / "out" / "run_report.json").read_text())
     assert report["ground_resolution"] == {"gsd_m": 0.5, "resampled_scenes": 1}
@@ -179,3 +179,7 @@ def test_run_maps_resampled_and_exports_on_the_scene_grid(tmp_path: Path,
     assert (mask == np.repeat(np.repeat(net, 2, 0), 2, 1)).all()  # nearest, back on the grid
     assert (mask[:16, :16] == 255).all() and set(np.unique(mask)) <= {0, 1, 255}
     assert out.GetMetadataItem("RESFLOW_STORE_ID")
+    prob = gdal.Open(str(tmp_path / "out" / "s.resflow-probability.tif"))
+    assert (prob.RasterXSize, prob.RasterYSize) == (192, 160)
+    assert prob.GetGeoTransform() == pytest.approx(GT_025)
+    assert ((prob.ReadAsArray() == 255) == (mask == 255)).all()
