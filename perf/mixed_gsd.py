@@ -11,7 +11,11 @@ galleries, trained by ``resflow init`` (2 MPI ranks, the same small recipe and s
 Each maps the test scenes of both archives with ``resflow run`` (the gsd gallery's runs inherit
 its gsd_m); IoU is computed from the exported masks on each test scene's own grid against its
 own labels, per 64 px block, and compared pairwise with a two-stage bootstrap (scenes, then
-blocks; 95 %). Every run maps with Mono (``inference.model: mono``): the question is resolution,
+blocks; 95 %). The coarse scenes are GDAL's 4 x 4 average of the fine ones, and the gsd gallery
+reads the fine training scenes averaged the same way on the fly, so it should learn exactly what
+the coarse gallery learns (same pixels, same seed): a check that resampled reads equal an offline
+resample. A perfect 1.0 m map brought back onto the 0.25 m grid (the 1.0 m labels, nearest
+neighbour) bounds what any 1.0 m map can score there. Every run maps with Mono (``inference.model: mono``): the question is resolution,
 not specialisation.
 
   python perf/mixed_gsd.py [--out DIR] [--quick]
@@ -143,6 +147,29 @@ def run_counts(run: bk.EngineRun, manifest: Path) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(counts), np.concatenate(groups)
 
 
+def resolution_ceiling(manifests: dict[str, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block counts of a perfect 1.0 m map on the 0.25 m grid: each test scene's 1.0 m
+    label brought back by nearest neighbour, against its 0.25 m label (the most any map made
+    at 1.0 m can score there)."""
+    import yaml
+    from osgeo import gdal
+    fine = yaml.safe_load(manifests["fine"].read_text())["predict"]
+    coarse = {Path(e["image"]).name: e["label"]
+              for e in yaml.safe_load(manifests["coarse"].read_text())["predict"]}
+    counts, groups = [], []
+    tmp = manifests["fine"].parent / "ceiling"
+    tmp.mkdir(exist_ok=True)
+    for i, e in enumerate(sorted(fine, key=lambda e: e["image"])):
+        src = gdal.Open(e["label"])
+        up = tmp / Path(e["label"]).name
+        gdal.Translate(str(up), coarse[Path(e["image"]).name], width=src.RasterXSize,
+                       height=src.RasterYSize, resampleAlg="nearest")
+        c = block_counts(str(up), e["label"])
+        counts.append(c)
+        groups.append(np.full(len(c), i))
+    return np.concatenate(counts), np.concatenate(groups)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None)
@@ -179,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
                          "ground_resolution": run.report.get("ground_resolution")}
             print(f"[mixed_gsd] {key}: IoU {runs[key]['iou']:.4f} over "
                   f"{runs[key]['blocks']} blocks", flush=True)
+    counts["ceiling->fine"] = resolution_ceiling(manifests)
+    runs["ceiling->fine"] = {"iou": iou(counts["ceiling->fine"][0].sum(0)),
+                             "blocks": len(counts["ceiling->fine"][0])}
+    print(f"[mixed_gsd] a perfect 1.0 m map on the 0.25 m grid: IoU "
+          f"{runs['ceiling->fine']['iou']:.4f}", flush=True)
     comparisons = {
         # train fine, map coarse: without / with gsd_m, against the native coarse case
         "fine->coarse (no gsd_m) vs coarse->coarse": ("fine->coarse", "coarse->coarse"),
@@ -188,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "coarse->fine (no gsd_m) vs fine->fine": ("coarse->fine", "fine->fine"),
         "gsd->fine (gsd_m 1.0) vs fine->fine": ("gsd->fine", "fine->fine"),
         "gsd->fine (gsd_m 1.0) vs coarse->fine (no gsd_m)": ("gsd->fine", "coarse->fine"),
+        "gsd->fine (gsd_m 1.0) vs a perfect 1.0 m map": ("gsd->fine", "ceiling->fine"),
     }
     table = {}
     for label, (a, b) in comparisons.items():
