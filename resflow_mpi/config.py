@@ -91,8 +91,10 @@ class TilingConfig:
 
     tile_px: int = _f(256, "Owned tile size in pixels (each output pixel is owned by one tile).")
     halo_px: int = _f(16, "Context read around each tile and discarded on write.")
-    prescan_nodata: bool = _f(True, "Rank 0 reads each scene's nodata footprint and skips "
-                                    "all-nodata tiles (they are written as nodata, not computed).")
+    prescan_nodata: bool = _f(False, "Read every pixel of each scene while planning to find its "
+                                     "all-nodata tiles. Off: tiles are found all-nodata from the "
+                                     "file's block index (sparse GeoTIFFs) or when read; either "
+                                     "way they are written as nodata, not computed.")
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,9 @@ class ParallelConfig:
                                                         "lists; dynamic: ranks pull chunks.")
     layout: Literal["block", "cyclic"] = _f("cyclic", "Static split of the tile list.")
     chunk_tiles: int = _f(4, "Tiles per request under the dynamic policy.", min=1)
+    reader_threads: int = _f(1, "GDAL reader threads per rank, each reading whole batches with "
+                                "its own file handles (more feed a GPU from DEFLATE scenes; on "
+                                "a CPU the networks share the cores with them).", min=1)
     write_round_batches: int = _f(4, "Batches of masks per write round (collective/gather "
                                      "writers synchronise once per round).", min=1)
     writer: Literal["auto", "collective", "independent", "gather"] = _f(

@@ -31,7 +31,7 @@ from .io.naming import BUCKETS, COG, MASK, mark_output_dir, output_file_name
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
-from .io.raster import SceneInfo, prepare_scene, tile_coverage
+from .io.raster import SceneInfo, has_valid_pixel, known_empty_tiles, prepare_scene, tile_coverage
 from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
@@ -53,7 +53,8 @@ class ScenePlan:
     """Scenes that passed the checks, and those skipped (policy on_bad_scene=skip)."""
 
     scenes: list[SceneInfo]
-    coverage: list[Optional[np.ndarray]] = field(default_factory=list)  # valid fraction per tile
+    # Per tile: valid fraction (tiling.prescan_nodata), else 0 where known all nodata, NaN unknown.
+    coverage: list[Optional[np.ndarray]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -74,8 +75,8 @@ def check_output_dir(out_dir: str) -> Path:
 def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePlan:
     """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene.
 
-    Header checks and the nodata prescan (which decodes each scene once, at low cost per pixel)
-    are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
+    Header checks, the block-index look-up of all-nodata tiles (or the full nodata prescan under
+    tiling.prescan_nodata) are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
     and every rank gets it."""
     comm = comm or Communicator(None)
 
@@ -91,11 +92,16 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
         # Each scene keeps its own CRS and geotransform end to end (archives span UTM zones).
         try:
             info = prepare_scene(path, cfg)
-            cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
-                   if cfg.tiling.prescan_nodata else None)
-            if cov is not None and float(cov.max()) == 0.0:
+            bands, tile_px = cfg.scenes.bands, cfg.tiling.tile_px
+            if cfg.tiling.prescan_nodata:
+                cov = tile_coverage(info, tile_px, bands)
+                has_data = float(cov.max()) > 0.0
+            else:  # tiles not known empty from the block index are decided when read
+                cov = np.where(known_empty_tiles(info, tile_px, bands), 0.0, np.nan).astype(np.float32)
+                has_data = not bool((cov == 0.0).all()) and has_valid_pixel(info, bands)
+            if not has_data:
                 raise InputError(f"{path}: scene is entirely nodata "
-                                 f"({info.validity_text(cfg.scenes.bands)})")
+                                 f"({info.validity_text(bands)})")
             return "ok", info, cov
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
@@ -121,7 +127,8 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
 def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
                 coverage: Optional[np.ndarray] = None,
                 done: Optional[np.ndarray] = None) -> list[TileTask]:
-    """The unfinished tiles of one scene, flagged empty where the scene is all nodata."""
+    """The unfinished tiles of one scene, flagged empty where ``coverage`` is 0 (all nodata);
+    the others are found empty, or not, when read."""
     cov = coverage.ravel() if coverage is not None else None
     return [TileTask(tile, bool(cov is not None and cov[tile.index] == 0.0))
             for tile in tile_grid(index, info.width, info.height, tile_px, halo_px)
@@ -147,7 +154,7 @@ class Job:
     gallery: ModelGallery
     out_dir: Path
     quiet: bool = False
-    plan_s: float = 0.0  # scene checks + nodata prescan, over all ranks
+    plan_s: float = 0.0  # scene checks + nodata look-up, over all ranks
     memory_estimate: Optional[dict[str, Any]] = None
 
     @property
