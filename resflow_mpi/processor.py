@@ -140,16 +140,20 @@ class TileProcessor:
                 tasks[i] = TileTask(task.tile, True)
                 continue
             xs.append(normalize_scene(raw, info, n))
-        batch = _ReadBatch(tasks, np.stack(xs) if xs else None, valid, 0.0, nbytes)
-        if self._cuda and batch.x is not None:
-            self._upload(batch)
+        batch = _ReadBatch(tasks, None, valid, 0.0, nbytes)
+        if xs and self._cuda:
+            self._upload(batch, xs)
+        elif xs:
+            batch.x = np.stack(xs)
         batch.seconds = time.perf_counter() - t0
         return batch
 
-    def _upload(self, batch: _ReadBatch) -> None:
-        """Start the batch's copy to the GPU on the copy stream from pinned memory."""
-        assert self._copy_stream is not None and isinstance(batch.x, np.ndarray)
-        host = torch.from_numpy(batch.x).pin_memory()
+    def _upload(self, batch: _ReadBatch, xs: list[np.ndarray]) -> None:
+        """Stack the inputs into pinned memory (torch's caching host allocator reuses it) and
+        start their copy to the GPU on the copy stream; ``batch.uploaded`` marks its end."""
+        assert self._copy_stream is not None
+        host = torch.empty((len(xs),) + xs[0].shape, dtype=torch.float32, pin_memory=True)
+        np.stack(xs, out=host.numpy())
         with torch.cuda.stream(self._copy_stream):
             batch.x = host.to(self.stages.device, non_blocking=True)
             batch.uploaded = torch.cuda.Event()
