@@ -135,7 +135,7 @@ class InferenceConfig:
     segment_batch_size: int = _f(0, "Tiles per segmentation call (0: batch_size on GPU, 1 on "
                                     "CPU, where one tile per call is faster).", min=0)
     threshold: float = _f(0.5, "Building probability threshold.")
-    prefetch_batches: int = _f(2, "Batches read ahead by the reader thread.", min=0)
+    prefetch_batches: int = _f(2, "Batches read ahead by the reader threads.", min=0)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:(local_rank % gpus) when GPUs "
                                                         "exist, else CPU.")
     threads_per_rank: int = _f(0, "torch threads per rank on CPU (0: cores / ranks per node).",
