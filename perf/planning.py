@@ -37,7 +37,7 @@ def plan_once(config: Path, tree: Path) -> dict[str, Any]:
     """plan_scenes of ``config`` in a fresh interpreter importing resflow_mpi from ``tree``."""
     env = bk.bench_env(1)
     env["PYTHONPATH"] = str(tree)
-    proc, _ = bk.run_command([bk.PYTHON, "-c", CHILD, str(config)], env=env)
+    proc, _ = bk.run_command([bk.PYTHON, "-c", CHILD, str(config)], env=env, cwd=tree)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

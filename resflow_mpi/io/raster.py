@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal, osr
@@ -389,29 +389,36 @@ SAMPLE_WINDOWS_PER_SIDE = 8  # a large scene without overviews is sampled in 8 x
 
 def _sample(info: SceneInfo, bands: Sequence[int], sample_px: int
             ) -> tuple[np.ndarray, np.ndarray]:
-    """At most sample_px^2 pixels per band: values (C, N) and validity (N).
+    """At most sample_px^2 pixels per band: values (C, N) and validity (N) (see _sample_parts)."""
+    parts = list(_sample_parts(info, bands, sample_px))
+    arr = np.concatenate([a for a, _ in parts], axis=1)
+    return arr.astype(np.float64), np.concatenate([v for _, v in parts])
 
-    A scene that fits in sample_px, or one with overviews, is read decimated (GDAL reads the
+
+def _sample_parts(info: SceneInfo, bands: Sequence[int], sample_px: int
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A sample of at most sample_px^2 pixels per band, part by part: values (C, n), validity (n).
+
+    A scene that fits in sample_px, or one with overviews, is one decimated read (GDAL reads the
     overview); a larger scene without overviews is read in SAMPLE_WINDOWS_PER_SIDE^2 full-resolution
     windows spread evenly over it, each inside one block where the file is tiled, because a
     decimated read of it would decode every block of the scene."""
     scale = max(1.0, max(info.width, info.height) / sample_px)
     ds = _open(info.path)
+    c = len(bands)
     try:
         if scale == 1.0 or ds.GetRasterBand(bands[0]).GetOverviewCount() > 0:
             shape = (max(1, int(info.height / scale)), max(1, int(info.width / scale)))
             full = Window(0, 0, info.width, info.height)
             arr = _read_window(ds, bands, full, shape)
-            valid = valid_pixels(ds, info, bands, full, arr, shape)
-        else:
-            parts = [(a := _read_window(ds, bands, w), valid_pixels(ds, info, bands, w, a))
-                     for w in _sample_windows(ds, info, bands, sample_px)]
-            arr = np.concatenate([a.reshape(len(bands), -1) for a, _ in parts], axis=1)
-            valid = np.concatenate([v.ravel() for _, v in parts])
+            yield arr.reshape(c, -1), valid_pixels(ds, info, bands, full, arr, shape).ravel()
+            return
+        for w in _sample_windows(ds, info, bands, sample_px):
+            arr = _read_window(ds, bands, w)
+            yield arr.reshape(c, -1), valid_pixels(ds, info, bands, w, arr).ravel()
     except RuntimeError as exc:
         raise InputError(f"{info.path}: cannot sample the scene "
                          f"({str(exc).strip().splitlines()[0]})") from None
-    return arr.reshape(len(bands), -1).astype(np.float64), valid.ravel()
 
 
 def _sample_windows(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int],
@@ -652,11 +659,11 @@ def _same_value(a: float, b: Optional[float]) -> bool:
 
 
 def has_valid_pixel(info: SceneInfo, bands: Sequence[int], sample_px: int = 512) -> bool:
-    """True when some pixel of the scene is data (see ``valid_pixels``): a sample first, then,
-    only when the sample found none, an exact read of the whole scene."""
+    """True when some pixel of the scene is data (see ``valid_pixels``): the sample's windows
+    until one holds data, then, only when none did, an exact read of the whole scene."""
     if not info.has_validity_source(bands):
         return True
-    if _sample(info, bands, sample_px)[1].any():
+    if any(valid.any() for _, valid in _sample_parts(info, bands, sample_px)):
         return True
     return float(tile_coverage(info, 1024, bands).max()) > 0.0  # streamed in bounded strips
 

@@ -120,3 +120,19 @@ def test_an_entirely_nodata_sparse_scene_is_refused_at_planning(tmp_path: Path,
     ds = None
     with pytest.raises(InputError, match="void.tif: scene is entirely nodata"):
         plan_scenes(_cfg(tmp_path, unit_gallery, tmp_path / "void.tif", prescan=False))
+
+
+def test_a_large_scene_is_sampled_in_windows_inside_blocks(tmp_path: Path) -> None:
+    """Larger than sample_px and without overviews: 8 x 8 windows, each inside one 32 px block,
+    spread to the scene's far edges; the sample holds sample_px^2 pixels per band."""
+    from resflow_mpi.io.raster import _open, _sample, _sample_windows
+    path = one_pixel_scene(tmp_path / "s.tif", sparse=False)
+    info = open_scene(path, BANDS)
+    windows = _sample_windows(_open(str(path)), info, BANDS, sample_px=32)
+    assert len(set(windows)) == 3 * 4  # only 3 x 4 blocks: one window per block
+    for w in windows:
+        assert w.width == w.height == 4
+        assert w.col // 32 == (w.col + 3) // 32 and w.row // 32 == (w.row + 3) // 32
+    assert max(w.col for w in windows) == 96 and max(w.row for w in windows) == 64
+    values, valid = _sample(info, BANDS, sample_px=32)
+    assert values.shape == (3, 12 * 16) and valid.shape == (12 * 16,)
