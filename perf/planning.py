@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scenes", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--collar", action="store_true", help="scenes with a nodata collar")
-    p.add_argument("--tree", type=Path, default=None, help="another checkout to time beside this one")
+    p.add_argument("--tree", type=Path, default=None, help="another checkout, timed beside")
     p.add_argument("--label", default="other", help="name of --tree in the results")
     p.add_argument("--quick", action="store_true", help="tiny workload (smoke test)")
     args = p.parse_args(argv)
@@ -68,7 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, tree in trees.items():
             runs[name].append(plan_once(cfg, tree))
     result["runs"] = runs
-    result["median_plan_s"] = {n: statistics.median(r["plan_s"] for r in rs) for n, rs in runs.items()}
+    result["median_plan_s"] = {n: statistics.median(r["plan_s"] for r in rs)
+                               for n, rs in runs.items()}
     bk.write_json(args.out / "planning.json", result)
     for name, s in result["median_plan_s"].items():
         print(f"[planning] {name}: {s:.2f} s (median of {args.repeats}) for "

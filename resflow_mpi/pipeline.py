@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
@@ -75,8 +76,9 @@ def check_output_dir(out_dir: str) -> Path:
 def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePlan:
     """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene.
 
-    Header checks, the block-index look-up of all-nodata tiles (or the full nodata prescan under
-    tiling.prescan_nodata) are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
+    Header checks and the block-index look-up of all-nodata tiles (or the full nodata prescan
+    under tiling.prescan_nodata) are spread over the ranks of ``comm`` (scene i on rank
+    i % size); rank 0 assembles the plan
     and every rank gets it."""
     comm = comm or Communicator(None)
 
@@ -97,7 +99,8 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
                 cov = tile_coverage(info, tile_px, bands)
                 has_data = float(cov.max()) > 0.0
             else:  # tiles not known empty from the block index are decided when read
-                cov = np.where(known_empty_tiles(info, tile_px, bands), 0.0, np.nan).astype(np.float32)
+                empty = known_empty_tiles(info, tile_px, bands)
+                cov = np.where(empty, 0.0, np.nan).astype(np.float32)
                 has_data = not bool((cov == 0.0).all()) and has_valid_pixel(info, bands)
             if not has_data:
                 raise InputError(f"{path}: scene is entirely nodata "
@@ -387,44 +390,45 @@ def drive(job: Job, comm: Communicator, source: TaskSource, total: int, sink: Re
     done_counter = comm.counter()
     progress = (ProgressPrinter(total, km2_per_tile(job.scenes, cfg.tiling.tile_px))
                 if comm.is_root and not job.quiet else None)
-    results = proc.process(source)
-    # Tiles per write round: collective rounds are lock-step points, so a round spans several
-    # batches (masks are small: memory stays bounded by tile and batch size).
-    round_tiles = cfg.inference.batch_size * cfg.parallel.write_round_batches
-    write_s, exhausted = 0.0, False
-    while True:
-        buf: list[TileResult] = []
-        while not exhausted and len(buf) < round_tiles:
-            r = next(results, None)
-            if r is None:
-                exhausted = True
+    # Closed on any exit, so an error here also stops the reader and compute threads.
+    with closing(proc.process(source)) as results:
+        # Tiles per write round: collective rounds are lock-step points, so a round spans several
+        # batches (masks are small: memory stays bounded by tile and batch size).
+        round_tiles = cfg.inference.batch_size * cfg.parallel.write_round_batches
+        write_s, exhausted = 0.0, False
+        while True:
+            buf: list[TileResult] = []
+            while not exhausted and len(buf) < round_tiles:
+                r = next(results, None)
+                if r is None:
+                    exhausted = True
+                else:
+                    buf.append(r)
+            t0 = time.perf_counter()
+            if writer == "independent":
+                if buf:
+                    sink.write_results(buf, collective=False)
+                more = not exhausted
             else:
-                buf.append(r)
-        t0 = time.perf_counter()
-        if writer == "independent":
+                n = comm.allreduce_max(len(buf))
+                if n == 0:
+                    break
+                if writer == "collective":
+                    sink.write_results(buf, collective=True, n_calls=n)
+                else:  # gather: the paper's single merge writer
+                    gathered = comm.gather(buf)
+                    if gathered is not None:
+                        sink.write_results([x for part in gathered for x in part], collective=False)
+                more = True
+            write_s += time.perf_counter() - t0
             if buf:
-                sink.write_results(buf, collective=False)
-            more = not exhausted
-        else:
-            n = comm.allreduce_max(len(buf))
-            if n == 0:
+                done_counter.add(len(buf))
+                if on_round is not None:
+                    on_round(len(buf))
+            if progress is not None:
+                progress.maybe_print(done_counter.read())
+            if not more:
                 break
-            if writer == "collective":
-                sink.write_results(buf, collective=True, n_calls=n)
-            else:  # gather: the paper's single merge writer
-                gathered = comm.gather(buf)
-                if gathered is not None:
-                    sink.write_results([x for part in gathered for x in part], collective=False)
-            more = True
-        write_s += time.perf_counter() - t0
-        if buf:
-            done_counter.add(len(buf))
-            if on_round is not None:
-                on_round(len(buf))
-        if progress is not None:
-            progress.maybe_print(done_counter.read())
-        if not more:
-            break
     comm.barrier()
     if progress is not None:
         progress.maybe_print(done_counter.read(), force=True)

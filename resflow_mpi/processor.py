@@ -82,7 +82,7 @@ class _ReaderPool:
         self._lock = threading.Lock()
 
     def reader(self, scene: int) -> WindowReader:
-        """This thread's open reader of the scene; its least recent one closes beyond OPEN_SCENES."""
+        """This thread's reader of the scene; its least recent one closes beyond OPEN_SCENES."""
         cache: Optional[OrderedDict[int, WindowReader]] = getattr(self._local, "cache", None)
         if cache is None:
             cache = self._local.cache = OrderedDict()
