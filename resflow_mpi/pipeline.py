@@ -78,8 +78,7 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
 
     Header checks and the block-index look-up of all-nodata tiles (or the full nodata prescan
     under tiling.prescan_nodata) are spread over the ranks of ``comm`` (scene i on rank
-    i % size); rank 0 assembles the plan
-    and every rank gets it."""
+    i % size); rank 0 assembles the plan and every rank gets it."""
     comm = comm or Communicator(None)
 
     def scene_paths() -> list[str]:
