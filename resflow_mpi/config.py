@@ -172,9 +172,10 @@ class ParallelConfig:
                                                         "lists; dynamic: ranks pull chunks.")
     layout: Literal["block", "cyclic"] = _f("cyclic", "Static split of the tile list.")
     chunk_tiles: int = _f(4, "Tiles per request under the dynamic policy.", min=1)
-    reader_threads: int = _f(1, "GDAL reader threads per rank, each reading whole batches with "
-                                "its own file handles (more feed a GPU from DEFLATE scenes; on "
-                                "a CPU the networks share the cores with them).", min=1)
+    reader_threads: int = _f(0, "GDAL reader threads per rank, each reading whole batches with "
+                                "its own file handles (0: 1 on CPU, where the networks share the "
+                                "cores with them; 4 on a GPU, which one thread decoding DEFLATE "
+                                "cannot feed).", min=0)
     write_round_batches: int = _f(4, "Batches of masks per write round (collective/gather "
                                      "writers synchronise once per round).", min=1)
     writer: Literal["auto", "collective", "independent", "gather"] = _f(

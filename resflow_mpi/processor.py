@@ -187,7 +187,8 @@ class TileProcessor:
 
         ``source`` is only called from the calling thread, and results are yielded there."""
         depth = self.cfg.inference.prefetch_batches + 1
-        readers = _ReaderPool(self.scenes, self.cfg.scenes.bands, self.cfg.parallel.reader_threads)
+        readers = _ReaderPool(self.scenes, self.cfg.scenes.bands,
+                              reader_threads(self.cfg.parallel.reader_threads, self.stages.device))
         inbox: queue.Queue[Any] = queue.Queue()   # read futures in order, _DONE at the end
         outbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         stop = threading.Event()
@@ -291,6 +292,17 @@ class TileProcessor:
     def _sync_times(self) -> None:
         t = self.stages.times
         self.stats.embed_s, self.stats.hash_s, self.stats.segment_s = t.embed, t.hash, t.segment
+
+
+GPU_READER_THREADS = 4  # one thread decodes some 20-40 Mpix/s of 3-band DEFLATE (perf/feed.py)
+
+
+def reader_threads(configured: int, device: torch.device) -> int:
+    """Reader threads per rank: ``parallel.reader_threads``, or for 0 one on CPU and
+    GPU_READER_THREADS on a GPU."""
+    if configured:
+        return configured
+    return GPU_READER_THREADS if device.type == "cuda" else 1
 
 
 def normalize_scene(raw: np.ndarray, info: SceneInfo, norm: Any) -> np.ndarray:

@@ -83,3 +83,10 @@ def test_a_damaged_block_is_one_input_error_line(tmp_path: Path, unit_gallery: P
     # the first tile in order whose halo window holds the block, whichever thread read it
     assert line.startswith(f"{path}: read of window (60, 28, 40, 40) failed (")
     assert "X offset 3, Y offset 2" in line and line.endswith("the file may be truncated")
+
+
+def test_reader_threads_auto() -> None:
+    from resflow_mpi.processor import GPU_READER_THREADS, reader_threads
+    assert reader_threads(0, torch.device("cpu")) == 1
+    assert reader_threads(0, torch.device("cuda", 0)) == GPU_READER_THREADS > 1
+    assert reader_threads(3, torch.device("cpu")) == reader_threads(3, torch.device("cuda")) == 3
