@@ -294,7 +294,9 @@ class TileProcessor:
         self.stats.embed_s, self.stats.hash_s, self.stats.segment_s = t.embed, t.hash, t.segment
 
 
-GPU_READER_THREADS = 4  # one thread decodes some 20-40 Mpix/s of 3-band DEFLATE (perf/feed.py)
+# One reader thread read and normalised about 15 Mpix/s of 3-band DEFLATE on a busy 2-core VM
+# (perf/feed.py, issue 27); a GPU mapping 60+ Mpix/s needs several.
+GPU_READER_THREADS = 4
 
 
 def reader_threads(configured: int, device: torch.device) -> int:
