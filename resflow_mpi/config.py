@@ -108,8 +108,10 @@ class TilingConfig:
 
     tile_px: int = _f(256, "Owned tile size in pixels (each output pixel is owned by one tile).")
     halo_px: int = _f(16, "Context read around each tile and discarded on write.")
-    prescan_nodata: bool = _f(True, "Rank 0 reads each scene's nodata footprint and skips "
-                                    "all-nodata tiles (they are written as nodata, not computed).")
+    prescan_nodata: bool = _f(False, "Read every pixel of each scene while planning to find its "
+                                     "all-nodata tiles. Off: tiles are found all-nodata from the "
+                                     "file's block index (sparse GeoTIFFs) or when read; either "
+                                     "way they are written as nodata, not computed.")
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,7 @@ class InferenceConfig:
     segment_batch_size: int = _f(0, "Tiles per segmentation call (0: batch_size on GPU, 1 on "
                                     "CPU, where one tile per call is faster).", min=0)
     threshold: float = _f(0.5, "Building probability threshold.")
-    prefetch_batches: int = _f(2, "Batches read ahead by the reader thread.", min=0)
+    prefetch_batches: int = _f(2, "Batches read ahead by the reader threads.", min=0)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:(local_rank % gpus) when GPUs "
                                                         "exist, else CPU.")
     threads_per_rank: int = _f(0, "torch threads per rank on CPU (0: cores / ranks per node).",
@@ -200,6 +202,10 @@ class ParallelConfig:
                                                         "lists; dynamic: ranks pull chunks.")
     layout: Literal["block", "cyclic"] = _f("cyclic", "Static split of the tile list.")
     chunk_tiles: int = _f(4, "Tiles per request under the dynamic policy.", min=1)
+    reader_threads: int = _f(0, "GDAL reader threads per rank, each reading whole batches with "
+                                "its own file handles (0: 1 on CPU, where the networks share the "
+                                "cores with them; 4 on a GPU, which one thread decoding DEFLATE "
+                                "cannot feed).", min=0)
     write_round_batches: int = _f(4, "Batches of masks per write round (collective/gather "
                                      "writers synchronise once per round).", min=1)
     writer: Literal["auto", "collective", "independent", "gather"] = _f(

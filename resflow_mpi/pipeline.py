@@ -16,6 +16,7 @@ import re
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Protocol, Sequence
@@ -33,7 +34,8 @@ from .io.naming import BUCKETS, COG, MASK, PROBABILITY, mark_output_dir, output_
 from .io.manifest import scenes_for
 from .io.outlock import OutputLock
 from .io.outlock import partial_path as job_partial_path
-from .io.raster import SceneInfo, at_gsd, gsd_mismatch, open_scene, prepare_scene, tile_coverage
+from .io.raster import (SceneInfo, at_gsd, gsd_mismatch, has_valid_pixel, known_empty_tiles,
+                        open_scene, prepare_scene, tile_coverage)
 from .preflight import estimate_summary, gpu_total_bytes, planned_tiles_per_rank, preflight
 from .processor import (PipelineStats, TaskSource, TileProcessor, TileTask, counter_source,
                         list_source, normalize_scene)
@@ -55,7 +57,8 @@ class ScenePlan:
     """Scenes that passed the checks, and those skipped (policy on_bad_scene=skip)."""
 
     scenes: list[SceneInfo]
-    coverage: list[Optional[np.ndarray]] = field(default_factory=list)  # valid fraction per tile
+    # Per tile: valid fraction (tiling.prescan_nodata), else 0 where known all nodata, NaN unknown.
+    coverage: list[Optional[np.ndarray]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     aoi: list[Optional[SceneAOI]] = field(default_factory=list)  # scenes.aoi on each scene
     aoi_source: Optional[AreaOfInterest] = None
@@ -94,9 +97,9 @@ def check_output_dir(out_dir: str) -> Path:
 def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePlan:
     """Resolve, open and check every scene; fail or skip bad ones per scenes.on_bad_scene.
 
-    Header checks and the nodata prescan (which decodes each scene once, at low cost per pixel)
-    are spread over the ranks of ``comm`` (scene i on rank i % size); rank 0 assembles the plan
-    and every rank gets it."""
+    Header checks and the block-index look-up of all-nodata tiles (or the full nodata prescan
+    under tiling.prescan_nodata) are spread over the ranks of ``comm`` (scene i on rank
+    i % size); rank 0 assembles the plan and every rank gets it."""
     comm = comm or Communicator(None)
 
     def scene_paths() -> list[str]:
@@ -120,11 +123,17 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
                 if on_scene is None:
                     return "outside", path, "", None
             info = prepare_scene(path, cfg)
-            cov = (tile_coverage(info, cfg.tiling.tile_px, cfg.scenes.bands)
-                   if cfg.tiling.prescan_nodata else None)
-            if cov is not None and float(cov.max()) == 0.0:
+            bands, tile_px = cfg.scenes.bands, cfg.tiling.tile_px
+            if cfg.tiling.prescan_nodata:
+                cov = tile_coverage(info, tile_px, bands)
+                has_data = float(cov.max()) > 0.0
+            else:  # tiles not known empty from the block index are decided when read
+                empty = known_empty_tiles(info, tile_px, bands)
+                cov = np.where(empty, 0.0, np.nan).astype(np.float32)
+                has_data = not bool((cov == 0.0).all()) and has_valid_pixel(info, bands)
+            if not has_data:
                 raise InputError(f"{path}: scene is entirely nodata "
-                                 f"({info.validity_text(cfg.scenes.bands)})")
+                                 f"({info.validity_text(bands)})")
             return "ok", info, cov, on_scene
         except InputError as exc:
             if cfg.scenes.on_bad_scene == "fail":
@@ -158,8 +167,8 @@ def plan_scenes(cfg: RunConfig, comm: Optional[Communicator] = None) -> ScenePla
 def scene_tasks(index: int, info: SceneInfo, tile_px: int, halo_px: int,
                 coverage: Optional[np.ndarray] = None, done: Optional[np.ndarray] = None,
                 aoi: Optional[SceneAOI] = None) -> list[TileTask]:
-    """The unfinished tiles of one scene, flagged empty where the scene is all nodata or the
-    tile lies outside the area of interest ``aoi``; a tile on the AOI's edge carries the AOI
+    """The unfinished tiles of one scene, flagged empty where ``coverage`` is 0 (all nodata; the
+    others are found empty, or not, when read) or the tile lies outside the area of interest ``aoi``; a tile on the AOI's edge carries the AOI
     clipped to its owned window (its pixels outside are nodata)."""
     cov = coverage.ravel() if coverage is not None else None
     tasks = []
@@ -192,7 +201,7 @@ class Job:
     gallery: ModelGallery
     out_dir: Path
     quiet: bool = False
-    plan_s: float = 0.0  # scene checks + nodata prescan, over all ranks
+    plan_s: float = 0.0  # scene checks + nodata look-up, over all ranks
     memory_estimate: Optional[dict[str, Any]] = None
 
     @property
@@ -441,44 +450,45 @@ def drive(job: Job, comm: Communicator, source: TaskSource, total: int, sink: Re
     done_counter = comm.counter()
     progress = (ProgressPrinter(total, km2_per_tile(job.scenes, cfg.tiling.tile_px))
                 if comm.is_root and not job.quiet else None)
-    results = proc.process(source)
-    # Tiles per write round: collective rounds are lock-step points, so a round spans several
-    # batches (masks are small: memory stays bounded by tile and batch size).
-    round_tiles = cfg.inference.batch_size * cfg.parallel.write_round_batches
-    write_s, exhausted = 0.0, False
-    while True:
-        buf: list[TileResult] = []
-        while not exhausted and len(buf) < round_tiles:
-            r = next(results, None)
-            if r is None:
-                exhausted = True
+    # Closed on any exit, so an error here also stops the reader and compute threads.
+    with closing(proc.process(source)) as results:
+        # Tiles per write round: collective rounds are lock-step points, so a round spans several
+        # batches (masks are small: memory stays bounded by tile and batch size).
+        round_tiles = cfg.inference.batch_size * cfg.parallel.write_round_batches
+        write_s, exhausted = 0.0, False
+        while True:
+            buf: list[TileResult] = []
+            while not exhausted and len(buf) < round_tiles:
+                r = next(results, None)
+                if r is None:
+                    exhausted = True
+                else:
+                    buf.append(r)
+            t0 = time.perf_counter()
+            if writer == "independent":
+                if buf:
+                    sink.write_results(buf, collective=False)
+                more = not exhausted
             else:
-                buf.append(r)
-        t0 = time.perf_counter()
-        if writer == "independent":
+                n = comm.allreduce_max(len(buf))
+                if n == 0:
+                    break
+                if writer == "collective":
+                    sink.write_results(buf, collective=True, n_calls=n)
+                else:  # gather: the paper's single merge writer
+                    gathered = comm.gather(buf)
+                    if gathered is not None:
+                        sink.write_results([x for part in gathered for x in part], collective=False)
+                more = True
+            write_s += time.perf_counter() - t0
             if buf:
-                sink.write_results(buf, collective=False)
-            more = not exhausted
-        else:
-            n = comm.allreduce_max(len(buf))
-            if n == 0:
+                done_counter.add(len(buf))
+                if on_round is not None:
+                    on_round(len(buf))
+            if progress is not None:
+                progress.maybe_print(done_counter.read())
+            if not more:
                 break
-            if writer == "collective":
-                sink.write_results(buf, collective=True, n_calls=n)
-            else:  # gather: the paper's single merge writer
-                gathered = comm.gather(buf)
-                if gathered is not None:
-                    sink.write_results([x for part in gathered for x in part], collective=False)
-            more = True
-        write_s += time.perf_counter() - t0
-        if buf:
-            done_counter.add(len(buf))
-            if on_round is not None:
-                on_round(len(buf))
-        if progress is not None:
-            progress.maybe_print(done_counter.read())
-        if not more:
-            break
     comm.barrier()
     if progress is not None:
         progress.maybe_print(done_counter.read(), force=True)

@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal, osr
@@ -514,20 +514,60 @@ def valid_pixels(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int], w: Win
     return valid
 
 
+SAMPLE_WINDOWS_PER_SIDE = 8  # a large scene without overviews is sampled in 8 x 8 windows
+
+
 def _sample(info: SceneInfo, bands: Sequence[int], sample_px: int
             ) -> tuple[np.ndarray, np.ndarray]:
-    """A decimated read (at most sample_px^2 pixels per band): values (C, N) and validity (N)."""
+    """At most sample_px^2 pixels per band: values (C, N) and validity (N) (see _sample_parts)."""
+    parts = list(_sample_parts(info, bands, sample_px))
+    arr = np.concatenate([a for a, _ in parts], axis=1)
+    return arr.astype(np.float64), np.concatenate([v for _, v in parts])
+
+
+def _sample_parts(info: SceneInfo, bands: Sequence[int], sample_px: int
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A sample of at most sample_px^2 pixels per band, part by part: values (C, n), validity (n).
+
+    A scene that fits in sample_px, or one with overviews, is one decimated read (GDAL reads the
+    overview); a larger scene without overviews is read in SAMPLE_WINDOWS_PER_SIDE^2 full-resolution
+    windows spread evenly over it, each inside one block where the file is tiled, because a
+    decimated read of it would decode every block of the scene."""
     scale = max(1.0, max(info.width, info.height) / sample_px)
-    shape = (max(1, int(info.height / scale)), max(1, int(info.width / scale)))
     ds = open_grid(info)
-    full = Window(0, 0, info.width, info.height)
+    c = len(bands)
     try:
-        arr = _read_window(ds, bands, full, shape)
-        valid = valid_pixels(ds, info, bands, full, arr, shape)
+        if scale == 1.0 or ds.GetRasterBand(bands[0]).GetOverviewCount() > 0:
+            shape = (max(1, int(info.height / scale)), max(1, int(info.width / scale)))
+            full = Window(0, 0, info.width, info.height)
+            arr = _read_window(ds, bands, full, shape)
+            yield arr.reshape(c, -1), valid_pixels(ds, info, bands, full, arr, shape).ravel()
+            return
+        for w in _sample_windows(ds, info, bands, sample_px):
+            arr = _read_window(ds, bands, w)
+            yield arr.reshape(c, -1), valid_pixels(ds, info, bands, w, arr).ravel()
     except RuntimeError as exc:
         raise InputError(f"{info.path}: cannot sample the scene "
                          f"({str(exc).strip().splitlines()[0]})") from None
-    return arr.reshape(len(bands), -1).astype(np.float64), valid.ravel()
+
+
+def _sample_windows(ds: gdal.Dataset, info: SceneInfo, bands: Sequence[int],
+                    sample_px: int) -> list[Window]:
+    """Evenly spread windows of (sample_px / SAMPLE_WINDOWS_PER_SIDE)^2 pixels, each starting on
+    a block boundary (so a window inside one tile of a tiled file decodes that tile only)."""
+    n = SAMPLE_WINDOWS_PER_SIDE
+    bx, by = ds.GetRasterBand(bands[0]).GetBlockSize()
+
+    def starts(extent: int, block: int, side: int) -> list[int]:
+        out = []
+        for i in range(n):
+            at = (round(i * (extent - side) / max(1, n - 1)) // block) * block
+            out.append(min(at, extent - side))
+        return sorted(set(out))
+    side = max(1, sample_px // n)
+    sw, sh = min(side, info.width), min(side, info.height)
+    return [Window(c, r, sw, sh) for r in starts(info.height, by, sh)
+            for c in starts(info.width, bx, sw)]
 
 
 def scene_statistics(info: SceneInfo, bands: Sequence[int], sample_px: int = 1024
@@ -707,6 +747,55 @@ def tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.nda
         first = (str(exc).strip().splitlines() or ["read failed"])[0]
         raise InputError(f"{info.path}: cannot read the nodata footprint ({first}); the file is "
                          "damaged") from None
+
+
+def known_empty_tiles(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.ndarray:
+    """(rows, cols) bool: True where the tile's owned window is known to be all nodata without
+    reading a pixel (GDAL's data coverage API: the window has no block in the file, e.g. a sparse
+    GeoTIFF, in every band that declares nodata, and such bands read missing blocks as their
+    nodata value). False means not known: the tile is decided when it is read."""
+    rows, cols = grid_shape(info.width, info.height, tile_px)
+    empty = np.zeros((rows, cols), bool)
+    declaring = [b for b in bands if info.nodata_of(b) is not None]
+    if not declaring or info.native_grid is not None:  # scenes.gsd_m: blocks are on another grid
+        return empty
+    try:
+        ds = _open(info.path)
+        checked = []
+        for b in declaring:
+            band = ds.GetRasterBand(b)
+            fill = band.GetNoDataValue()
+            if not _same_value(0.0 if fill is None else fill, info.nodata_of(b)):
+                return empty
+            if band.GetDataCoverageStatus(0, 0, info.width, info.height, 0)[0] != \
+                    gdal.GDAL_DATA_COVERAGE_STATUS_DATA | gdal.GDAL_DATA_COVERAGE_STATUS_EMPTY:
+                return empty  # every block present, none present, or not implemented
+            checked.append(band)
+        for r in range(rows):
+            for c in range(cols):
+                x0, y0 = c * tile_px, r * tile_px
+                w, h = min(tile_px, info.width - x0), min(tile_px, info.height - y0)
+                empty[r, c] = all(band.GetDataCoverageStatus(x0, y0, w, h, 0)[0]
+                                  == gdal.GDAL_DATA_COVERAGE_STATUS_EMPTY for band in checked)
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or ["read failed"])[0]
+        raise InputError(f"{info.path}: cannot read the block index ({first}); the file is "
+                         "damaged") from None
+    return empty
+
+
+def _same_value(a: float, b: Optional[float]) -> bool:
+    return b is not None and (a == b or (math.isnan(a) and math.isnan(b)))
+
+
+def has_valid_pixel(info: SceneInfo, bands: Sequence[int], sample_px: int = 512) -> bool:
+    """True when some pixel of the scene is data (see ``valid_pixels``): the sample's windows
+    until one holds data, then, only when none did, an exact read of the whole scene."""
+    if not info.has_validity_source(bands):
+        return True
+    if any(valid.any() for _, valid in _sample_parts(info, bands, sample_px)):
+        return True
+    return float(tile_coverage(info, 1024, bands).max()) > 0.0  # streamed in bounded strips
 
 
 COVERAGE_CHUNK_PX = 1 << 22  # pixels per prescan read (x bands x dtype bytes of memory)
