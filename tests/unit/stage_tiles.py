@@ -2,21 +2,24 @@
 test_gpu_agreement).
 
 An untrained hash head gives nearly the same code to every tile (its bias outweighs what the
-random features tell tiles apart by), which would make any comparison of codes pass. As training
-does, ``balanced_models`` rescales its last layer so that every bit splits the given tiles in
-half, and takes the bucket centroids from the codes of tiles of different regimes: many bits then
-sit near zero, the hardest case for reduced precision.
+random features tell tiles apart by), which would make any comparison of codes pass; as training
+does, ``balanced_models`` makes every bit split the given tiles in half (many bits then sit near
+zero, the hardest case for reduced precision).
 """
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import torch
+import sys
+from pathlib import Path
 
-from resflow_mpi.models.hashing import codes_to_bits, pack_bits
+import numpy as np
+
 from resflow_mpi.scenegen import REGIME_ORDER, SceneSpec, render_window
 from resflow_mpi.stages import StageModels, TileStages, normalize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+from make_fixtures import balance_hash_head  # noqa: E402
 
 
 def scene_tiles(side_px: int, regimes: int, tile_px: int) -> np.ndarray:
@@ -34,21 +37,11 @@ def scene_tiles(side_px: int, regimes: int, tile_px: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(out))
 
 
-@torch.inference_mode()
 def balanced_models(models: StageModels, tiles: np.ndarray) -> StageModels:
     """``models`` (on the CPU) with a hash head whose bits split ``tiles`` evenly and centroids
     taken from tiles spread over the set."""
-    head = models.hash_head.eval()
-    last = head.body[-1]
-    features = models.extractor.eval()(torch.from_numpy(tiles))[0]
-    z = head.body(features)
-    centre, scale = z.median(dim=0).values, z.std(dim=0).clamp_min(1e-12)
-    last.weight.div_(scale[:, None])
-    last.bias.sub_(centre).div_(scale)
-    codes = pack_bits(codes_to_bits(head(features))).numpy()
-    n_buckets = len(models.centroids)
-    picks = np.linspace(0, len(tiles) - 1, n_buckets).astype(int)
-    return dataclasses.replace(models, centroids=np.ascontiguousarray(codes[picks]))
+    centroids = balance_hash_head(models.extractor, models.hash_head, tiles, len(models.centroids))
+    return dataclasses.replace(models, centroids=centroids)
 
 
 def codes_of(stages: TileStages, tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
