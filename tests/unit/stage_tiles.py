@@ -9,7 +9,6 @@ zero, the hardest case for reduced precision).
 from __future__ import annotations
 
 import dataclasses
-
 import sys
 from pathlib import Path
 
