@@ -248,6 +248,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--e2e-report", type=Path, default=None,
                    help="run_report.json of an end-to-end run with the same settings")
     p.add_argument("--no-e2e", action="store_true", help="measure the ceiling only")
+    p.add_argument("--no-plot", action="store_true", help="no ceiling.png (no matplotlib needed)")
     p.add_argument("--size", type=int, default=2048, help="scene side of the end-to-end run")
     p.add_argument("--scenes", type=int, default=2, help="scenes of the end-to-end run")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
@@ -288,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["end_to_end_source"] = run.command
     result.update(summarise(ceiling, args, e2e))
     bk.write_json(args.out / "ceiling.json", result)
-    plot(result, args.out / "ceiling.png")
+    if not args.no_plot:
+        plot(result, args.out / "ceiling.png")
     c = result["ceiling"]
     line = (f"[ceiling] {c['tiles_per_s']:.1f} tiles/s ({c['mpixel_per_s']:.2f} Mpx/s, "
             f"{c['gflop_per_s']:.1f} GFLOP/s, {result['flops']['gflop_per_tile']:.3f} GFLOP/tile)")
