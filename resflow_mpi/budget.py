@@ -28,7 +28,8 @@ Pure computation (numpy/torch only; no MPI, GDAL or HDF5). What a rank holds at 
 * **GDAL block cache**: ``RESFLOW_GDAL_CACHE_MB`` (default 64), or the scene bytes when smaller.
 
 On a GPU the activations, the segmentation queues and the weights live on the device instead;
-its estimate adds the CUDA context and uses half-size activations under mixed precision.
+its estimate adds the CUDA context and uses half-size segmentation activations under fp16/bf16
+autocast (embedding stays float32).
 """
 from __future__ import annotations
 
@@ -218,9 +219,10 @@ def estimate_memory(cfg: Any, models: ModelSizes, *, device: str = "cpu", scene_
     gpu: Optional[int] = None
     queued = cap(models.n_buckets * max(0, seg_bs - 1)) * tile_in
     if on_gpu:
-        half = 0.5 if inf.mixed_precision else 1.0
+        from .stages import segment_precision
+        half = 1.0 if segment_precision(inf.autocast, "cuda") == "none" else 0.5
         gpu = int(CUDA_CONTEXT_BYTES + weights + 2 * batch + queued
-                  + GPU_ACTIVATION_OVERHEAD * half * (seg_act + embed_act) + seg_bs * tile_in)
+                  + GPU_ACTIVATION_OVERHEAD * (half * seg_act + embed_act) + seg_bs * tile_in)
         parts["weights"] = weights                          # host copy while loading
         parts["pinned_uploads"] = 2 * read_batch
     else:

@@ -157,7 +157,10 @@ class InferenceConfig:
                                                         "exist, else CPU.")
     threads_per_rank: int = _f(0, "torch threads per rank on CPU (0: cores / ranks per node).",
                                min=0)
-    mixed_precision: bool = _f(True, "bfloat16/float16 autocast on GPU (ignored on CPU).")
+    autocast: Literal["auto", "none", "fp16", "bf16"] = _f(
+        "auto", "Precision of segmentation: none (float32), fp16 or bf16 autocast on the rank's "
+                "device; auto: fp16 on GPU, none on CPU. Embedding and hashing always run in "
+                "float32 (a flipped hash bit changes the bucket).")
     channels_last: bool = _f(True, "channels-last memory format for convolutions.")
     compile: bool = _f(False, "torch.compile the segmentation models on GPU (slower start, "
                               "faster steady state; ignored on CPU).")
@@ -503,6 +506,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise bad()
 
 
+# Keys of earlier versions and what replaced them (a config that still has one is told so).
+RENAMED_KEYS = {"inference.mixed_precision": "'inference.autocast' (auto, none, fp16 or bf16; "
+                                             "true was auto, false none)"}
+
+
 def _section(cls: type, raw: Any, source: str, name: str) -> Any:
     if raw is None:
         raw = {}
@@ -511,6 +519,9 @@ def _section(cls: type, raw: Any, source: str, name: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{name}.{key}" in RENAMED_KEYS:
+            raise ConfigError(f"{source}: key '{name}.{key}' is now "
+                              f"{RENAMED_KEYS[f'{name}.{key}']}; rename it")
         if key not in known:
             raise ConfigError(f"{source}: unknown key '{name}.{_short(key).strip(chr(39))}' (valid keys: "
                               f"{', '.join(sorted(known))})")

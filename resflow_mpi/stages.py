@@ -7,6 +7,7 @@ is always the same. Tiles are queued per bucket and segmented when a bucket's qu
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -72,10 +73,14 @@ class StageTimes:
 
 
 class TileStages:
-    """Runs the three stages on fixed-shape batches on one device."""
+    """Runs the three stages on fixed-shape batches on one device.
+
+    Embedding and hashing always run in float32 (no autocast, no TF32): a hash bit that flips
+    under reduced precision moves a tile to another bucket. Only segmentation runs under the
+    ``autocast`` precision (see ``segment_precision``)."""
 
     def __init__(self, models: StageModels, device: torch.device, batch_size: int,
-                 threshold: float = 0.5, channels_last: bool = True, mixed_precision: bool = True,
+                 threshold: float = 0.5, channels_last: bool = True, autocast: str = "auto",
                  compile_models: bool = False, segment_batch_size: int = 0):
         self.models = models
         # Segmentation batch: on CPUs one tile per call is faster per tile (activations stay in
@@ -90,7 +95,7 @@ class TileStages:
         self.batch_size = batch_size
         self.threshold = threshold
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.autocast = mixed_precision and device.type == "cuda"
+        self.precision = segment_precision(autocast, device.type)
         self.times = StageTimes()
         self.centroids = torch.from_numpy(models.centroids)
         for m in (models.extractor, models.hash_head):
@@ -102,7 +107,7 @@ class TileStages:
     def from_config(cls, models: StageModels, device: torch.device, inference: Any) -> "TileStages":
         """Stages as the ``inference`` section of a run config (InferenceConfig) asks for."""
         i = inference
-        return cls(models, device, i.batch_size, i.threshold, i.channels_last, i.mixed_precision,
+        return cls(models, device, i.batch_size, i.threshold, i.channels_last, i.autocast,
                    i.compile, i.segment_batch_size)
 
     def _prepare(self, x: np.ndarray | torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
@@ -128,8 +133,12 @@ class TileStages:
         t = torch.from_numpy(np.ascontiguousarray(x)).pin_memory()
         return t.to(self.device, non_blocking=True)
 
-    def _autocast(self) -> Any:
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.autocast)
+    def _segment_autocast(self) -> Any:
+        """Autocast for segmentation at ``self.precision`` (disabled for fp32)."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def embed_and_hash(self, x: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Stages 1-2: embeddings (n, D), packed codes (n, K) uint8 and bucket indices (n,)."""
@@ -144,12 +153,11 @@ class TileStages:
         float32 (NaN where the gallery has no embedding reference)."""
         n = x.shape[0]
         t0 = time.perf_counter()
-        with self._autocast():
+        with exact_float32(self.device):
             fmap, emb = self.models.extractor(self._prepare(x))
-        t1 = time.perf_counter()
-        with self._autocast():
-            relaxed = self.models.hash_head(fmap.float())
-        packed = pack_bits(codes_to_bits(relaxed.float()).cpu())[:n]
+            t1 = time.perf_counter()
+            relaxed = self.models.hash_head(fmap)
+        packed = pack_bits(codes_to_bits(relaxed).cpu())[:n]
         buckets = assign_buckets(packed, self.centroids)
         if self.models.ood_thresholds is not None:
             buckets = route_out_of_distribution(packed, self.centroids, buckets,
@@ -180,11 +188,40 @@ class TileStages:
         n = x.shape[0]
         t0 = time.perf_counter()
         model = self._segmenter(bucket)
-        with self._autocast():
+        with self._segment_autocast():
             logits = model(self._prepare(x, self.segment_batch_size))
         prob = torch.sigmoid(logits.float())[:n, 0].cpu().numpy()
         self.times.segment += time.perf_counter() - t0
         return prob
+
+
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def segment_precision(autocast: str, device_type: str) -> str:
+    """The precision segmentation runs at: ``inference.autocast`` (auto, none, fp16, bf16) on a
+    device type; auto means fp16 on a GPU and none (float32) elsewhere."""
+    if autocast == "auto":
+        return "fp16" if device_type == "cuda" else "none"
+    if autocast not in ("none", *AUTOCAST_DTYPES):
+        raise ValueError(f"autocast must be auto, none, fp16 or bf16, got {autocast!r}")
+    return autocast
+
+
+@contextlib.contextmanager
+def exact_float32(device: torch.device) -> Iterator[None]:
+    """float32 arithmetic on ``device``: autocast off and, on a GPU, TF32 off for convolutions
+    and matrix products (TF32 keeps 10 mantissa bits, enough to flip a hash bit)."""
+    with torch.autocast(device.type, enabled=False):
+        if device.type != "cuda":
+            yield
+            return
+        saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def route_out_of_distribution(packed: torch.Tensor, centroids: torch.Tensor, buckets: torch.Tensor,

@@ -589,7 +589,7 @@ def open_label_source(spec: LabelSpec, scene: SceneInfo, cfg: LabelsConfig) -> L
     if ds is None:
         try:
             ds = gdal.OpenEx(path, gdal.OF_RASTER | gdal.OF_VECTOR | gdal.OF_READONLY)
-        except RuntimeError as exc:
+        except (RuntimeError, UnicodeDecodeError) as exc:  # newer bindings decode GDAL's message
             raise InputError(f"{path}: not a readable raster or vector label "
                              f"({_first_line(exc)})") from None
         if ds is None:

@@ -355,14 +355,25 @@ class MaskStore:
         return self._records["done"][lo:hi].astype(bool)
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise OutputError(write_failure(Path(self.path), exc,
+                                            f"flushing masks failed on rank {self.rank}")) from None
 
     def close(self) -> None:
+        """Close the file (collective under mpio). HDF5 writes its cached chunks and metadata
+        here, so a full disk can first show at close: an OutputError naming it."""
         if getattr(self, "file", None) is not None:
             self._open.clear()
             self._records.clear()
-            self.file.close()
-            self.file = None  # type: ignore[assignment]
+            f, self.file = self.file, None  # type: ignore[assignment]
+            try:
+                f.close()
+            except OSError as exc:
+                raise OutputError(write_failure(Path(self.path), exc,
+                                                f"closing the mask store failed on rank "
+                                                f"{self.rank}")) from None
 
 
 IDENTITY_HEAD_BYTES = 1 << 16  # the header (and first blocks) checksummed per scene

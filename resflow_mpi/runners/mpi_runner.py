@@ -45,7 +45,7 @@ class MPIRunner:
         writer = cfg.parallel.writer
         if writer == "auto":
             writer = "collective" if self.policy == "static" else "independent"
-        if self.comm.size > 1 and not parallel_hdf5():
+        if not parallel_hdf5():
             self.note = (f"h5py has no MPI support (or RESFLOW_SERIAL_HDF5=1): writer {writer} "
                          "replaced by a serialized gather to rank 0")
             writer = "gather"
@@ -53,6 +53,8 @@ class MPIRunner:
 
     def open_store(self, job: Job, restart: bool) -> Optional[MaskStore]:
         self.writer = self._choose_writer(job.cfg)
+        if self.note and self.comm.is_root:
+            job.say(f"[run] {self.note}")
         t = job.cfg.tiling
         serial = self.writer == "gather" and not parallel_hdf5()
         if serial and not self.comm.is_root:

@@ -356,3 +356,17 @@ def test_netns_agent_runs_only_in_a_namespace_that_owns_the_address() -> None:
 def test_install_script_rejects_unknown_options() -> None:
     result = run_script([str(LAUNCH / "install.sh"), "--with-slurmm"])
     assert result.returncode == 2 and "--with-slurm" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "say where torch comes from: --torch-index URL"),
+    (["--torch-index", "cpu", "--mpi", "lam"], "--mpi must be openmpi, mpich or site, got 'lam'"),
+    (["--torch-index", "cpu", "--wheels"], "--wheels needs a value"),
+    (["--torch-indx", "cpu"], "unknown option '--torch-indx'"),
+])
+def test_pip_install_script_refuses_before_installing(tmp_path: Path, args: list[str],
+                                                      message: str) -> None:
+    venv = tmp_path / "venv"
+    result = run_script([str(LAUNCH / "install-pip.sh"), *args], {"RESFLOW_VENV": str(venv)})
+    assert result.returncode == 2 and message in result.stderr
+    assert not venv.exists()
