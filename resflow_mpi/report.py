@@ -20,7 +20,9 @@ from .errors import InputError, OutputError
 from .io.export import MONO_COLOUR, PROBABILITY_NODATA, bucket_map_rgb, dequantize_probability
 from .io import vsi
 from .io.naming import BUCKETS, COG, MASK, PROBABILITY, output_file_name
+from .io.aoi import AreaOfInterest, load_aoi, outline_pixels
 from .io.raster import RasterPreview
+from .tiling import scaled_geotransform
 
 REPORT_NAME = "report.html"
 RUN_REPORT_NAME = "run_report.json"
@@ -30,6 +32,7 @@ STRETCH_PERCENTILES = (2.0, 98.0)
 BUILDING_RGB = np.array([1.0, 0.0, 0.0])
 BUILDING_ALPHA = 0.45
 NODATA_GREY = 0.75
+AOI_RGB = np.array([0.0, 1.0, 1.0])  # the area of interest's outline on the image quicklook
 PROBABILITY_COLOURMAP = "magma"  # perceptually uniform: dark = no building, light = building
 LEGEND_WIDTH_PX = 190
 LEGEND_ROW_PX = 20
@@ -120,8 +123,10 @@ def _stretch(band: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 def scene_overlay(scene_tif: Path, mask_tif: Path, bands: Sequence[int] = (1, 2, 3),
-                  max_px: int = THUMBNAIL_MAX_PX) -> np.ndarray:
-    """Contrast-stretched RGB thumbnail with buildings in translucent red and nodata grey, uint8."""
+                  max_px: int = THUMBNAIL_MAX_PX, aoi: Optional[AreaOfInterest] = None
+                  ) -> np.ndarray:
+    """Contrast-stretched RGB thumbnail with buildings in translucent red and nodata grey, uint8;
+    the area of interest's outline in cyan when ``aoi`` is given."""
     scene = RasterPreview(scene_tif)
     mask = RasterPreview(mask_tif)
     size = thumbnail_size(scene.width, scene.height, max_px)
@@ -141,6 +146,9 @@ def scene_overlay(scene_tif: Path, mask_tif: Path, bands: Sequence[int] = (1, 2,
     building = labels == 1
     rgb[building] = (1 - BUILDING_ALPHA) * rgb[building] + BUILDING_ALPHA * BUILDING_RGB
     rgb[~valid] = NODATA_GREY
+    if aoi is not None and mask.crs_wkt:
+        gt = scaled_geotransform(mask.geotransform, mask.width / size[0], mask.height / size[1])
+        rgb[outline_pixels(aoi, mask.crs_wkt, gt, size[0], size[1])] = AOI_RGB
     return np.round(rgb * 255).astype(np.uint8)
 
 
@@ -302,12 +310,15 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
         raise OutputError(f"{folder}: cannot create quicklook directory ({exc.strerror})") from None
     looks = Quicklooks()
     bands = _scene_bands(report)
+    aoi, aoi_note = _report_aoi(report)
     legend = bucket_legend(report)
     for scene in report.get("scenes", []):
         if not scene.get("complete"):
             continue
         sl = SceneLooks(int(scene["index"]))
         looks.scenes[sl.index] = sl
+        if aoi_note:
+            sl.notes.append(aoi_note)
         mask, mask_cog, buckets = _scene_outputs(out_dir, scene)
         stem = (next((mask.name[:-len(s)] for s in (output_file_name("", MASK), "_mask.tif")
                       if mask.name.endswith(s)), mask.stem)
@@ -320,7 +331,7 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
             try:
                 # The COG has overviews, so its thumbnail read touches a fraction of the file.
                 sl.overlay_png = _save_png(scene_overlay(Path(scene["path"]), mask_cog or mask,
-                                                         bands),
+                                                         bands, aoi=aoi),
                                            folder / f"{stem}_overlay.png")
             except RuntimeError as exc:
                 sl.notes.append(f"image quicklook failed: {str(exc).strip().splitlines()[0]}")
@@ -333,6 +344,18 @@ def make_quicklooks(out_dir: str | Path) -> Quicklooks:
     looks.rank_load_png = rank_load_png(report, folder / "rank_load.png")
     looks.stage_times_png = stage_times_png(report, folder / "stage_times.png")
     return looks
+
+
+def _report_aoi(report: dict[str, Any]) -> tuple[Optional[AreaOfInterest], str]:
+    """The run's area of interest (drawn on the image quicklooks) and a note when its file can
+    no longer be read ((None, '') without one)."""
+    path = (report.get("aoi") or {}).get("path")
+    if not path:
+        return None, ""
+    try:
+        return load_aoi(str(path)), ""
+    except InputError as exc:
+        return None, f"area of interest not drawn: {exc}"
 
 
 def write_quicklooks(out_dir: str | Path) -> list[Path]:

@@ -188,21 +188,37 @@ def scene_aoi(aoi: AreaOfInterest, crs_wkt: str, geotransform: Sequence[float], 
     return SceneAOI(bytes(part.ExportToWkb()), inside, edges, area_km2)
 
 
+def _rasterize(geom: ogr.Geometry, crs_wkt: str, geotransform: Sequence[float], width: int,
+               height: int, all_touched: bool = False) -> np.ndarray:
+    """(height, width) bool: the pixels of a grid that ``geom`` (in ``crs_wkt``) burns."""
+    ensure_configured()
+    ds = gdal.GetDriverByName("MEM").Create("", width, height, 1, gdal.GDT_Byte)
+    ds.SetGeoTransform(tuple(geotransform))
+    ds.SetProjection(crs_wkt)
+    mem = ogr.GetDriverByName("Memory").CreateDataSource("")
+    layer = mem.CreateLayer("aoi", srs=osr.SpatialReference(wkt=crs_wkt),
+                            geom_type=geom.GetGeometryType())
+    feature = ogr.Feature(layer.GetLayerDefn())
+    feature.SetGeometry(geom)
+    layer.CreateFeature(feature)
+    gdal.RasterizeLayer(ds, [1], layer, burn_values=[1],
+                        options=["ALL_TOUCHED=TRUE"] if all_touched else [])
+    return ds.GetRasterBand(1).ReadAsArray() > 0
+
+
+def outline_pixels(aoi: AreaOfInterest, crs_wkt: str, geotransform: Sequence[float],
+                   width: int, height: int) -> np.ndarray:
+    """(height, width) bool: the AOI's boundary drawn on a raster grid (e.g. a scene's
+    quicklook), every pixel the boundary touches."""
+    return _rasterize(in_crs(aoi, crs_wkt).Boundary(), crs_wkt, geotransform, width, height,
+                      all_touched=True)
+
+
 def inside_mask(wkb: bytes, crs_wkt: str, geotransform: Sequence[float], w: Window
                 ) -> np.ndarray:
     """(h, w) bool: True where a pixel centre of window ``w`` lies inside the geometry ``wkb``
     (in the scene's CRS ``crs_wkt``); one window is rasterised, never the scene."""
-    ensure_configured()
     gt = geotransform
-    ds = gdal.GetDriverByName("MEM").Create("", w.width, w.height, 1, gdal.GDT_Byte)
-    ds.SetGeoTransform((gt[0] + w.col * gt[1] + w.row * gt[2], gt[1], gt[2],
-                        gt[3] + w.col * gt[4] + w.row * gt[5], gt[4], gt[5]))
-    ds.SetProjection(crs_wkt)
-    mem = ogr.GetDriverByName("Memory").CreateDataSource("")
-    layer = mem.CreateLayer("aoi", srs=osr.SpatialReference(wkt=crs_wkt),
-                            geom_type=ogr.wkbMultiPolygon)
-    feature = ogr.Feature(layer.GetLayerDefn())
-    feature.SetGeometry(ogr.CreateGeometryFromWkb(wkb))
-    layer.CreateFeature(feature)
-    gdal.RasterizeLayer(ds, [1], layer, burn_values=[1])
-    return ds.GetRasterBand(1).ReadAsArray() > 0
+    window_gt = (gt[0] + w.col * gt[1] + w.row * gt[2], gt[1], gt[2],
+                 gt[3] + w.col * gt[4] + w.row * gt[5], gt[4], gt[5])
+    return _rasterize(ogr.CreateGeometryFromWkb(wkb), crs_wkt, window_gt, w.width, w.height)

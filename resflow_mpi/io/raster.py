@@ -836,6 +836,8 @@ class RasterPreview:
                              f"({str(exc).strip().splitlines()[0]})") from None
         self.width, self.height = self._ds.RasterXSize, self._ds.RasterYSize
         self.count = self._ds.RasterCount
+        self.geotransform = tuple(self._ds.GetGeoTransform())
+        self.crs_wkt = self._ds.GetProjection() or ""
 
     def nodata(self, band: int) -> Optional[float]:
         """The nodata value a band declares (None when it declares none)."""

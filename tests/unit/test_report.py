@@ -63,10 +63,35 @@ def _geotiff(path: Path, data: np.ndarray, nodata: float | None) -> Path:
     return path
 
 
-def make_output_dir(root: Path, probability: bool = False) -> tuple[Path, dict[str, Any]]:
+AOI_WINDOW = (600, 100, 300, 300)  # col, row, width, height of the test AOI on the scene grid
+
+
+def write_lonlat_aoi(path: Path) -> Path:
+    """A GeoJSON polygon in EPSG:4326 covering AOI_WINDOW of the scene (made in its UTM CRS)."""
+    from osgeo import ogr, osr
+    from resflow_mpi.io.aoi import window_polygon
+    from resflow_mpi.tiling import Window
+    utm, wgs = osr.SpatialReference(), osr.SpatialReference()
+    utm.ImportFromEPSG(32637)
+    wgs.ImportFromEPSG(4326)
+    for srs in (utm, wgs):
+        srs.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    poly = window_polygon(GT, Window(*AOI_WINDOW))
+    poly.Transform(osr.CoordinateTransformation(utm, wgs))
+    ds = ogr.GetDriverByName("GeoJSON").CreateDataSource(str(path))
+    layer = ds.CreateLayer("aoi", srs=wgs, geom_type=ogr.wkbPolygon)
+    feature = ogr.Feature(layer.GetLayerDefn())
+    feature.SetGeometry(poly)
+    layer.CreateFeature(feature)
+    ds = None
+    return path
+
+
+def make_output_dir(root: Path, probability: bool = False, aoi: bool = False
+                    ) -> tuple[Path, dict[str, Any]]:
     """One complete scene (scene, mask, bucket map; with ``probability`` a probability COG:
     BUILDING_P on the building, BACKGROUND_P elsewhere, nodata as the mask), one incomplete, one
-    skipped; and the report."""
+    skipped; and the report (with ``aoi``: the run's area of interest, AOI_WINDOW in lon/lat)."""
     rng = np.random.default_rng(0)
     scene = rng.integers(20, 230, (3, SCENE_H, SCENE_W), dtype=np.uint8)
     scene[:, :, NODATA_COLS] = 0
@@ -118,6 +143,10 @@ def make_output_dir(root: Path, probability: bool = False) -> tuple[Path, dict[s
         "per_rank": per_rank,
         "config": {"scenes": {"bands": [1, 2, 3]}},
     }
+    if aoi:
+        report["aoi"] = {"path": str(write_lonlat_aoi(root / "aoi.geojson")),
+                         "tiles_intersecting": 16, "tiles_total": 60, "area_km2": 0.0225,
+                         "scenes_outside": []}
     (out / "run_report.json").write_text(json.dumps(report))
     return out, report
 
@@ -213,12 +242,39 @@ def test_probability_quicklook_shows_the_probabilities(tmp_path: Path) -> None:
     assert "building probability" in page and page.count("data:image/png;base64,") == 5
 
 
+def cyan_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (row0, row1, col0, col1) of the largest connected set of pixels in the AOI
+    outline's colour (a stretched random scene has a few cyan pixels of its own)."""
+    from scipy import ndimage
+    cyan = (np.abs(pixels[..., :3] * 255 - np.array([0, 255, 255])) <= 4).all(-1)
+    parts, n = ndimage.label(cyan, structure=np.ones((3, 3)))
+    assert n, "no AOI outline"
+    rows, cols = ndimage.find_objects(parts)[int(np.bincount(parts.ravel())[1:].argmax())]
+    return rows.start, rows.stop - 1, cols.start, cols.stop - 1
+
+
+def test_the_image_quicklook_outlines_the_area_of_interest(tmp_path: Path) -> None:
+    out, _ = make_output_dir(tmp_path, aoi=True)
+    write_quicklooks(out)
+    look = imread(out / "quicklooks" / "0000_scene_a_overlay.png")
+    scale = thumbnail_size(SCENE_W, SCENE_H)[0] / SCENE_W
+    c, r, w, h = AOI_WINDOW
+    r0, r1, c0, c1 = cyan_box(look)
+    assert (r0, r1, c0, c1) == pytest.approx((r * scale, (r + h) * scale, c * scale,
+                                              (c + w) * scale), abs=2)
+    inner = look[int(r0 + 4):int(r1 - 4), int(c0 + 4):int(c1 - 4), :3]
+    assert (np.abs(inner * 255 - np.array([0, 255, 255])) <= 4).all(-1).mean() < 0.01  # a ring
+    page = write_html_report(out).read_text()
+    assert "Area of interest" in page and "aoi.geojson" in page
+
+
 def test_screenshot_of_the_report_shows_the_probability_quicklook(tmp_path: Path) -> None:
     """Headless Chromium renders report.html; the screenshot holds the probability quicklook:
     the building block in the colour of its probability (about 80 x 160 px at thumbnail scale),
-    the background in its colour, and the nodata strip grey."""
+    the background in its colour, and the nodata strip grey; and the image quicklook with the
+    area of interest's outline (a cyan box of the AOI's size)."""
     require_chromium()
-    out, _ = make_output_dir(tmp_path, probability=True)
+    out, _ = make_output_dir(tmp_path, probability=True, aoi=True)
     write_html_report(out)
     png = tmp_path / "shot.png"
     proc = subprocess.run([sys.executable, str(SCREENSHOT_SCRIPT), str(out), "--png", str(png)],
@@ -239,6 +295,9 @@ def test_screenshot_of_the_report_shows_the_probability_quicklook(tmp_path: Path
     block = ndimage.find_objects(parts)[int(np.bincount(parts.ravel())[1:].argmax())]
     assert (block[0].stop - block[0].start, block[1].stop - block[1].start) == pytest.approx(
         (100 * scale, 200 * scale), abs=2)   # one block of the building's shape
+    r0, r1, c0, c1 = cyan_box(pixels)
+    assert (r1 - r0, c1 - c0) == pytest.approx((AOI_WINDOW[3] * scale, AOI_WINDOW[2] * scale),
+                                               abs=3)
 
 
 def test_ood_section_names_the_routing_method() -> None:
