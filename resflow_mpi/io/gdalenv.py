@@ -14,13 +14,16 @@ CACHE_ENV = "RESFLOW_GDAL_CACHE_MB"   # bounded block cache per process; reads a
 
 _configured = False
 
-# Remote scenes (/vsicurl/, /vsis3/, ...): opening a scene must not list its folder (an HTTP
-# directory listing or an S3 LIST per scene) nor probe sidecars, and a busy server gets retries.
-# Each is set only where the user's environment has not set it. CPL_VSIL_CURL_ALLOWED_EXTENSIONS
-# is left alone: STAC hrefs are often signed URLs or have no extension at all.
-REMOTE_OPTIONS = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR", "GDAL_HTTP_MAX_RETRY": "3",
-                  "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
-                  "GDAL_HTTP_MULTIPLEX": "YES", "VSI_CACHE": "TRUE"}
+# Remote scenes (/vsicurl/, /vsis3/, ...): a busy server gets retries, neighbouring ranges are
+# merged into one request, and remote reads are cached. Each is set only where the user's
+# environment has not set it. GDAL_DISABLE_READDIR_ON_OPEN is left alone: it is process-wide, and
+# setting it would hide the sidecars of local scenes (.aux.xml georeferencing, .msk masks, .ovr
+# overviews); a remote scene's open costs one directory listing instead.
+# CPL_VSIL_CURL_ALLOWED_EXTENSIONS is left alone too: STAC hrefs are often signed URLs or have no
+# extension at all.
+REMOTE_OPTIONS = {"GDAL_HTTP_MAX_RETRY": "3", "GDAL_HTTP_RETRY_DELAY": "1",
+                  "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES", "GDAL_HTTP_MULTIPLEX": "YES",
+                  "VSI_CACHE": "TRUE"}
 
 
 def cache_mb_default() -> int:
