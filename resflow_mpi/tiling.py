@@ -8,6 +8,7 @@ No I/O, no MPI: everything here is a function of integers.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple, Optional, Sequence
 
@@ -71,6 +72,16 @@ def resampled_grid(grid: PixelGrid, sides_m: tuple[float, float], gsd_m: float
     width, height = max(1, round(grid.width * sx)), max(1, round(grid.height * sy))
     return PixelGrid(width, height, scaled_geotransform(grid.geotransform, grid.width / width,
                                                         grid.height / height))
+
+
+def window_on_grid(w: Window, src: tuple[int, int], dst: tuple[int, int]) -> Window:
+    """Window ``w`` of a (width, height) ``src`` grid on a ``dst`` grid of the same extent: the
+    smallest whole-pixel window covering it (origin rounded down, far edge up), clipped."""
+    fx, fy = dst[0] / src[0], dst[1] / src[1]
+    c0, r0 = math.floor(w.col * fx + 1e-9), math.floor(w.row * fy + 1e-9)
+    c1 = min(dst[0], math.ceil((w.col + w.width) * fx - 1e-9))
+    r1 = min(dst[1], math.ceil((w.row + w.height) * fy - 1e-9))
+    return Window(c0, r0, max(1, c1 - c0), max(1, r1 - r0))
 
 
 def scaled_geotransform(gt: tuple[float, ...], factor_x: float, factor_y: float) -> tuple[float, ...]:

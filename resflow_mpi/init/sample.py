@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, OutputError
+from ..tiling import Window, window_on_grid
 
 SUMMARY_NAME = "sample.json"
 INDEX_NAME = "chips.gpkg"
@@ -290,12 +291,9 @@ def mapped_tiles(out_dir: Path) -> tuple[MappedTiles, dict[str, Any]]:
                     conf[row * cols + c] = tile_confidence(prob[block], mask[block] != 255)
                     windows[row * cols + c] = (c * tp, r0, prob[block].shape[1], prob.shape[0])
             if meta.native is not None:  # mapped at scenes.gsd_m: chips come from the file
-                fx, fy = meta.native.width / meta.width, meta.native.height / meta.height
-                windows = np.stack([np.floor(windows[:, 0] * fx), np.floor(windows[:, 1] * fy),
-                                    np.ceil(windows[:, 2] * fx), np.ceil(windows[:, 3] * fy)],
-                                   1).astype(np.int64)
-                windows[:, 2] = np.minimum(windows[:, 2], meta.native.width - windows[:, 0])
-                windows[:, 3] = np.minimum(windows[:, 3], meta.native.height - windows[:, 1])
+                grids = ((meta.width, meta.height), (meta.native.width, meta.native.height))
+                windows = np.array([window_on_grid(Window(*map(int, w)), *grids)
+                                    for w in windows], np.int64).reshape(-1, 4)
             keep = rec["done"].astype(bool) & (rec["bucket"] != -1)
             idx = np.flatnonzero(keep)
             for name, values in (("scene", np.full(len(idx), s)), ("tile", idx),

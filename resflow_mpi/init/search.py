@@ -13,7 +13,7 @@ from ..galleries import ImageGallery, ModelGallery, bits_to_str
 from ..io.raster import WindowReader, at_gsd, open_scene, scene_statistics
 from ..models.hashing import codes_to_bits, pack_bits
 from ..stages import normalize
-from ..tiling import Tile, Window
+from ..tiling import Tile, Window, window_on_grid
 
 
 def hash_image(models_dir: str, image: str, window: list[int] | None) -> np.ndarray:
@@ -24,9 +24,8 @@ def hash_image(models_dir: str, image: str, window: list[int] | None) -> np.ndar
     info = at_gsd(native, g.manifest.get("gsd_m"))  # the ground resolution the gallery saw
     col, row, w, h = window or [0, 0, native.width, native.height]
     if info.native_grid is not None:  # the window is in the file's pixels
-        fx, fy = info.width / native.width, info.height / native.height
-        col, row = int(col * fx), int(row * fy)
-        w, h = max(1, round(w * fx)), max(1, round(h * fy))
+        col, row, w, h = window_on_grid(Window(col, row, w, h), (native.width, native.height),
+                                        (info.width, info.height))
     if w * h > 4096 * 4096:
         raise InputError(f"{image}: window {w}x{h} is too large to hash at once; pass --window")
     win = Window(col, row, w, h)

@@ -15,7 +15,7 @@ from osgeo import gdal, osr
 
 from ..dtypes import DTYPE_RANGE
 from ..errors import InputError
-from ..tiling import PixelGrid, Tile, Window, grid_shape, resampled_grid
+from ..tiling import PixelGrid, Tile, Window, grid_shape, resampled_grid, window_on_grid
 from .area import GroundArea
 from .gdalenv import ensure_configured
 from .vsi import is_virtual
@@ -655,6 +655,15 @@ def with_statistics(info: SceneInfo, bands: Sequence[int], mode: str) -> SceneIn
     return replace(info, band_stats=scene_statistics(info, bands))
 
 
+def _cells_under(file_index: np.ndarray, first: int, size: int, scale: float) -> list[np.ndarray]:
+    """Along one axis: for file pixels ``file_index``, the resampled pixels (of a window starting
+    at ``first``, ``size`` long; ``scale`` resampled pixels per file pixel) each one overlaps, as
+    one index array per overlap step (clamped, so all of them together cover every overlap)."""
+    lo = np.floor(file_index * scale + 1e-9).astype(np.int64) - first
+    hi = np.ceil((file_index + 1) * scale - 1e-9).astype(np.int64) - first
+    return [np.clip(np.minimum(lo + k, hi - 1), 0, size - 1) for k in range(int((hi - lo).max()))]
+
+
 class WindowReader:
     """Reads tile windows of one scene (one open GDAL handle per reader, per thread)."""
 
@@ -663,6 +672,13 @@ class WindowReader:
         self.bands = list(bands)
         self._ds = open_grid(info)
         self.bytes_read = 0
+        # scenes.gsd_m: the file itself, to keep every file nodata pixel nodata (``_valid``)
+        self._file: Optional[gdal.Dataset] = None
+        if info.native_grid is not None and info.has_validity_source(self.bands):
+            g = info.native_grid
+            self._file = _open(info.path)
+            self._file_info = replace(info, width=g.width, height=g.height,
+                                      geotransform=g.geotransform, native_grid=None)
 
     def read_tile(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
         """Pixels of the tile's halo window padded to full network size (C, S, S) in the scene's
@@ -684,7 +700,7 @@ class WindowReader:
         c = tile.crop
         owned = arr[:, c.row:c.row + c.height, c.col:c.col + c.width]
         try:
-            valid = valid_pixels(self._ds, self.info, self.bands, tile.owned, owned)
+            valid = self._valid(tile.owned, owned)
         except RuntimeError as exc:
             raise InputError(f"{self.info.path}: read of the validity of window {tuple(w)} "
                              f"failed ({str(exc).strip().splitlines()[0]})") from None
@@ -708,13 +724,31 @@ class WindowReader:
         if arr.dtype.kind == "f":
             arr = self._finite(arr, w)
         try:
-            valid = valid_pixels(self._ds, self.info, self.bands, w, arr)
+            valid = self._valid(w, arr)
         except RuntimeError as exc:
             raise InputError(f"{self.info.path}: read of the validity of window {tuple(w)} "
                              f"failed ({str(exc).strip().splitlines()[0]})") from None
         if arr.dtype.kind == "f":
             arr = np.nan_to_num(arr, nan=0.0)
         return arr, valid
+
+    def _valid(self, w: Window, pixels: np.ndarray) -> np.ndarray:
+        """Validity of window ``w`` (see ``valid_pixels``). Resampled (scenes.gsd_m), a pixel is
+        valid only where every file pixel under it is: resampling fills a pixel from any valid
+        file pixel, and a nodata pixel of the file must stay nodata in the outputs."""
+        valid = valid_pixels(self._ds, self.info, self.bands, w, pixels)
+        if self._file is None:
+            return valid
+        info, g = self.info, self._file_info
+        src = window_on_grid(w, (info.width, info.height), (g.width, g.height))
+        bad_r, bad_c = np.nonzero(~valid_pixels(self._file, g, self.bands, src))
+        if len(bad_r):
+            rows = _cells_under(src.row + bad_r, w.row, w.height, info.height / g.height)
+            cols = _cells_under(src.col + bad_c, w.col, w.width, info.width / g.width)
+            for r in rows:
+                for c in cols:
+                    valid[r, c] = False
+        return valid
 
     def _finite(self, arr: np.ndarray, w: Any) -> np.ndarray:
         """Refuse NaN/inf unless the band declares NaN as its nodata."""
@@ -729,7 +763,7 @@ class WindowReader:
         return arr
 
     def close(self) -> None:
-        self._ds = None
+        self._ds = self._file = None
 
 
 def tile_coverage(info: SceneInfo, tile_px: int, bands: Sequence[int]) -> np.ndarray:

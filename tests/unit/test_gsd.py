@@ -79,7 +79,7 @@ def test_a_geographic_scene_is_resampled_to_square_ground_pixels(tmp_path: Path)
 def test_window_reads_average_the_file_and_skip_nodata(tmp_path: Path) -> None:
     pixels = _blocks(64, 48)
     pixels[:, :2, :2] = 0          # one whole nodata block
-    pixels[:, 2:4, 2] = 0          # half a block nodata: averaged from its valid half
+    pixels[:, 2:4, 2] = 0          # half a block nodata: the resampled pixel is nodata too
     path = geotiff.write_array(tmp_path / "s.tif", pixels, UTM, GT_025, 0)
     info = at_gsd(open_scene(path), 0.5)
     assert (info.width, info.height, info.resampling) == (32, 24, "average")
@@ -91,7 +91,7 @@ def test_window_reads_average_the_file_and_skip_nodata(tmp_path: Path) -> None:
     with warnings.catch_warnings():  # the all-nodata block has no mean
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(expected, axis=(2, 4))
-    assert not valid[0, 0] and valid[1, 1] and valid.sum() == 32 * 24 - 1
+    assert not valid[0, 0] and not valid[1, 1] and valid.sum() == 32 * 24 - 2
     assert np.abs(arr[:, valid].astype(float) - mean[:, valid]).max() <= 1.0
     reader.close()
     up = at_gsd(open_scene(path), 0.125)
@@ -158,7 +158,8 @@ def test_per_band_nodata_overrides_are_refused_with_resampling(tmp_path: Path) -
 def test_run_maps_resampled_and_exports_on_the_scene_grid(tmp_path: Path,
                                                           unit_gallery: Path) -> None:
     pixels = _blocks(192, 160, seed=3)
-    pixels[:, :16, :16] = 0
+    pixels[:, :15, :15] = 0   # off the 2 x 2 grid: resampled pixels half over nodata
+    pixels[:, 101:102, 57:60] = 0
     (tmp_path / "in").mkdir()
     scene = geotiff.write_array(tmp_path / "in" / "s.tif", pixels, UTM, GT_025, 0)
     cfg = write_config(tmp_path / "run.yaml",
@@ -178,8 +179,20 @@ def test_run_maps_resampled_and_exports_on_the_scene_grid(tmp_path: Path,
     mask = out.ReadAsArray()
     assert (mask == np.repeat(np.repeat(net, 2, 0), 2, 1)).all()  # nearest, back on the grid
     assert (mask[:16, :16] == 255).all() and set(np.unique(mask)) <= {0, 1, 255}
+    nodata = (pixels == 0).all(0)
+    assert (mask[nodata] == 255).all()  # a nodata pixel of the file is never mapped as data
+    assert (mask == 255).sum() <= nodata.sum() + 2 * (15 + 15 + 3 + 1) + 4  # at most its border
     assert out.GetMetadataItem("RESFLOW_STORE_ID")
     prob = gdal.Open(str(tmp_path / "out" / "s.resflow-probability.tif"))
     assert (prob.RasterXSize, prob.RasterYSize) == (192, 160)
     assert prob.GetGeoTransform() == pytest.approx(GT_025)
     assert ((prob.ReadAsArray() == 255) == (mask == 255)).all()
+
+
+def test_windows_move_between_grids_covering_what_they_covered() -> None:
+    from resflow_mpi.tiling import window_on_grid
+    assert window_on_grid(Window(32, 16, 64, 64), (96, 80), (192, 160)) == Window(64, 32, 128, 128)
+    assert window_on_grid(Window(0, 0, 192, 160), (192, 160), (96, 80)) == Window(0, 0, 96, 80)
+    # a window off the coarse grid's pixels is covered outward, never cut
+    assert window_on_grid(Window(3, 5, 10, 10), (100, 100), (50, 50)) == Window(1, 2, 6, 6)
+    assert window_on_grid(Window(95, 95, 5, 5), (100, 100), (33, 33)) == Window(31, 31, 2, 2)
